@@ -1,0 +1,271 @@
+"""Compiled, fused NNGP/NTK recursion (private).
+
+Each row of a block is loaded once into a row buffer, runs through every layer
+there (the buffer stays in L1/L2 cache) and is written once: one pass over memory
+whatever the depth. The per-layer loop over a row is branch-free so LLVM
+vectorises it (``acos``/``asin`` from glibc's vector maths). Arithmetic is float64
+in registers whatever the storage dtype, with strict IEEE semantics (no fastmath):
+float32 storage loses only the final rounding.
+
+One kernel is compiled per activation family from a scalar ``dual`` function
+(``_make_block``); the Hermite-series family has its own Horner loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .activations import FAMILY_ERF, FAMILY_HERMITE, FAMILY_IDENTITY, FAMILY_STEP, FAMILY_TWO_SLOPE
+
+_INV_TWO_PI = 1.0 / (2.0 * math.pi)
+
+
+# --- scalar dual kernels -----------------------------------------------------------------------
+# dual(c, k12, s1, s2, p0, p1) -> (E[phi(u) phi(v)], E[phi'(u) phi'(v)]), where c is the
+# correlation already clipped to [-1, 1] (exactly 1 for a point paired with itself, because
+# kernels like the step's have a square-root singularity there that would turn rounding in c
+# into visible error, layer after layer), s = sqrt(k_ii).
+
+
+@njit(cache=True, inline="always")
+def _dual_two_slope(c, k12, s1, s2, p0, p1):
+    # a for x < 0, b for x > 0; J(c) = sqrt(1 - c^2) + (pi - theta) c (Cho & Saul 2009).
+    aa_bb = p0 * p0 + p1 * p1
+    ab2 = 2.0 * p0 * p1
+    sin_t = math.sqrt(max(1.0 - c * c, 0.0))
+    theta = math.acos(c)
+    j_plus = sin_t + (math.pi - theta) * c
+    j_minus = sin_t - theta * c
+    e = s1 * s2 * (aa_bb * j_plus - ab2 * j_minus) * _INV_TWO_PI
+    ed = (aa_bb * (math.pi - theta) + ab2 * theta) * _INV_TWO_PI
+    return e, ed
+
+
+@njit(cache=True, inline="always")
+def _dual_identity(c, k12, s1, s2, p0, p1):
+    return k12, 1.0
+
+
+@njit(cache=True, inline="always")
+def _dual_step(c, k12, s1, s2, p0, p1):
+    return (math.pi - math.acos(c)) * _INV_TWO_PI, math.inf
+
+
+@njit(cache=True, inline="always")
+def _dual_erf(c, k12, s1, s2, p0, p1):
+    # Williams (1998); (1 + 2 k11)(1 + 2 k22) - 4 k12^2 >= 1 by Cauchy-Schwarz.
+    d12 = (1.0 + 2.0 * s1 * s1) * (1.0 + 2.0 * s2 * s2)
+    arg = min(max(2.0 * k12 / math.sqrt(d12), -1.0), 1.0)
+    rest = max(d12 - 4.0 * k12 * k12, 1.0)
+    return (2.0 / math.pi) * math.asin(arg), (4.0 / math.pi) / math.sqrt(rest)
+
+
+_DUALS = {
+    FAMILY_TWO_SLOPE: _dual_two_slope,
+    FAMILY_IDENTITY: _dual_identity,
+    FAMILY_STEP: _dual_step,
+    FAMILY_ERF: _dual_erf,
+}
+
+
+def _make_block(dual):
+    """Compile the block kernel for one closed-form family."""
+
+    @njit(cache=True, inline="always")
+    def layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, p0, p1, ntk, diagonal):
+        si, ri = s_i[layer, i], r_i[layer, i]
+        start = 1 if diagonal else 0
+        for q in range(start, kb.shape[0]):
+            j = j0 + q
+            k12 = kb[q]
+            c = min(max(k12 * ri * r_j[layer, j], -1.0), 1.0)
+            e, ed = dual(c, k12, si, s_j[layer, j], p0, p1)
+            k_new = bv + wv * e
+            if ntk:
+                tb[q] = k_new + wv * tb[q] * ed
+            kb[q] = k_new
+        if diagonal:
+            e, ed = dual(1.0, si * si, si, si, p0, p1)
+            k_new = bv + wv * e
+            if ntk:
+                tb[0] = k_new + wv * tb[0] * ed
+            kb[0] = k_new
+
+    @njit(cache=True)
+    def row(gram, i, j0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, diagonal,
+            out_k, out_t):
+        width = gram.shape[1] - j0
+        kb = np.empty(width)
+        tb = np.empty(width if ntk else 1)
+        for q in range(width):
+            kb[q] = bv + w0 * gram[i, j0 + q]
+        if ntk:
+            tb[:] = kb
+        for layer in range(depth):
+            if all_depths:
+                _store(out_k, out_t, kb, tb, layer, i, j0, ntk)
+            layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, p0, p1, ntk, diagonal)
+        _store(out_k, out_t, kb, tb, depth if all_depths else 0, i, j0, ntk)
+
+    @njit(cache=True, parallel=True)
+    def block(gram, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, upper, out_k, out_t):
+        m = gram.shape[0]
+        if upper:
+            # rows paired (p, m - 1 - p) so the triangle splits evenly over threads
+            for p in prange((m + 1) // 2):
+                row(gram, p, p, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, True,
+                    out_k, out_t)
+                q = m - 1 - p
+                if q != p:
+                    row(gram, q, q, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, True,
+                        out_k, out_t)
+        else:
+            for i in prange(m):
+                row(gram, i, 0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, False,
+                    out_k, out_t)
+
+    @njit(cache=True, parallel=True)
+    def points(k, s, p0, p1, out_e, out_ed):
+        for i in prange(k.shape[0]):
+            e, ed = dual(1.0, s[i] * s[i], s[i], s[i], p0, p1)
+            out_e[i] = e
+            out_ed[i] = ed
+
+    return block, points
+
+
+@njit(cache=True, inline="always")
+def _store(out_k, out_t, kb, tb, layer, i, j0, ntk):
+    for q in range(kb.shape[0]):
+        out_k[layer, i, j0 + q] = kb[q]
+    if ntk:
+        for q in range(kb.shape[0]):
+            out_t[layer, i, j0 + q] = tb[q]
+
+
+# --- the Hermite-series family ----------------------------------------------------------------
+
+
+@njit(cache=True)
+def _hermite_row(gram, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
+                 diagonal, out_k, out_t):
+    # ha_*: (L, K + 1, n) so that the Horner step over a row is a contiguous, vectorised loop.
+    width = gram.shape[1] - j0
+    kb = np.empty(width)
+    tb = np.empty(width if ntk else 1)
+    cb = np.empty(width)
+    acc = np.empty(width)
+    dacc = np.empty(width if ntk else 1)
+    for q in range(width):
+        kb[q] = bv + w0 * gram[i, j0 + q]
+    if ntk:
+        tb[:] = kb
+    degree = ha_i.shape[1] - 1
+    for layer in range(depth):
+        if all_depths:
+            _store(out_k, out_t, kb, tb, layer, i, j0, ntk)
+        ri = r_i[layer, i]
+        for q in range(width):
+            cb[q] = min(max(kb[q] * ri * r_j[layer, j0 + q], -1.0), 1.0)
+            acc[q] = 0.0
+        if diagonal:
+            cb[0] = 1.0
+        if ntk:
+            dacc[:] = 0.0
+        for k in range(degree, -1, -1):
+            a_ik = ha_i[layer, k, i]
+            for q in range(width):
+                acc[q] = acc[q] * cb[q] + a_ik * ha_j[layer, k, j0 + q]
+            if ntk:
+                b_ik = hb_i[layer, k, i]
+                for q in range(width):
+                    dacc[q] = dacc[q] * cb[q] + b_ik * hb_j[layer, k, j0 + q]
+        for q in range(width):
+            k_new = bv + wv * acc[q]
+            if ntk:
+                tb[q] = k_new + wv * tb[q] * dacc[q]
+            kb[q] = k_new
+    _store(out_k, out_t, kb, tb, depth if all_depths else 0, i, j0, ntk)
+
+
+@njit(cache=True, parallel=True)
+def _hermite_block(gram, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
+                   out_k, out_t):
+    m = gram.shape[0]
+    if upper:
+        for p in prange((m + 1) // 2):
+            _hermite_row(gram, p, p, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
+                         True, out_k, out_t)
+            q = m - 1 - p
+            if q != p:
+                _hermite_row(gram, q, q, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk,
+                             all_depths, True, out_k, out_t)
+    else:
+        for i in prange(m):
+            _hermite_row(gram, i, 0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
+                         False, out_k, out_t)
+
+
+_COMPILED: dict[int, tuple] = {}
+
+
+def _kernels(family: int) -> tuple:
+    if family not in _COMPILED:
+        _COMPILED[family] = _make_block(_DUALS[family])
+    return _COMPILED[family]
+
+
+def recurse_block(gram, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, family, p0, p1,
+                  ntk, all_depths, upper, out_k, out_t):
+    """Run the recursion over a block of input inner products ``<x_i, x_j>`` (``w0 = weight_var / d``).
+
+    ``s_*``, ``r_*``: (L, m or n) square roots of the per-layer diagonals and their
+    inverses (0 where the variance is 0). ``ha_*``, ``hb_*``: (L, K + 1, m or n)
+    series coefficients (family HERMITE only). ``out_k`` / ``out_t``: (L + 1 or 1, m, n);
+    ``out_k`` may alias ``gram`` (a row is read before it is written). With ``upper``
+    (a diagonal block of a symmetric matrix) only ``j >= i`` is computed.
+    """
+    if family == FAMILY_HERMITE:
+        _hermite_block(gram, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
+                       out_k, out_t)
+    else:
+        _kernels(family)[0](gram, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, upper,
+                            out_k, out_t)
+
+
+def dual_points(k, s, ha, hb, family, p0, p1, out_e, out_ed):
+    """The duals of the pairs (x_i, x_i) of one layer (correlation exactly 1), sharing the tiles' code.
+
+    ``ha`` / ``hb``: (1, K + 1, n) series coefficients (family HERMITE).
+    """
+    if family == FAMILY_HERMITE:
+        # the same summation order as the tiles' Horner loop at c = 1
+        out_e[:] = 0.0
+        out_ed[:] = 0.0
+        for k in range(ha.shape[1] - 1, -1, -1):
+            out_e += ha[0, k] * ha[0, k]
+            out_ed += hb[0, k] * hb[0, k]
+    else:
+        _kernels(family)[1](k, s, p0, p1, out_e, out_ed)
+
+
+@njit(cache=True, parallel=True)
+def mirror_upper(a):
+    """Copy the upper triangle of each square ``a[d]`` into its lower triangle, in cache blocks."""
+    n = a.shape[-1]
+    bs = 64
+    nb = (n + bs - 1) // bs
+    for d in range(a.shape[0]):
+        for bi in prange(nb):
+            for bj in range(bi + 1):
+                for i in range(bi * bs, min((bi + 1) * bs, n)):
+                    for j in range(bj * bs, min((bj + 1) * bs, i)):
+                        a[d, i, j] = a[d, j, i]
+
+
+def empty_hermite(depth: int, n: int) -> np.ndarray:
+    """Placeholder coefficient array for the closed-form families."""
+    return np.zeros((max(depth, 1), 1, n))

@@ -1,0 +1,235 @@
+"""NNGP and NTK kernels of fully connected networks: per-point diagonals, one tile, in memory.
+
+Everything here is pure arrays in, arrays out: no Dask, no Zarr. The tiled path
+(:mod:`nngp_dask.build`) calls :func:`tile` once per tile; :func:`kernel` is the
+in-memory twin used for small problems and as the oracle of the tiled path.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
+from scipy.linalg import blas
+
+from . import _recursion as rec
+from .activations import FAMILY_HERMITE, Elementwise
+from .architecture import Architecture
+from .inputs import check_inputs
+
+__all__ = ["KINDS", "diagonals", "tile", "kernel", "check_kind", "check_dtype"]
+
+Kind = Literal["nngp", "ntk", "both"]
+KINDS: tuple[str, ...] = ("nngp", "ntk")
+
+
+def check_kind(kind: str, arch: Architecture, *, allow_both: bool = False) -> None:
+    """Refuse unknown kinds and the NTK of activations without a derivative kernel."""
+    allowed = KINDS + (("both",) if allow_both else ())
+    if kind not in allowed:
+        raise ValueError(f"kind: expected one of {list(allowed)}, got {kind!r}")
+    if kind != "nngp" and not arch.activation.has_ntk:
+        raise ValueError(
+            f"kind: the NTK of activation {arch.activation.name!r} is undefined (its derivative is a Dirac delta); "
+            "expected kind='nngp' or another activation"
+        )
+
+
+def check_dtype(dtype: DTypeLike) -> np.dtype:
+    """float32 or float64, else ValueError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}") from exc
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+    return dt
+
+
+def _hermite(arch: Architecture, k_diag: NDArray) -> tuple[NDArray, NDArray]:
+    """Series coefficients per layer and point, (L, K + 1, n) each (placeholders for closed forms)."""
+    act = arch.activation
+    depth, n = arch.depth, k_diag.shape[1]
+    if act.family != FAMILY_HERMITE or depth == 0:
+        dummy = rec.empty_hermite(depth, n)
+        return dummy, dummy
+    assert isinstance(act, Elementwise)
+    coefs = [act.coefficients(k_diag[layer]) for layer in range(depth)]
+    return (np.ascontiguousarray(np.stack([a.T for a, _ in coefs])),
+            np.ascontiguousarray(np.stack([b.T for _, b in coefs])))
+
+
+def _point_recursion(arch: Architecture, sqnorm: NDArray, d: int) -> tuple[NDArray, NDArray]:
+    """(K^l(x, x), Theta^l(x, x)) for l = 0..L, each (L + 1, n) float64."""
+    n = sqnorm.shape[0]
+    k = np.empty((arch.depth + 1, n))
+    t = np.empty((arch.depth + 1, n))
+    k[0] = arch.bias_var + arch.weight_var / d * sqnorm
+    t[0] = k[0]
+    e, ed = np.empty(n), np.empty(n)
+    p0, p1 = arch.activation.params
+    for layer in range(arch.depth):
+        s = np.sqrt(np.maximum(k[layer], 0.0))
+        ha, hb = _hermite(arch.replace(depth=1), k[layer : layer + 1])
+        rec.dual_points(k[layer], s, ha, hb, arch.activation.family, p0, p1, e, ed)
+        k[layer + 1] = arch.bias_var + arch.weight_var * e
+        t[layer + 1] = k[layer + 1] + arch.weight_var * t[layer] * ed
+    return k, t
+
+
+def diagonals(arch: Architecture, x: ArrayLike, *, kind: str = "nngp") -> NDArray:
+    """Per-layer diagonals ``K^l(x_i, x_i)`` (or ``Theta^l``) for ``l = 0..L``.
+
+    Computed once per point (O(n L)) and handed to every tile. They equal the diagonal
+    of :func:`kernel` up to the rounding of the storage dtype.
+
+    Parameters
+    ----------
+    arch : Architecture
+    x : array_like, shape (n, d)
+        Inputs (already normalised).
+    kind : {"nngp", "ntk"}
+
+    Returns
+    -------
+    ndarray, shape (L + 1, n), float64
+    """
+    check_kind(kind, arch)
+    x = check_inputs(x, "x")
+    sqnorm = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    k, t = _point_recursion(arch, sqnorm, x.shape[1])
+    return k if kind == "nngp" else t
+
+
+def _layer_roots(diag: NDArray, depth: int) -> tuple[NDArray, NDArray]:
+    s = np.sqrt(np.maximum(diag[: max(depth, 1)], 0.0))
+    r = np.divide(1.0, s, out=np.zeros_like(s), where=s > 0)
+    return np.ascontiguousarray(s), np.ascontiguousarray(r)
+
+
+def _gram(x_rows: NDArray, x_cols: NDArray, dtype: np.dtype, symmetric: bool) -> NDArray:
+    """``x_rows @ x_cols.T`` in ``dtype``; for a symmetric block only the upper triangle is exact."""
+    a = np.ascontiguousarray(x_rows, dtype=dtype)
+    if symmetric:
+        syrk = blas.ssyrk if dtype == np.float32 else blas.dsyrk
+        # syrk on the Fortran view a.T computes a @ a.T; asking for its lower triangle
+        # (column-major) gives the upper triangle of the C-ordered transpose.
+        return syrk(1.0, a.T, trans=1, lower=1).T
+    return a @ np.ascontiguousarray(x_cols, dtype=dtype).T
+
+
+def tile(
+    arch: Architecture,
+    x_rows: NDArray,
+    x_cols: NDArray,
+    diag_rows: NDArray,
+    diag_cols: NDArray,
+    *,
+    kind: Kind = "nngp",
+    dtype: DTypeLike = np.float32,
+    all_depths: bool = False,
+    symmetric: bool = False,
+) -> NDArray | tuple[NDArray, NDArray]:
+    """One kernel block ``K(x_rows, x_cols)``: one GEMM, then the fused recursion.
+
+    Inputs are trusted (validated and normalised at the boundary).
+
+    Parameters
+    ----------
+    arch : Architecture
+    x_rows : ndarray, shape (m, d)
+    x_cols : ndarray, shape (n, d)
+    diag_rows, diag_cols : ndarray, shape (L + 1, m) and (L + 1, n)
+        NNGP diagonals of both blocks, from :func:`diagonals`.
+    kind : {"nngp", "ntk", "both"}
+        ``"both"`` returns ``(nngp, ntk)`` from the same pass.
+    dtype : float32 or float64
+        Storage (and GEMM) precision; the recursion runs in float64 registers.
+    all_depths : bool
+        Return every depth ``0..L`` stacked, shape (L + 1, m, n): a depth sweep costs one recursion.
+    symmetric : bool
+        ``x_rows`` and ``x_cols`` are the same block: compute the upper triangle once and mirror it.
+
+    Returns
+    -------
+    ndarray, shape (m, n) or (L + 1, m, n)
+    """
+    dt = check_dtype(dtype)
+    depth = arch.depth
+    d = x_rows.shape[1]
+    m, n = x_rows.shape[0], x_cols.shape[0]
+    gram = _gram(x_rows, x_cols, dt, symmetric)
+    layers = depth + 1 if all_depths else 1
+    ntk = kind != "nngp"
+    out_k = np.empty((layers, m, n), dt) if all_depths else gram.reshape(1, m, n)
+    out_t = np.empty((layers, m, n), dt) if ntk else np.empty((1, 1, 1), dt)
+    s_i, r_i = _layer_roots(diag_rows, depth)
+    ha_i, hb_i = _hermite(arch, diag_rows)
+    if symmetric:
+        s_j, r_j, ha_j, hb_j = s_i, r_i, ha_i, hb_i
+    else:
+        s_j, r_j = _layer_roots(diag_cols, depth)
+        ha_j, hb_j = _hermite(arch, diag_cols)
+    p0, p1 = arch.activation.params
+    rec.recurse_block(gram, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, arch.weight_var / d,
+                      arch.weight_var, arch.bias_var, arch.activation.family, p0, p1, ntk, all_depths,
+                      symmetric, out_k, out_t)
+    if symmetric:
+        rec.mirror_upper(out_k)
+        if ntk:
+            rec.mirror_upper(out_t)
+    k_out = out_k if all_depths else out_k[0]
+    t_out = out_t if all_depths else out_t[0]
+    if kind == "nngp":
+        return k_out
+    if kind == "ntk":
+        return t_out
+    return k_out, t_out
+
+
+def kernel(
+    arch: Architecture,
+    x1: ArrayLike,
+    x2: ArrayLike | None = None,
+    *,
+    kind: Kind = "nngp",
+    dtype: DTypeLike = np.float32,
+    all_depths: bool = False,
+) -> NDArray | tuple[NDArray, NDArray]:
+    """The NNGP (or NTK) kernel matrix, in memory.
+
+    Parameters
+    ----------
+    arch : Architecture
+    x1 : array_like, shape (m, d)
+    x2 : array_like, shape (n, d), optional
+        Defaults to ``x1``; then the symmetric kernel is computed with each
+        off-diagonal entry evaluated once.
+    kind : {"nngp", "ntk", "both"}
+    dtype : float32 (default) or float64
+    all_depths : bool
+        Return shape (L + 1, m, n), one matrix per depth 0..L.
+
+    Returns
+    -------
+    ndarray, shape (m, n) (or (L + 1, m, n)); a tuple ``(nngp, ntk)`` for ``kind="both"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nngp_dask import Architecture, kernel
+    >>> x = np.eye(3)
+    >>> kernel(Architecture(1, "relu", 2.0, 0.0), x, dtype="float64").round(3)
+    array([[0.667, 0.212, 0.212],
+           [0.212, 0.667, 0.212],
+           [0.212, 0.212, 0.667]])
+    """
+    check_kind(kind, arch, allow_both=True)
+    dt = check_dtype(dtype)
+    a = check_inputs(x1, "x1")
+    diag_a = diagonals(arch, a)
+    if x2 is None:
+        return tile(arch, a, a, diag_a, diag_a, kind=kind, dtype=dt, all_depths=all_depths, symmetric=True)
+    b = check_inputs(x2, "x2", features=a.shape[1])
+    return tile(arch, a, b, diag_a, diagonals(arch, b), kind=kind, dtype=dt, all_depths=all_depths)
