@@ -7,8 +7,11 @@ vectorises it (``acos``/``asin`` from glibc's vector maths). Arithmetic is float
 in registers whatever the storage dtype, with strict IEEE semantics (no fastmath):
 float32 storage loses only the final rounding.
 
-One kernel is compiled per activation family from a scalar ``dual`` function
-(``_make_block``); the Hermite-series family has its own Horner loop.
+The closed-form families share one compiled block kernel that branches on the family
+code inside the loop (a loop-invariant, perfectly predicted branch that LLVM unswitches): a
+closure per family would be faster to write but Numba cannot cache closures, and every
+worker process would then spend ~20 s compiling. The Hermite-series family has its own
+Horner loop.
 """
 
 from __future__ import annotations
@@ -63,78 +66,79 @@ def _dual_erf(c, k12, s1, s2, p0, p1):
     return (2.0 / math.pi) * math.asin(arg), (4.0 / math.pi) / math.sqrt(rest)
 
 
-_DUALS = {
-    FAMILY_TWO_SLOPE: _dual_two_slope,
-    FAMILY_IDENTITY: _dual_identity,
-    FAMILY_STEP: _dual_step,
-    FAMILY_ERF: _dual_erf,
-}
+@njit(cache=True, inline="always")
+def _dual(family, c, k12, s1, s2, p0, p1):
+    if family == FAMILY_TWO_SLOPE:
+        return _dual_two_slope(c, k12, s1, s2, p0, p1)
+    if family == FAMILY_ERF:
+        return _dual_erf(c, k12, s1, s2, p0, p1)
+    if family == FAMILY_STEP:
+        return _dual_step(c, k12, s1, s2, p0, p1)
+    return _dual_identity(c, k12, s1, s2, p0, p1)
 
 
-def _make_block(dual):
-    """Compile the block kernel for one closed-form family."""
-
-    @njit(cache=True, inline="always")
-    def layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, p0, p1, ntk, diagonal):
-        si, ri = s_i[layer, i], r_i[layer, i]
-        start = 1 if diagonal else 0
-        for q in range(start, kb.shape[0]):
-            j = j0 + q
-            k12 = kb[q]
-            c = min(max(k12 * ri * r_j[layer, j], -1.0), 1.0)
-            e, ed = dual(c, k12, si, s_j[layer, j], p0, p1)
-            k_new = bv + wv * e
-            if ntk:
-                tb[q] = k_new + wv * tb[q] * ed
-            kb[q] = k_new
-        if diagonal:
-            e, ed = dual(1.0, si * si, si, si, p0, p1)
-            k_new = bv + wv * e
-            if ntk:
-                tb[0] = k_new + wv * tb[0] * ed
-            kb[0] = k_new
-
-    @njit(cache=True)
-    def row(gram, i, j0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, diagonal,
-            out_k, out_t):
-        width = gram.shape[1] - j0
-        kb = np.empty(width)
-        tb = np.empty(width if ntk else 1)
-        for q in range(width):
-            kb[q] = bv + w0 * gram[i, j0 + q]
+@njit(cache=True, inline="always")
+def _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1, ntk, diagonal):
+    si, ri = s_i[layer, i], r_i[layer, i]
+    start = 1 if diagonal else 0
+    for q in range(start, kb.shape[0]):
+        j = j0 + q
+        k12 = kb[q]
+        c = min(max(k12 * ri * r_j[layer, j], -1.0), 1.0)
+        e, ed = _dual(family, c, k12, si, s_j[layer, j], p0, p1)
+        k_new = bv + wv * e
         if ntk:
-            tb[:] = kb
-        for layer in range(depth):
-            if all_depths:
-                _store(out_k, out_t, kb, tb, layer, i, j0, ntk)
-            layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, p0, p1, ntk, diagonal)
-        _store(out_k, out_t, kb, tb, depth if all_depths else 0, i, j0, ntk)
+            tb[q] = k_new + wv * tb[q] * ed
+        kb[q] = k_new
+    if diagonal:
+        e, ed = _dual(family, 1.0, si * si, si, si, p0, p1)
+        k_new = bv + wv * e
+        if ntk:
+            tb[0] = k_new + wv * tb[0] * ed
+        kb[0] = k_new
 
-    @njit(cache=True, parallel=True)
-    def block(gram, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, upper, out_k, out_t):
-        m = gram.shape[0]
-        if upper:
-            # rows paired (p, m - 1 - p) so the triangle splits evenly over threads
-            for p in prange((m + 1) // 2):
-                row(gram, p, p, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, True,
-                    out_k, out_t)
-                q = m - 1 - p
-                if q != p:
-                    row(gram, q, q, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, True,
-                        out_k, out_t)
-        else:
-            for i in prange(m):
-                row(gram, i, 0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, False,
-                    out_k, out_t)
 
-    @njit(cache=True, parallel=True)
-    def points(k, s, p0, p1, out_e, out_ed):
-        for i in prange(k.shape[0]):
-            e, ed = dual(1.0, s[i] * s[i], s[i], s[i], p0, p1)
-            out_e[i] = e
-            out_ed[i] = ed
+@njit(cache=True)
+def _row(gram, i, j0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, diagonal,
+         out_k, out_t):
+    width = gram.shape[1] - j0
+    kb = np.empty(width)
+    tb = np.empty(width if ntk else 1)
+    for q in range(width):
+        kb[q] = bv + w0 * gram[i, j0 + q]
+    if ntk:
+        tb[:] = kb
+    for layer in range(depth):
+        if all_depths:
+            _store(out_k, out_t, kb, tb, layer, i, j0, ntk)
+        _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1, ntk, diagonal)
+    _store(out_k, out_t, kb, tb, depth if all_depths else 0, i, j0, ntk)
 
-    return block, points
+
+@njit(cache=True, parallel=True)
+def _closed_block(gram, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
+                  out_k, out_t):
+    m = gram.shape[0]
+    if upper:
+        for p in prange((m + 1) // 2):
+            _row(gram, p, p, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, True,
+                 out_k, out_t)
+            q = m - 1 - p
+            if q != p:
+                _row(gram, q, q, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, True,
+                     out_k, out_t)
+    else:
+        for i in prange(m):
+            _row(gram, i, 0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, False,
+                 out_k, out_t)
+
+
+@njit(cache=True, parallel=True)
+def _closed_points(k, s, family, p0, p1, out_e, out_ed):
+    for i in prange(k.shape[0]):
+        e, ed = _dual(family, 1.0, s[i] * s[i], s[i], s[i], p0, p1)
+        out_e[i] = e
+        out_ed[i] = ed
 
 
 @njit(cache=True, inline="always")
@@ -209,15 +213,6 @@ def _hermite_block(gram, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, nt
                          False, out_k, out_t)
 
 
-_COMPILED: dict[int, tuple] = {}
-
-
-def _kernels(family: int) -> tuple:
-    if family not in _COMPILED:
-        _COMPILED[family] = _make_block(_DUALS[family])
-    return _COMPILED[family]
-
-
 def recurse_block(gram, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, family, p0, p1,
                   ntk, all_depths, upper, out_k, out_t):
     """Run the recursion over a block of input inner products ``<x_i, x_j>`` (``w0 = weight_var / d``).
@@ -232,8 +227,8 @@ def recurse_block(gram, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, w
         _hermite_block(gram, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
                        out_k, out_t)
     else:
-        _kernels(family)[0](gram, s_i, s_j, r_i, r_j, depth, w0, wv, bv, p0, p1, ntk, all_depths, upper,
-                            out_k, out_t)
+        _closed_block(gram, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
+                      out_k, out_t)
 
 
 def dual_points(k, s, ha, hb, family, p0, p1, out_e, out_ed):
@@ -249,7 +244,7 @@ def dual_points(k, s, ha, hb, family, p0, p1, out_e, out_ed):
             out_e += ha[0, k] * ha[0, k]
             out_ed += hb[0, k] * hb[0, k]
     else:
-        _kernels(family)[1](k, s, p0, p1, out_e, out_ed)
+        _closed_points(k, s, family, p0, p1, out_e, out_ed)
 
 
 @njit(cache=True, parallel=True)

@@ -1,0 +1,353 @@
+"""Build (or resume) a kernel store: ingest inputs, per-point diagonals, one Dask task per tile.
+
+Each task reads its two input blocks from the store, runs :func:`nngp_dask.kernel.tile`,
+writes the tile and then its completion record, and returns a few numbers; tiles never
+travel through the scheduler, so the memory of the whole build is a few tiles per worker
+whatever n is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import zarr
+from numpy.typing import ArrayLike, DTypeLike
+
+from ._version import __version__
+from .architecture import Architecture
+from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
+from .kernel import check_dtype, check_kind, diagonals, tile as tile_fn
+from .runtime import client_for
+from .sources import ArraySource, as_source, open_source
+from .store import (ATTR, FORMAT_VERSION, KernelStore, StoreIdentity, StoreMismatchError, _normalise_url,
+                    open_group, store_lock)
+from .tiling import DEFAULT_TILE, TileGrid
+
+__all__ = ["build_kernel", "BuildError", "PreparedInputs", "prepare_inputs"]
+
+log = logging.getLogger("nngp_dask")
+
+#: rows per chunk when streaming inputs that are not yet tiled
+_STREAM_ROWS = 4096
+
+
+class BuildError(RuntimeError):
+    """Some tiles failed; those that succeeded are recorded and a re-run resumes."""
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """A validated, normalised input source and the fingerprint of what will be stored."""
+
+    source: ArraySource
+    normalize: str
+    n: int
+    d: int
+    fingerprint: str
+
+    def chunks(self, rows: int = _STREAM_ROWS):
+        """Yield ``(start, block)`` of normalised float64 rows."""
+        for start in range(0, self.n, rows):
+            block = self.source.read(start, min(start + rows, self.n))
+            block = block.reshape(block.shape[0], -1)
+            yield start, normalize_rows(np.asarray(block, dtype=np.float64), self.normalize)
+
+
+def prepare_inputs(x: ArrayLike | ArraySource | str | os.PathLike, *, name: str = "x", key: str | None = None,
+                   normalize: str = "none", features: int | None = None) -> PreparedInputs:
+    """Validate and fingerprint inputs in one streaming pass (nothing is written).
+
+    Raises :class:`~nngp_dask.InputError` naming the first row with NaN or Inf.
+    """
+    if normalize not in NORMALIZATIONS:
+        raise InputError(f"normalize: expected one of {list(NORMALIZATIONS)}, got {normalize!r}")
+    src = open_source(x, key=key) if isinstance(x, (str, os.PathLike)) else as_source(x, name)
+    shape = tuple(src.shape)
+    if len(shape) < 2:
+        raise InputError(f"{name}: expected a 2-D array (n_samples, n_features), got shape {shape}")
+    n, d = shape[0], int(np.prod(shape[1:]))
+    if n == 0 or d == 0:
+        raise InputError(f"{name}: expected a non-empty array, got shape {shape}")
+    if features is not None and d != features:
+        raise InputError(f"{name}: expected {features} features (as the training inputs), got {d}")
+    if np.dtype(src.dtype).kind not in "biuf":
+        raise InputError(f"{name}: expected a numeric array, got dtype {src.dtype}")
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{n}x{d}:{normalize}".encode())
+    prepared = PreparedInputs(src, normalize, n, d, "")
+    for start, block in prepared.chunks():
+        check_inputs(block, name, row_offset=start)
+        h.update(np.ascontiguousarray(block).tobytes())
+    return PreparedInputs(src, normalize, n, d, h.hexdigest())
+
+
+# --- worker side ------------------------------------------------------------------------
+@lru_cache(maxsize=6)
+def _block(url: str, options: str, token: str, path: str, index: int, tile: int) -> np.ndarray:
+    """A row block of stored inputs or diagonals, cached per worker (``token`` names the store's
+    identity): tasks are submitted row by row, so consecutive tiles share their row block."""
+    g = open_group(url, json.loads(options) or None)
+    arr = g[path]
+    sl = slice(index * tile, min((index + 1) * tile, arr.shape[-1] if path.startswith("diagonals") else arr.shape[0]))
+    return arr[:, sl] if path.startswith("diagonals") else arr[sl]
+
+
+def _tile_task(url: str, options: str, token: str, part: str, i: int, j: int,
+               arch: Architecture, kind: str, dtype: str, tile: int) -> tuple[str, int, int, float]:
+    t0 = time.perf_counter()
+    rows_name = "x_test" if part == "test_train" else "x_train"
+    diag_rows = "diagonals/test" if part == "test_train" else "diagonals/train"
+    xr = _block(url, options, token, f"inputs/{rows_name}", i, tile)
+    xc = _block(url, options, token, "inputs/x_train", j, tile)
+    dr = _block(url, options, token, diag_rows, i, tile)
+    dc = _block(url, options, token, "diagonals/train", j, tile)
+    symmetric = part == "train_train" and i == j
+    values = tile_fn(arch, xr, xc, dr, dc, kind=kind, dtype=dtype, symmetric=symmetric)
+    g = open_group(url, json.loads(options) or None)
+    g[f"kernel/{part}"][i * tile: i * tile + values.shape[0], j * tile: j * tile + values.shape[1]] = values
+    g[f"done/{part}"][i, j] = 1  # after the write returned: the record never runs ahead of the data
+    return part, i, j, time.perf_counter() - t0
+
+
+# --- driver side ------------------------------------------------------------------------
+@dataclass
+class BuildStats:
+    """What a build did (also written to the store's attributes)."""
+
+    tiles_total: int = 0
+    tiles_computed: int = 0
+    wall_s: float = 0.0
+    tile_s: float = 0.0
+    bytes_written: int = 0
+    ingest_s: float = 0.0
+    dashboard: str | None = None
+    failed: list = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["tiles_per_s"] = self.tiles_computed / self.wall_s if self.wall_s else None
+        d["gb_per_s"] = self.bytes_written / 1e9 / self.wall_s if self.wall_s else None
+        d.pop("failed")
+        return d
+
+
+def _identity(arch: Architecture, kind: str, tile: int, dtype: np.dtype, train: PreparedInputs,
+              test: PreparedInputs | None) -> StoreIdentity:
+    return StoreIdentity(architecture=arch.to_dict(), kind=kind, tile=tile, dtype=dtype.name,
+                         x_train=train.fingerprint, x_test=test.fingerprint if test else None,
+                         n_train=train.n, n_test=test.n if test else 0, features=train.d)
+
+
+def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Architecture,
+                  train: PreparedInputs, test: PreparedInputs | None) -> None:
+    """Create the store from scratch: inputs, diagonals, empty kernel arrays, then the identity."""
+    g = zarr.open_group(url, mode="w", storage_options=options if "://" in url else None)
+    # a half-written store is recognisably ours, so a re-run may recreate it
+    g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "ingesting": True}
+    t, depth = ident.tile, arch.depth
+    kw = dict(compressors=None, overwrite=True)
+    parts = [("train", train)] + ([("test", test)] if test else [])
+    for name, prep in parts:
+        x = g.create_array(f"inputs/x_{name}", shape=(prep.n, prep.d), chunks=(t, prep.d), dtype="float64", **kw)
+        dg = g.create_array(f"diagonals/{name}", shape=(depth + 1, prep.n), chunks=(depth + 1, t),
+                            dtype="float64", **kw)
+        dt = (g.create_array(f"diagonals/{name}_ntk", shape=(depth + 1, prep.n), chunks=(depth + 1, t),
+                             dtype="float64", **kw) if ident.kind == "ntk" else None)
+        for start, block in prep.chunks(t):
+            stop = start + block.shape[0]
+            x[start:stop] = block
+            dg[:, start:stop] = diagonals(arch, block)
+            if dt is not None:
+                dt[:, start:stop] = diagonals(arch, block, kind="ntk")
+    n, grid = train.n, TileGrid(train.n, train.n, t)
+    g.create_array("kernel/train_train", shape=(n, n), chunks=(t, t), dtype=ident.dtype, fill_value=np.nan, **kw)
+    g.create_array("done/train_train", shape=grid.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **kw)
+    if test:
+        tg = TileGrid(test.n, n, t)
+        g.create_array("kernel/test_train", shape=(test.n, n), chunks=(t, t), dtype=ident.dtype,
+                       fill_value=np.nan, **kw)
+        g.create_array("done/test_train", shape=tg.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **kw)
+        prior = g.create_array("kernel/test_prior", shape=(test.n,), chunks=(max(t, 1),), dtype="float64", **kw)
+        key = "diagonals/test_ntk" if ident.kind == "ntk" else "diagonals/test"
+        prior[:] = g[key][depth]
+    g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "identity": ident.__dict__,
+                     "normalize": train.normalize}
+
+
+def _existing(url: str, options: dict | None) -> dict | None:
+    """The nngp-dask attributes of whatever is at ``url`` (None if nothing is there)."""
+    try:
+        g = zarr.open_group(url, mode="r", storage_options=options if "://" in url else None)
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+        return None
+    meta = g.attrs.get(ATTR)
+    if meta is None:
+        if any(True for _ in g.keys()):
+            return {"foreign": True}
+        return None
+    return dict(meta)
+
+
+def build_kernel(
+    arch: Architecture,
+    x: ArrayLike | ArraySource | str | os.PathLike,
+    store: str | os.PathLike,
+    *,
+    x_test: ArrayLike | ArraySource | str | os.PathLike | None = None,
+    kind: str = "nngp",
+    tile: int | None = None,
+    dtype: DTypeLike = "float32",
+    normalize: str = "none",
+    overwrite: bool = False,
+    client: Any = None,
+    storage_options: dict | None = None,
+    progress: bool = True,
+) -> KernelStore:
+    """Build, or resume, the NNGP/NTK kernel of ``x`` (and ``x_test`` x ``x``) into a Zarr store.
+
+    Parameters
+    ----------
+    arch : Architecture
+    x : array_like (n, d), a source, or a path (.npy, .npz member via a source, .csv, IDX, .zarr)
+        Training inputs, normalised here (``normalize``) and stored once.
+    store : str or path-like
+        Local directory or fsspec URL (``s3://bucket/run.zarr``).
+    x_test : optional
+        Test inputs: the test x train tiles and the test prior variances are built too.
+    kind : {"nngp", "ntk"}
+    tile : int, optional
+        Tile edge (default :data:`nngp_dask.tiling.DEFAULT_TILE`, capped at n).
+    dtype : {"float32", "float64"}
+        Storage precision of the kernel.
+    normalize : {"none", "unit_norm", "standardize"}
+        Per-example normalisation applied at ingest.
+    overwrite : bool
+        Replace a store built for other inputs or settings instead of refusing it.
+    client : distributed.Client or str, optional
+        Defaults to the current client, else an embedded LocalCluster for this call.
+    storage_options : dict, optional
+        fsspec options for URL stores (credentials come from the environment, never from here
+        into the store).
+    progress : bool
+        Show a progress bar (tiles done / total and tiles per second).
+
+    Returns
+    -------
+    KernelStore
+        The opened store; ``.last_build`` holds the :class:`BuildStats` of this call.
+
+    Raises
+    ------
+    StoreMismatchError
+        The store holds a kernel of other inputs or settings (each difference named); the
+        store is left untouched.
+    InputError, ValueError
+        Bad inputs or settings, before any work starts.
+    """
+    if not isinstance(arch, Architecture):
+        raise TypeError(f"arch: expected an Architecture, got {type(arch).__name__}")
+    check_kind(kind, arch)
+    dt = check_dtype(dtype)
+    t0 = time.perf_counter()
+    train = prepare_inputs(x, name="x", normalize=normalize)
+    test = prepare_inputs(x_test, name="x_test", normalize=normalize, features=train.d) if x_test is not None else None
+    if tile is None:
+        tile = min(DEFAULT_TILE, train.n)
+    if not isinstance(tile, (int, np.integer)) or isinstance(tile, bool) or tile < 1:
+        raise ValueError(f"tile: expected a positive integer, got {tile!r}")
+    tile = int(tile)
+    ident = _identity(arch, kind, tile, dt, train, test)
+    url = _normalise_url(store)
+    opts = storage_options or None
+    stats = BuildStats()
+
+    with store_lock(url, opts):
+        meta = _existing(url, opts)
+        fresh = meta is None or (meta.get("ingesting") and "identity" not in meta)
+        if meta is not None and not fresh:
+            if meta.get("foreign"):
+                if not overwrite:
+                    raise StoreMismatchError(
+                        f"store: {url!r} holds other Zarr data, not an nngp-dask kernel; expected an empty "
+                        "location (or overwrite=True to replace it)")
+                fresh = True
+            else:
+                stored = StoreIdentity(**meta["identity"])
+                diffs = stored.differences(ident)
+                if diffs:
+                    if not overwrite:
+                        raise StoreMismatchError(
+                            f"store: {url!r} was built for other settings ({'; '.join(diffs)}); "
+                            "use a new store path or overwrite=True")
+                    log.warning("overwriting store %s (%s)", url, "; ".join(diffs))
+                    fresh = True
+        if fresh:
+            log.info("ingesting %d x %d training%s inputs into %s", train.n, train.d,
+                     f" and {test.n} test" if test else "", url)
+            _write_layout(url, opts, ident, arch, train, test)
+        stats.ingest_s = time.perf_counter() - t0
+        ks = KernelStore(url, opts)
+        todo = [("train_train", i, j) for i, j in ks.missing_tiles("train_train")]
+        todo += [("test_train", i, j) for i, j in ks.missing_tiles("test_train")]
+        stats.tiles_total = sum(1 for _ in ks.grid.upper_tiles()) + (
+            ks.test_grid.shape[0] * ks.test_grid.shape[1] if ks.test_grid else 0)
+        if todo:
+            _run_tiles(ks, todo, arch, kind, dt, tile, ident.token(), client, progress, stats)
+        else:
+            log.info("kernel store %s is complete; nothing to build", url)
+        stats.wall_s = time.perf_counter() - t0
+        ks.last_build = stats  # type: ignore[attr-defined]
+        if stats.failed:
+            first = stats.failed[0]
+            raise BuildError(
+                f"{len(stats.failed)} of {len(todo)} tile(s) failed (first: {first[0]} tile {first[1:3]}: "
+                f"{first[3]!r}); {stats.tiles_computed} were written and recorded; re-run to resume") from first[3]
+    return ks
+
+
+def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: np.dtype, tile: int,
+               token: str, client: Any, progress: bool, stats: BuildStats) -> None:
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    options = json.dumps(ks.storage_options or {}, sort_keys=True)
+    t_start = time.perf_counter()
+    with client_for(client) as c:
+        stats.dashboard = c.dashboard_link
+        log.info("building %d tile(s) of %d (tile %d, %s, %s); dashboard: %s", len(todo), stats.tiles_total,
+                 tile, kind, dt.name, c.dashboard_link)
+        # deterministic keys: a resubmitted tile of the same store is the same task
+        futures = [c.submit(_tile_task, ks.url, options, token, part, i, j, arch, kind, dt.name, tile,
+                            key=f"nngp-tile-{token}-{part}-{i}-{j}", pure=False)
+                   for part, i, j in todo]
+        bar = tqdm(total=len(todo), unit="tile", disable=not progress, desc="kernel tiles", smoothing=0.1)
+        for fut in as_completed(futures):
+            if fut.status == "error":
+                exc = fut.exception()
+                stats.failed.append((*_parse_key(fut.key), exc))
+            else:
+                part, i, j, secs = fut.result()
+                stats.tiles_computed += 1
+                stats.tile_s += secs
+                grid = ks.grid if part == "train_train" else ks.test_grid
+                r, cc = grid.rows(i), grid.cols(j)
+                stats.bytes_written += (r.stop - r.start) * (cc.stop - cc.start) * dt.itemsize
+            fut.release()
+            bar.update(1)
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    log.info("wrote %d tiles in %.1f s (%.1f tiles/s, %.2f GB/s)", stats.tiles_computed, elapsed,
+             stats.tiles_computed / max(elapsed, 1e-9), stats.bytes_written / 1e9 / max(elapsed, 1e-9))
+
+
+def _parse_key(key: str) -> tuple[str, int, int]:
+    *_, part, i, j = key.split("-")
+    return part, int(i), int(j)

@@ -1,0 +1,583 @@
+"""Batched preconditioned conjugate gradients, and the dense Cholesky twin.
+
+The solver is a pure function of a ``matmat`` callable (``V -> A V`` for a block of
+vectors) with ``A = K + noise I`` symmetric positive definite; it knows nothing of
+tiles, Dask or Zarr. All right-hand sides share one ``matmat`` per iteration, each
+column has its own step sizes and its own stopping test, converged columns are
+frozen and no longer passed to ``matmat``. The iterate is an immutable
+:class:`CGState` handed to ``callback`` after every iteration, and accepted back
+through ``state=`` to resume bit-identically after a crash.
+
+References
+----------
+.. [1] M. R. Hestenes and E. Stiefel, "Methods of conjugate gradients for solving
+   linear systems", J. Res. Nat. Bur. Standards 49 (1952).
+.. [2] Y. Saad, *Iterative Methods for Sparse Linear Systems*, 2nd ed., SIAM 2003,
+   Algorithm 9.1 (preconditioned CG).
+.. [3] J. R. Gardner, G. Pleiss, D. Bindel, K. Q. Weinberger, A. G. Wilson,
+   "GPyTorch: Blackbox matrix-matrix Gaussian process inference with GPU
+   acceleration", NeurIPS 2018 (batched CG with per-column step sizes).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import scipy.linalg
+from numpy.typing import ArrayLike, NDArray
+
+__all__ = [
+    "ConvergenceWarning",
+    "CGState",
+    "CGResult",
+    "batched_cg",
+    "dense_solve",
+    "default_maxiter",
+]
+
+Matmat = Callable[[NDArray[np.float64]], ArrayLike]
+
+_ADVICE = (
+    "To converge: raise the noise (the jitter added to the kernel diagonal), enlarge the "
+    "preconditioner rank (e.g. preconditioner='pivoted_cholesky' with a larger rank), build the "
+    "kernel in float64, or raise maxiter."
+)
+
+
+class ConvergenceWarning(UserWarning):
+    """CG stopped before every column reached its relative-residual tolerance."""
+
+
+def default_maxiter(n: int) -> int:
+    """Default iteration cap: ``min(10 n, 1000)``.
+
+    In exact arithmetic CG ends in at most ``n`` steps; rounding can need a few more, hence
+    ``10 n`` for small problems. For large ``n`` each iteration is a full pass over the
+    kernel, so the cap is 1000: a well-preconditioned NNGP solve needs tens to a few hundred.
+    """
+    return int(min(10 * n, 1000))
+
+
+def _readonly(a: NDArray) -> NDArray:
+    a.setflags(write=False)
+    return a
+
+
+def _coldot(a: NDArray, b: NDArray) -> NDArray:
+    """Column-wise inner products, shape (k,)."""
+    return np.einsum("ij,ij->j", a, b)
+
+
+def _colnorm(a: NDArray) -> NDArray:
+    return np.sqrt(_coldot(a, a))
+
+
+@dataclass(frozen=True, eq=False)
+class CGState:
+    """The complete, immutable iterate of :func:`batched_cg` (enough to resume exactly).
+
+    Arrays are read-only float64 (``active`` is bool). ``n`` is the system size, ``k``
+    the number of right-hand sides.
+
+    Attributes
+    ----------
+    x : ndarray, shape (n, k)
+        Current solution estimate.
+    r : ndarray, shape (n, k)
+        Current residual ``b - A x`` (recursively updated, replaced by the true residual
+        every ``true_residual_every`` iterations).
+    z : ndarray, shape (n, k)
+        Preconditioned residual ``M^{-1} r``.
+    p : ndarray, shape (n, k)
+        Search directions.
+    rz : ndarray, shape (k,)
+        ``r_j^T z_j`` per column.
+    iteration : int
+        Number of iterations done (each one ``matmat`` call on the active columns).
+    active : ndarray of bool, shape (k,)
+        Columns still iterating (not converged, not broken down).
+    residuals : ndarray, shape (iteration + 1, k)
+        Relative residual ``||r_j|| / ||b_j||`` per iteration and column (row 0 is the
+        start); a frozen column repeats its final value.
+    b_norm : ndarray, shape (k,)
+        ``||b_j||``; checked on resume so a state cannot be applied to another ``b``.
+    """
+
+    x: NDArray[np.float64]
+    r: NDArray[np.float64]
+    z: NDArray[np.float64]
+    p: NDArray[np.float64]
+    rz: NDArray[np.float64]
+    iteration: int
+    active: NDArray[np.bool_]
+    residuals: NDArray[np.float64]
+    b_norm: NDArray[np.float64]
+
+    _ARRAYS = ("x", "r", "z", "p", "rz", "active", "residuals", "b_norm")
+
+    def __post_init__(self) -> None:
+        x = np.asarray(self.x)
+        if x.ndim != 2:
+            raise ValueError(f"state.x: expected a 2-D array (n, k), got shape {x.shape}")
+        n, k = x.shape
+        expected = {"x": (n, k), "r": (n, k), "z": (n, k), "p": (n, k), "rz": (k,), "active": (k,),
+                    "b_norm": (k,)}
+        for name in self._ARRAYS:
+            dtype = np.bool_ if name == "active" else np.float64
+            arr = np.asarray(getattr(self, name), dtype=dtype)
+            if arr.flags.writeable or arr.base is not None:  # fresh read-only arrays are kept as they are
+                arr = arr.copy()
+            if name in expected and arr.shape != expected[name]:
+                raise ValueError(f"state.{name}: expected shape {expected[name]}, got {arr.shape}")
+            object.__setattr__(self, name, _readonly(arr))
+        it = self.iteration
+        if isinstance(it, np.ndarray):
+            it = it.item()
+        if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or it < 0:
+            raise ValueError(f"state.iteration: expected an integer >= 0, got {self.iteration!r}")
+        object.__setattr__(self, "iteration", int(it))
+        if self.residuals.shape != (self.iteration + 1, k):
+            raise ValueError(f"state.residuals: expected shape {(self.iteration + 1, k)} "
+                             f"(iteration + 1, k), got {self.residuals.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, k)``."""
+        return self.x.shape  # type: ignore[return-value]
+
+    def to_arrays(self) -> dict[str, NDArray]:
+        """Plain arrays, one per field, e.g. to write into a Zarr group.
+
+        ``iteration`` is a 0-d int64 array. :meth:`from_arrays` inverts this exactly.
+        """
+        out: dict[str, NDArray] = {name: np.array(getattr(self, name)) for name in self._ARRAYS}
+        out["iteration"] = np.array(self.iteration, dtype=np.int64)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, ArrayLike]) -> "CGState":
+        """Rebuild a state from :meth:`to_arrays` output (or Zarr arrays with those names)."""
+        names = cls._ARRAYS + ("iteration",)
+        missing = [name for name in names if name not in arrays]
+        if missing:
+            raise ValueError(f"state: missing array {missing[0]!r}; expected arrays {list(names)}")
+        values = {name: np.asarray(arrays[name][...]) for name in names}
+        values["iteration"] = int(values["iteration"])
+        return cls(**values)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CGState):
+            return NotImplemented
+        return self.iteration == other.iteration and all(
+            np.array_equal(getattr(self, n), getattr(other, n)) for n in self._ARRAYS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, eq=False)
+class CGResult:
+    """Outcome of :func:`batched_cg`.
+
+    Attributes
+    ----------
+    x : ndarray, shape (n, k) or (n,)
+        The solution ``A^{-1} b`` (1-D when ``b`` was 1-D). Also available as ``alpha``.
+    iterations : int
+        Total iterations (including those done before a resume).
+    residuals : ndarray, shape (iterations + 1, k)
+        Relative residual per iteration and column; NaN-free, frozen columns keep their
+        final value. Always 2-D, also for a 1-D ``b``.
+    converged_columns : ndarray of bool, shape (k,)
+        Whether each column reached ``||r_j|| <= tol ||b_j||``.
+    tol : float
+        The tolerance used.
+    state : CGState
+        The final iterate: pass it back as ``state=`` (with a larger ``maxiter``) to go on.
+    """
+
+    x: NDArray[np.float64]
+    iterations: int
+    residuals: NDArray[np.float64]
+    converged_columns: NDArray[np.bool_]
+    tol: float
+    state: CGState = field(repr=False)
+
+    @property
+    def alpha(self) -> NDArray[np.float64]:
+        """The solution, under its GP name (``alpha = (K + noise I)^{-1} y``)."""
+        return self.x
+
+    @property
+    def converged(self) -> bool:
+        """True when every column converged."""
+        return bool(np.all(self.converged_columns))
+
+    def summary(self) -> str:
+        """One line: convergence, iterations, worst final relative residual."""
+        k = self.converged_columns.size
+        worst = float(self.residuals[-1].max()) if k else 0.0
+        status = "converged" if self.converged else (
+            f"NOT converged ({int(np.sum(~self.converged_columns))} of {k} columns above tol)")
+        return (f"CG {status}: {self.iterations} iterations, {k} right-hand side(s), "
+                f"worst relative residual {worst:.3g} (tol {self.tol:.3g})")
+
+    def __repr__(self) -> str:
+        return f"CGResult({self.summary()})"
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_rhs(b: ArrayLike, name: str = "b") -> NDArray[np.float64]:
+    arr = np.asarray(b)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: expected a real numeric array, got dtype {arr.dtype}")
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"{name}: expected a 1-D (n,) or 2-D (n, k) array, got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one row, got shape {arr.shape}")
+    arr = np.asarray(arr, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"{name}: expected finite values, got {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
+    return arr
+
+
+def _check_tol(tol: Any) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)):
+        raise ValueError(f"tol: expected a number > 0, got {tol!r}")
+    tol = float(tol)
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol: expected a finite number > 0, got {tol!r}")
+    return tol
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class _Op:
+    """Wraps ``matmat``: float64 in and out, output shape checked."""
+
+    def __init__(self, matmat: Matmat, n: int) -> None:
+        if not callable(matmat):
+            raise ValueError(f"matmat: expected a callable V (n, k) -> A V (n, k), got {type(matmat).__name__}")
+        self.matmat = matmat
+        self.n = n
+
+    def __call__(self, v: NDArray) -> NDArray[np.float64]:
+        out = np.asarray(self.matmat(v), dtype=np.float64)
+        if out.shape != v.shape:
+            raise ValueError(f"matmat: expected an output of shape {v.shape} (the input's), got {out.shape}")
+        return out
+
+
+def _precondition(preconditioner: Any, r: NDArray) -> NDArray[np.float64]:
+    if preconditioner is None:
+        return r.copy()
+    out = np.asarray(preconditioner.apply(r), dtype=np.float64)
+    if out.shape != r.shape:
+        raise ValueError(f"preconditioner: apply() expected to return shape {r.shape}, got {out.shape}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the solver
+# --------------------------------------------------------------------------------------------
+
+
+def _initial_state(op: _Op, b: NDArray, x0: NDArray | None, preconditioner: Any, tol: float,
+                   b_norm: NDArray) -> CGState:
+    n, k = b.shape
+    nonzero = b_norm > 0
+    x = np.zeros((n, k))
+    r = b.copy()
+    if x0 is not None:
+        x[:, nonzero] = x0[:, nonzero]
+        idx = np.flatnonzero(nonzero & np.any(x != 0, axis=0))
+        if idx.size:
+            r[:, idx] = b[:, idx] - op(x[:, idx])
+    safe = np.where(nonzero, b_norm, 1.0)
+    res0 = np.where(nonzero, _colnorm(r) / safe, 0.0)
+    active = nonzero & (res0 > tol)
+    z = np.zeros((n, k))
+    idx = np.flatnonzero(active)
+    if idx.size:
+        z[:, idx] = _precondition(preconditioner, r[:, idx])
+    rz = _coldot(r, z)
+    return CGState(x=x, r=r, z=z, p=z.copy(), rz=rz, iteration=0, active=active,
+                   residuals=res0[None, :], b_norm=b_norm)
+
+
+def _step(op: _Op, b: NDArray, s: CGState, preconditioner: Any, tol: float,
+          true_residual_every: int) -> CGState:
+    """One CG iteration on the active columns; frozen columns are copied unchanged."""
+    idx = np.flatnonzero(s.active)
+    x, r, z, p, rz = s.x.copy(), s.r.copy(), s.z.copy(), s.p.copy(), s.rz.copy()
+    active = s.active.copy()
+    res = s.residuals[-1].copy()
+
+    p_a = p[:, idx]
+    ap = op(p_a)
+    pap = _coldot(p_a, ap)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        step = rz[idx] / pap
+        x_new = x[:, idx] + step * p_a
+        r_new = r[:, idx] - step * ap
+    # breakdown (A not positive definite along p, or a non-finite step): freeze the column
+    ok = np.isfinite(step) & (pap > 0) & (rz[idx] > 0)
+    ok &= np.all(np.isfinite(x_new), axis=0) & np.all(np.isfinite(r_new), axis=0)
+    iteration = s.iteration + 1
+    if true_residual_every and iteration % true_residual_every == 0 and np.any(ok):
+        sel = np.flatnonzero(ok)
+        r_new[:, sel] = b[:, idx[sel]] - op(x_new[:, sel])
+        ok[sel] &= np.all(np.isfinite(r_new[:, sel]), axis=0)
+    good, bad = idx[ok], idx[~ok]
+    x[:, good] = x_new[:, ok]
+    r[:, good] = r_new[:, ok]
+    active[bad] = False
+
+    res[good] = _colnorm(r[:, good]) / s.b_norm[good]
+    done = res[good] <= tol
+    active[good[done]] = False
+    go = good[~done]
+    if go.size:
+        z_go = _precondition(preconditioner, r[:, go])
+        rz_go = _coldot(r[:, go], z_go)
+        beta = rz_go / rz[go]
+        p[:, go] = z_go + beta * p[:, go]
+        z[:, go] = z_go
+        rz[go] = rz_go
+    residuals = np.concatenate([s.residuals, res[None, :]], axis=0)
+    for arr in (x, r, z, p, rz, active, residuals):
+        _readonly(arr)  # fresh arrays: the state takes them without copying
+    return CGState(x=x, r=r, z=z, p=p, rz=rz, iteration=iteration, active=active,
+                   residuals=residuals, b_norm=s.b_norm)
+
+
+def batched_cg(
+    matmat: Matmat,
+    b: ArrayLike,
+    *,
+    tol: float = 1e-5,
+    maxiter: int | None = None,
+    preconditioner: Any = None,
+    x0: ArrayLike | None = None,
+    state: CGState | None = None,
+    callback: Callable[[CGState], Any] | None = None,
+    true_residual_every: int = 50,
+) -> CGResult:
+    """Solve ``A X = B`` for many right-hand sides at once by preconditioned CG.
+
+    Each column ``j`` runs its own CG recurrence (its own ``alpha_j``, ``beta_j``; [2]_,
+    Algorithm 9.1) and all active columns share one ``matmat`` call per iteration ([3]_).
+    Column ``j`` stops when ``||r_j|| <= tol ||b_j||``; it is then frozen and no longer passed
+    to ``matmat`` (which receives ``(n, k_active)`` blocks). Zero columns of ``b`` return zeros
+    without iterating.
+
+    Parameters
+    ----------
+    matmat : callable
+        ``V (n, m) float64 -> A V (n, m)``, with ``A`` symmetric positive definite (e.g.
+        ``K + noise I``). ``m`` varies as columns converge.
+    b : array_like, shape (n,) or (n, k)
+        Right-hand sides; finite.
+    tol : float, default 1e-5
+        Relative residual tolerance, per column.
+    maxiter : int, optional
+        Cap on the total number of iterations (counting those before a resume). Default
+        :func:`default_maxiter` ``(n) = min(10 n, 1000)``.
+    preconditioner : object with ``apply(R) -> M^{-1} R``, optional
+        ``M`` symmetric positive definite, ``R`` of shape (n, m). See
+        :mod:`nngp_dask.preconditioners`. A resumed solve must use the same one.
+    x0 : array_like, shape of ``b``, optional
+        Starting guess (default zeros). Not allowed together with ``state``.
+    state : CGState, optional
+        Resume from this iterate (as emitted to ``callback`` or ``CGResult.state``). The
+        continuation is bit-identical to an uninterrupted run with the same ``matmat`` and
+        preconditioner.
+    callback : callable, optional
+        Called as ``callback(state)`` after every iteration with the immutable
+        :class:`CGState`; checkpoint it (e.g. ``state.to_arrays()``) as often as you like.
+        Raising from the callback aborts the solve.
+    true_residual_every : int, default 50
+        Every this many iterations replace the recursive residual by ``b - A x`` (one extra
+        ``matmat``) to stop drift; 0 disables.
+
+    Returns
+    -------
+    CGResult
+
+    Warns
+    -----
+    ConvergenceWarning
+        When some column has not converged after ``maxiter`` iterations (or broke down),
+        with advice: raise the noise, enlarge the preconditioner rank, use float64.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument, the value received and what was expected.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = np.array([[4.0, 1.0], [1.0, 3.0]])
+    >>> res = batched_cg(lambda v: a @ v, np.array([1.0, 2.0]), tol=1e-12)
+    >>> np.allclose(a @ res.x, [1.0, 2.0]), res.converged
+    (True, True)
+    """
+    b_arr = _check_rhs(b)
+    one_d = b_arr.ndim == 1
+    b2 = b_arr[:, None] if one_d else b_arr
+    n, k = b2.shape
+    tol = _check_tol(tol)
+    maxiter = default_maxiter(n) if maxiter is None else _check_int("maxiter", maxiter, minimum=0)
+    true_residual_every = _check_int("true_residual_every", true_residual_every, minimum=0)
+    if preconditioner is not None and not callable(getattr(preconditioner, "apply", None)):
+        raise ValueError("preconditioner: expected None or an object with apply(R) -> M^{-1} R, "
+                         f"got {type(preconditioner).__name__}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback: expected a callable or None, got {type(callback).__name__}")
+    op = _Op(matmat, n)
+    b_norm = _colnorm(b2)
+
+    if state is not None:
+        if x0 is not None:
+            raise ValueError("x0: expected None when state is given (the state holds the iterate)")
+        if not isinstance(state, CGState):
+            raise ValueError(f"state: expected a CGState, got {type(state).__name__}")
+        if state.shape != (n, k):
+            raise ValueError(f"state: expected an iterate of shape {(n, k)} (that of b), got {state.shape}")
+        if not np.array_equal(state.b_norm, b_norm):
+            raise ValueError("state: expected a state of this right-hand side b, got one made for another b "
+                             "(its column norms differ)")
+        s = state
+    else:
+        x0_arr = None
+        if x0 is not None:
+            x0_arr = _check_rhs(x0, "x0")
+            if x0_arr.shape != b_arr.shape:
+                raise ValueError(f"x0: expected shape {b_arr.shape} (that of b), got {x0_arr.shape}")
+            x0_arr = x0_arr[:, None] if one_d else x0_arr
+        s = _initial_state(op, b2, x0_arr, preconditioner, tol, b_norm)
+
+    while s.iteration < maxiter and np.any(s.active):
+        s = _step(op, b2, s, preconditioner, tol, true_residual_every)
+        if callback is not None:
+            callback(s)
+
+    converged = s.residuals[-1] <= tol
+    result = CGResult(
+        x=np.array(s.x[:, 0] if one_d else s.x),  # a writeable copy for the caller
+        iterations=s.iteration,
+        residuals=s.residuals,
+        converged_columns=_readonly(converged.copy()),
+        tol=tol,
+        state=s,
+    )
+    if not result.converged:
+        bad = np.flatnonzero(~converged)
+        broke = np.flatnonzero(~converged & ~s.active)
+        why = (f"after {s.iteration} iterations (maxiter={maxiter})" if not broke.size else
+               f"({broke.size} column(s) broke down: A or the preconditioner is not positive definite "
+               "in floating point)")
+        warnings.warn(
+            f"CG did not converge {why}: {bad.size} of {k} column(s) above tol={tol:g}, worst relative "
+            f"residual {float(s.residuals[-1].max()):.3g} (column {int(bad[np.argmax(s.residuals[-1][bad])])}). "
+            + _ADVICE,
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# dense twin
+# --------------------------------------------------------------------------------------------
+
+
+def _check_noise(noise: Any) -> float:
+    if isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating)):
+        raise ValueError(f"noise: expected a number >= 0, got {noise!r}")
+    noise = float(noise)
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise: expected a finite number >= 0, got {noise!r}")
+    return noise
+
+
+def _check_square(k: ArrayLike, name: str = "k") -> NDArray[np.float64]:
+    arr = np.asarray(k)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty square 2-D array (n, n), got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: expected a real numeric array, got dtype {arr.dtype}")
+    arr = np.asarray(arr, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+    return arr
+
+
+def cholesky_factor(k: ArrayLike, noise: float) -> tuple[NDArray[np.float64], bool]:
+    """Cholesky factor of ``k + noise I`` in float64, as :func:`scipy.linalg.cho_factor` returns it.
+
+    Raises
+    ------
+    numpy.linalg.LinAlgError
+        (a ValueError) when ``k + noise I`` is not positive definite, with the fix.
+    """
+    k_arr = _check_square(k)
+    noise = _check_noise(noise)
+    a = k_arr.copy()
+    a[np.diag_indices_from(a)] += noise
+    try:
+        return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError as exc:
+        raise np.linalg.LinAlgError(
+            f"k + noise I: expected a positive definite matrix, the Cholesky factorisation failed with "
+            f"noise={noise:g} ({exc}). Increase noise (the jitter added to the diagonal), e.g. to "
+            f"{max(noise * 10, 1e-6 * float(np.mean(np.diag(k_arr))) or 1e-6):.3g}, or build the kernel in float64."
+        ) from exc
+
+
+def dense_solve(k: ArrayLike, b: ArrayLike, noise: float, *, return_logdet: bool = False
+                ) -> NDArray[np.float64] | tuple[NDArray[np.float64], float]:
+    """Direct solve ``(k + noise I)^{-1} b`` by Cholesky, float64: the in-memory twin of CG.
+
+    Parameters
+    ----------
+    k : array_like, shape (n, n)
+        Symmetric kernel matrix (only the lower triangle is read).
+    b : array_like, shape (n,) or (n, m)
+    noise : float
+        ``>= 0``, added to the diagonal.
+    return_logdet : bool
+        Also return ``log det(k + noise I)`` (free from the same factor).
+
+    Returns
+    -------
+    x : ndarray, shape of ``b``
+    logdet : float, only with ``return_logdet``
+
+    Raises
+    ------
+    numpy.linalg.LinAlgError
+        (a ValueError) when the factorisation fails, advising to increase ``noise``.
+    """
+    factor = cholesky_factor(k, noise)
+    b_arr = _check_rhs(b)
+    n = factor[0].shape[0]
+    if b_arr.shape[0] != n:
+        raise ValueError(f"b: expected {n} rows (the size of k), got shape {b_arr.shape}")
+    x = scipy.linalg.cho_solve(factor, b_arr, check_finite=False)
+    if return_logdet:
+        return x, float(2.0 * np.sum(np.log(np.diag(factor[0]))))
+    return x

@@ -1,0 +1,32 @@
+"""Shared fixtures: a real multi-process Dask cluster on loopback, and small datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cluster_client():
+    """A real LocalCluster: two single-threaded worker processes on 127.0.0.1."""
+    from distributed import Client, LocalCluster
+
+    from nngp_dask.runtime import local_cluster_kwargs
+
+    with LocalCluster(**local_cluster_kwargs(n_workers=2)) as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture
+def thread_client():
+    """An in-process cluster (threads), for tests that patch code the tasks run."""
+    from distributed import Client, LocalCluster
+
+    # in-process transport: nothing listens on the network
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261123)
