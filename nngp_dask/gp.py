@@ -1,0 +1,371 @@
+"""GP regression on a kernel store: ``alpha = (K + noise I)^{-1} Y``, posterior mean and variance.
+
+Two solvers: a dense Cholesky (SciPy) for ``n <= DIRECT_MAX_N`` and batched preconditioned CG
+over the stored tiles above it (or on request). CG state is checkpointed into the store
+every few iterations in two alternating slots, and the slot pointer is written last, so a
+killed solve resumes from its last complete checkpoint and a finished one is not redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from .cg import CGState, ConvergenceWarning, batched_cg, dense_solve, default_maxiter
+from .kernel import tile as tile_fn
+from .operator import StoredKernelOperator
+from .preconditioners import PRECONDITIONERS, AUTO_RANK, LowRank, make_preconditioner
+from .runtime import client_for
+from .store import KernelStore, open_kernel
+
+__all__ = ["DIRECT_MAX_N", "SolveResult", "solve", "predict", "EXACT_VARIANCE_MAX"]
+
+log = logging.getLogger("nngp_dask")
+
+#: Below this many training points ``method="auto"`` factorises the dense kernel (float64
+#: copy: 8 n^2 bytes, 200 MB at the threshold; a Cholesky of that size takes ~1 s).
+DIRECT_MAX_N = 5000
+#: ``variance="auto"`` is exact (one batched CG per 256 test points) up to this many test points.
+EXACT_VARIANCE_MAX = 1024
+METHODS = ("auto", "cg", "cholesky")
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """The outcome of :func:`solve`.
+
+    Attributes
+    ----------
+    alpha : ndarray, shape (n, k) (or (n,) for 1-D ``y``)
+    iterations : int
+        CG iterations (0 for Cholesky).
+    residuals : ndarray, shape (iterations + 1, k)
+        Relative residual per iteration and column.
+    converged : bool
+    noise, tol : float
+    method : {"cg", "cholesky"}
+    preconditioner : str
+    key : str
+        Names the solve in the store (``solves/<key>``).
+    resumed_from : int
+        Iteration the solve resumed from (0 when it started afresh, -1 when loaded finished).
+    """
+
+    alpha: NDArray[np.float64]
+    iterations: int
+    residuals: NDArray[np.float64]
+    converged: bool
+    noise: float
+    tol: float
+    method: str
+    preconditioner: str
+    key: str
+    resumed_from: int = 0
+    wall_s: float = 0.0
+    matmat_s: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        worst = float(np.max(self.residuals[-1])) if self.residuals.size else 0.0
+        return (f"{self.method} ({self.preconditioner}): {'converged' if self.converged else 'NOT converged'} "
+                f"in {self.iterations} iterations, worst relative residual {worst:.2g}, {self.wall_s:.1f} s")
+
+
+def _check_solve_args(ks: KernelStore, y: ArrayLike, noise: Any, tol: Any, preconditioner: str, method: str
+                      ) -> tuple[NDArray, bool, float, float]:
+    if isinstance(noise, bool) or not isinstance(noise, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise: expected a finite number >= 0, got {noise!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not np.isfinite(tol) or tol <= 0:
+        raise ValueError(f"tol: expected a finite number > 0, got {tol!r}")
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner: expected one of {list(PRECONDITIONERS)}, got {preconditioner!r}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
+    arr = np.asarray(y)
+    if arr.dtype.kind not in "biuf" or arr.ndim not in (1, 2):
+        raise ValueError(f"y: expected a numeric array of shape (n,) or (n, k), got {arr.dtype} {arr.shape}")
+    if arr.shape[0] != ks.shape[0]:
+        raise ValueError(f"y: expected {ks.shape[0]} rows (one per training input), got {arr.shape[0]}")
+    bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+    if bad.any():
+        raise ValueError(f"y: row {int(np.argmax(bad))} holds NaN or Inf; expected finite targets")
+    squeeze = arr.ndim == 1
+    return np.asarray(arr, dtype=np.float64).reshape(arr.shape[0], -1), squeeze, float(noise), float(tol)
+
+
+def _column_fn(ks: KernelStore):
+    """``idx -> K[:, idx]`` computed from the stored inputs with the tile function (no pass over
+    the stored kernel). Inputs are read once and kept (n x d float64)."""
+    arch, kind = ks.architecture, ks.kind
+    x = ks.array("inputs/x_train")[...]
+    diag = ks.array("diagonals/train")[...]
+
+    def columns(idx: NDArray) -> NDArray:
+        idx = np.asarray(idx, dtype=np.intp)
+        return tile_fn(arch, x, x[idx], diag, diag[:, idx], kind=kind, dtype=np.float64)
+
+    return columns
+
+
+def _solve_key(ks: KernelStore, y: NDArray, noise: float, tol: float, preconditioner: str, rank: int | None,
+               method: str) -> str:
+    h = hashlib.blake2b(digest_size=10)
+    h.update(json.dumps({"kernel": ks.identity.token(), "noise": noise, "tol": tol, "pre": preconditioner,
+                         "rank": rank, "method": method, "shape": list(y.shape)}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(y).tobytes())
+    return h.hexdigest()
+
+
+class _Checkpoints:
+    """Two alternating slots under ``solves/<key>``; ``attrs['slot']`` points at the last complete one."""
+
+    def __init__(self, ks: KernelStore, key: str, meta: dict) -> None:
+        self.group = ks.group.require_group(f"solves/{key}")
+        if not self.group.attrs.get("created"):
+            self.group.attrs.update({**meta, "created": time.time(), "status": "running"})
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    def load(self) -> CGState | None:
+        slot = self.group.attrs.get("slot")
+        if slot is None:
+            return None
+        g = self.group[f"slot{slot}"]
+        return CGState.from_arrays({name: arr[...] for name, arr in g.arrays()})
+
+    def save(self, state: CGState) -> None:
+        slot = 1 - int(self.group.attrs.get("slot", 1))
+        g = self.group.require_group(f"slot{slot}")
+        for name, value in state.to_arrays().items():
+            value = np.asarray(value)
+            g.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True, compressors=None)[...] = value
+        self.group.attrs.update({"slot": slot, "iteration": int(state.iteration)})
+
+    def save_solution(self, alpha: NDArray, residuals: NDArray, info: dict) -> None:
+        for name, value in (("alpha", alpha), ("residuals", residuals)):
+            self.group.create_array(name, shape=value.shape, dtype="float64", overwrite=True,
+                                    compressors=None)[...] = value
+        self.group.attrs.update({**info, "status": "done"})
+
+    def save_factor(self, factor: NDArray) -> None:
+        self.group.create_array("lowrank_factor", shape=factor.shape, dtype="float64", overwrite=True,
+                                compressors=None)[...] = factor
+
+
+def solve(
+    store: KernelStore | str | os.PathLike,
+    y: ArrayLike,
+    *,
+    noise: float,
+    tol: float = 1e-5,
+    maxiter: int | None = None,
+    preconditioner: str = "auto",
+    rank: int | None = None,
+    method: str = "auto",
+    checkpoint_every: int = 5,
+    client: Any = None,
+    progress: bool = True,
+) -> SolveResult:
+    """Solve ``(K + noise I) alpha = y`` for a stored kernel; resumable.
+
+    Parameters
+    ----------
+    store : KernelStore or path/URL
+        A complete kernel store (:func:`nngp_dask.build_kernel`).
+    y : array_like, shape (n,) or (n, k)
+        Targets; all columns are solved together (one pass over the tiles per iteration).
+    noise : float
+        Observation noise variance (>= 0) added to the diagonal.
+    tol : float
+        Relative residual ``||r_j|| <= tol ||y_j||`` per column (CG).
+    maxiter : int, optional
+        Default :func:`nngp_dask.cg.default_maxiter`.
+    preconditioner : {"auto", "none", "jacobi", "pivoted_cholesky", "nystrom"}
+        Low-rank ones are built from kernel columns computed from the stored inputs.
+    rank : int, optional
+        Preconditioner rank (default ``min(n, 256)``).
+    method : {"auto", "cg", "cholesky"}
+        ``"auto"``: dense Cholesky for ``n <= DIRECT_MAX_N``, else CG.
+    checkpoint_every : int
+        CG iterations between checkpoints.
+    client : distributed.Client or address, optional
+
+    Returns
+    -------
+    SolveResult
+
+    Raises
+    ------
+    ValueError
+        Bad noise, tol, y or names; ``IncompleteKernelError`` (a ValueError) when tiles are
+        missing, naming them. All before any work.
+    """
+    ks = store if isinstance(store, KernelStore) else open_kernel(store)
+    y2, squeeze, noise, tol = _check_solve_args(ks, y, noise, tol, preconditioner, method)
+    ks.require_complete("train_train")
+    n = ks.shape[0]
+    if method == "auto":
+        method = "cholesky" if n <= DIRECT_MAX_N else "cg"
+    pre_name = "none" if method == "cholesky" else preconditioner
+    key = _solve_key(ks, y2, noise, tol, pre_name, rank, method)
+    t0 = time.perf_counter()
+    ck = _Checkpoints(ks, key, {"noise": noise, "tol": tol, "preconditioner": pre_name, "rank": rank,
+                                 "method": method, "n_rhs": y2.shape[1]})
+    maxiter = default_maxiter(n) if maxiter is None else int(maxiter)
+
+    def finish(alpha, iterations, residuals, converged, resumed, matmat_s=0.0, info=None):
+        a = alpha[:, 0] if squeeze else alpha
+        return SolveResult(a, iterations, residuals, converged, noise, tol, method, pre_name, key, resumed,
+                           time.perf_counter() - t0, matmat_s, info or {})
+
+    attrs = ck.attrs
+    if attrs.get("status") == "done" and (attrs.get("converged") or attrs.get("iterations", 0) >= maxiter):
+        log.info("solve %s already done in %s; loading alpha", key, ks.url)
+        return finish(ck.group["alpha"][...], attrs["iterations"], ck.group["residuals"][...],
+                      bool(attrs["converged"]), -1, info={k: attrs.get(k) for k in ("preconditioner_rank",)})
+
+    if method == "cholesky":
+        k = ks.to_dask().compute().astype(np.float64)
+        alpha = dense_solve(k, y2, noise)
+        res = np.linalg.norm(k @ alpha + noise * alpha - y2, axis=0) / np.maximum(np.linalg.norm(y2, axis=0), 1e-300)
+        residuals = np.vstack([np.ones_like(res), res])
+        ck.save_solution(alpha, residuals, {"iterations": 0, "converged": True})
+        return finish(alpha, 0, residuals, True, 0)
+
+    with client_for(client) as c:
+        op = StoredKernelOperator(ks, noise, c)
+        t_pre = time.perf_counter()
+        pre = make_preconditioner(pre_name, diag=ks.diagonal(), column_fn=_column_fn(ks), noise=max(noise, 1e-12),
+                                  rank=min(rank or AUTO_RANK, n), n=n)
+        pre_s = time.perf_counter() - t_pre
+        if isinstance(pre, LowRank):
+            ck.save_factor(pre.lowrank_factor)
+        state = ck.load()
+        resumed = int(state.iteration) if state is not None else 0
+        if resumed:
+            log.info("resuming solve %s from its checkpoint at iteration %d", key, resumed)
+        log.info("CG on %d x %d kernel, %d right-hand side(s), noise %g, preconditioner %s (rank %d, %.1f s)",
+                 n, n, y2.shape[1], noise, pre.name, pre.rank, pre_s)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="CG", unit="it", disable=not progress, initial=resumed)
+
+        def callback(s: CGState) -> None:
+            bar.update(1)
+            bar.set_postfix(residual=f"{float(np.max(s.residuals[-1])):.2e}", active=int(np.sum(s.active)))
+            if s.iteration % checkpoint_every == 0:
+                ck.save(s)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            result = batched_cg(op.matmat, y2, tol=tol, maxiter=maxiter, preconditioner=pre, state=state,
+                                callback=callback)
+        bar.close()
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        ck.save(result.state)
+        info = {"iterations": result.iterations, "converged": result.converged, "preconditioner_rank": pre.rank,
+                "preconditioner_s": pre_s}
+        ck.save_solution(result.x, result.residuals, info)
+        log.info("%s", result.summary())
+        return finish(result.x, result.iterations, result.residuals, result.converged, resumed, op.seconds, info)
+
+
+def predict(
+    store: KernelStore | str | os.PathLike,
+    result: SolveResult,
+    *,
+    variance: bool | str = False,
+    client: Any = None,
+    batch: int = 256,
+) -> NDArray | tuple[NDArray, NDArray]:
+    """Posterior mean ``K(X*, X) alpha`` and, optionally, variance
+    ``K(x*, x*) - k*^T (K + noise I)^{-1} k*`` (the latent function's, without noise).
+
+    Parameters
+    ----------
+    store : KernelStore or path/URL
+        Built with ``x_test``.
+    result : SolveResult
+        From :func:`solve` on the same store.
+    variance : bool or {"exact", "lowrank", "auto"}
+        ``True``/``"auto"``: exact for at most ``EXACT_VARIANCE_MAX`` test points, else low-rank.
+        ``"exact"``: one batched CG (``batch`` test points at a time; Cholesky for small n).
+        ``"lowrank"``: projects ``k*`` on the span of the solve's low-rank preconditioner factor
+        ``F`` (``F F^T ~= K``, pivoted Cholesky or Nystrom) and inverts ``K + noise I`` there, in
+        one pass over the test tiles. The spectrum tail it leaves out would only reduce the
+        variance further, so the result errs on the conservative side; its error against the
+        exact variance is measured in benchmarks/RESULTS.md.
+
+    Returns
+    -------
+    mean : ndarray, shape (m, k) (or (m,) when y was 1-D)
+    var : ndarray, shape (m,), when ``variance`` is requested
+    """
+    ks = store if isinstance(store, KernelStore) else open_kernel(store)
+    if variance not in (False, True, "exact", "lowrank", "auto"):
+        raise ValueError(f"variance: expected False, True, 'exact', 'lowrank' or 'auto', got {variance!r}")
+    if not ks.n_test:
+        raise ValueError(f"store: {ks.url!r} holds no test inputs; pass x_test to build_kernel")
+    alpha = np.asarray(result.alpha, dtype=np.float64)
+    if alpha.shape[0] != ks.shape[0]:
+        raise ValueError(f"result: alpha has {alpha.shape[0]} rows, the store's kernel {ks.shape[0]}; "
+                         "expected a solve of this store")
+    squeeze = alpha.ndim == 1
+    a2 = alpha.reshape(alpha.shape[0], -1)
+    ks.require_complete("test_train")
+    m = ks.n_test
+    mode = variance
+    if variance in (True, "auto"):
+        mode = "exact" if m <= EXACT_VARIANCE_MAX else "lowrank"
+    factor = None
+    if mode == "lowrank":
+        g = ks.group.get(f"solves/{result.key}")
+        if g is None or "lowrank_factor" not in g:
+            raise ValueError("variance: 'lowrank' needs a CG solve with a low-rank preconditioner "
+                             "(preconditioner='pivoted_cholesky' or 'nystrom'); use variance='exact'")
+        factor = g["lowrank_factor"][...]
+    with client_for(client) as c:
+        op = StoredKernelOperator(ks, result.noise, c)
+        mean, sq, proj = op.test_products(a2, factor)
+        mean = mean[:, 0] if squeeze else mean
+        if not variance:
+            return mean
+        prior = ks.test_prior()
+        noise = result.noise
+        if mode == "lowrank":
+            # Project k* on the span of F = U diag(s) (orthogonal columns, F F^T ~= K):
+            # k^T (K + noise I)^{-1} k ~= sum_i (u_i^T k)^2 / (s_i^2 + noise), u_i^T k = (f_i^T k) / s_i.
+            # The left-out spectrum tail only adds to the reduction, so this variance is an
+            # upper bound up to the factor's error (conservative, never collapsing to 0).
+            s2 = np.sum(factor * factor, axis=0)
+            keep = s2 > 0
+            reduction = np.sum(proj[:, keep] ** 2 / (s2[keep] * (s2[keep] + noise)), axis=1)
+            return mean, np.maximum(prior - reduction, 0.0)
+        if result.method == "cholesky":
+            k = ks.to_dask().compute().astype(np.float64)
+            solve_block = lambda rhs: dense_solve(k, rhs, noise)  # noqa: E731
+        else:
+            pre = make_preconditioner(result.preconditioner, diag=ks.diagonal(), column_fn=_column_fn(ks),
+                                      noise=max(noise, 1e-12), rank=result.info.get("preconditioner_rank") or None,
+                                      n=ks.shape[0])
+            solve_block = lambda rhs: batched_cg(op.matmat, rhs, tol=result.tol, preconditioner=pre).x  # noqa: E731
+        var = np.empty(m)
+        arr = ks.array("kernel/test_train")
+        for start in range(0, m, batch):
+            stop = min(start + batch, m)
+            kstar = np.asarray(arr[start:stop, :], dtype=np.float64).T  # (n, b)
+            var[start:stop] = prior[start:stop] - np.einsum("ij,ij->j", kstar, solve_block(kstar))
+        return mean, np.maximum(var, 0.0)

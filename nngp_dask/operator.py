@@ -1,0 +1,153 @@
+"""Matrix-free products with a stored kernel: ``(K + noise I) V`` and ``K(X*, X) V``.
+
+Each upper tile K_IJ is read once per product and used twice (``K_IJ V_J`` into block I and
+``K_IJ^T V_I`` into block J), in float64. The tile products run as Dask tasks next to the
+store, grouped so every worker streams a contiguous run of tiles; the (n, k) vectors stay
+with the driver and only (tile, k) blocks travel.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .store import KernelStore, open_group
+
+__all__ = ["StoredKernelOperator", "dense_matmat"]
+
+
+def _add(out: dict[int, NDArray], key: int, value: NDArray) -> None:
+    if key in out:
+        out[key] += value
+    else:
+        out[key] = value
+
+
+def _train_tiles_task(url: str, options: str, tiles: Sequence[tuple[int, int]], v: NDArray,
+                      tile: int) -> dict[int, NDArray]:
+    arr = open_group(url, json.loads(options) or None)["kernel/train_train"]
+    n = arr.shape[0]
+    out: dict[int, NDArray] = {}
+    for i, j in tiles:
+        ri, rj = slice(i * tile, min((i + 1) * tile, n)), slice(j * tile, min((j + 1) * tile, n))
+        k_ij = np.asarray(arr[ri, rj], dtype=np.float64)
+        _add(out, i, k_ij @ v[rj])
+        if i != j:
+            _add(out, j, k_ij.T @ v[ri])
+    return out
+
+
+def _test_rows_task(url: str, options: str, i: int, tile: int, alpha: NDArray | None,
+                    factor: NDArray | None) -> tuple[int, NDArray | None, NDArray | None, NDArray | None]:
+    """One row band of K(X*, X): its mean block, and for the low-rank variance the squared row
+    norms and the projections onto ``factor``."""
+    arr = open_group(url, json.loads(options) or None)["kernel/test_train"]
+    m, n = arr.shape
+    rows = slice(i * tile, min((i + 1) * tile, m))
+    mean = np.zeros((rows.stop - rows.start, alpha.shape[1])) if alpha is not None else None
+    sq = np.zeros(rows.stop - rows.start) if factor is not None else None
+    proj = np.zeros((rows.stop - rows.start, factor.shape[1])) if factor is not None else None
+    for j in range(-(-n // tile)):
+        cols = slice(j * tile, min((j + 1) * tile, n))
+        k = np.asarray(arr[rows, cols], dtype=np.float64)
+        if mean is not None:
+            mean += k @ alpha[cols]
+        if factor is not None:
+            sq += np.einsum("ij,ij->i", k, k)
+            proj += k @ factor[cols]
+    return i, mean, sq, proj
+
+
+def _balanced_groups(tiles: list[tuple[int, int]], groups: int) -> list[list[tuple[int, int]]]:
+    """Contiguous runs of tiles of about equal count (row-major keeps each run's V_I local)."""
+    groups = max(1, min(groups, len(tiles)))
+    bounds = np.linspace(0, len(tiles), groups + 1).round().astype(int)
+    return [tiles[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+class StoredKernelOperator:
+    """``V -> (K + noise I) V`` over the upper tiles of a complete kernel store.
+
+    Parameters
+    ----------
+    store : KernelStore
+    noise : float
+        Added to the diagonal (``noise I``).
+    client : distributed.Client
+        Runs the tile products; the vectors stay in this process.
+    tasks_per_worker_thread : int
+        Tile groups per product per worker thread (load balance vs task overhead).
+    """
+
+    def __init__(self, store: KernelStore, noise: float, client: Any, *, tasks_per_worker_thread: int = 2) -> None:
+        store.require_complete("train_train")
+        self.store = store
+        self.noise = float(noise)
+        self.client = client
+        self.n = store.shape[0]
+        self._options = json.dumps(store.storage_options or {}, sort_keys=True)
+        threads = sum(client.nthreads().values()) or 1
+        self._groups = _balanced_groups(list(store.grid.upper_tiles()), tasks_per_worker_thread * threads)
+        self.calls = 0
+        self.seconds = 0.0
+
+    def __call__(self, v: NDArray) -> NDArray[np.float64]:
+        return self.matmat(v)
+
+    def matmat(self, v: NDArray) -> NDArray[np.float64]:
+        """``(K + noise I) V`` for V of shape (n, k), float64."""
+        t0 = time.perf_counter()
+        v = np.ascontiguousarray(v, dtype=np.float64)
+        squeeze = v.ndim == 1
+        v2 = v[:, None] if squeeze else v
+        tile = self.store.tile
+        vf = self.client.scatter(v2, broadcast=True, hash=False)
+        futures = [self.client.submit(_train_tiles_task, self.store.url, self._options, grp, vf, tile, pure=False)
+                   for grp in self._groups]
+        out = self.noise * v2
+        for part in self.client.gather(futures):
+            for i, block in part.items():
+                out[i * tile: i * tile + block.shape[0]] += block
+        del vf
+        self.calls += 1
+        self.seconds += time.perf_counter() - t0
+        return out[:, 0] if squeeze else out
+
+    def test_products(self, alpha: NDArray | None, factor: NDArray | None = None
+                      ) -> tuple[NDArray | None, NDArray | None, NDArray | None]:
+        """Stream K(X*, X) once: ``K* alpha`` (m, k), and with ``factor`` (n, r) also the squared
+        row norms ``||k*||^2`` (m,) and ``K* factor`` (m, r)."""
+        grid = self.store.test_grid
+        if grid is None:
+            raise ValueError(f"store: {self.store.url!r} holds no test inputs; pass x_test to build_kernel")
+        self.store.require_complete("test_train")
+        m, tile = grid.n_rows, self.store.tile
+        af = self.client.scatter(alpha, broadcast=True, hash=False) if alpha is not None else None
+        ff = self.client.scatter(factor, broadcast=True, hash=False) if factor is not None else None
+        futures = [self.client.submit(_test_rows_task, self.store.url, self._options, i, tile, af, ff, pure=False)
+                   for i in range(grid.shape[0])]
+        mean = np.empty((m, alpha.shape[1])) if alpha is not None else None
+        sq = np.empty(m) if factor is not None else None
+        proj = np.empty((m, factor.shape[1])) if factor is not None else None
+        for i, mb, sb, pb in self.client.gather(futures):
+            rows = slice(i * tile, i * tile + (mb.shape[0] if mb is not None else sb.shape[0]))
+            if mean is not None:
+                mean[rows] = mb
+            if sq is not None:
+                sq[rows], proj[rows] = sb, pb
+        return mean, sq, proj
+
+
+def dense_matmat(k: NDArray, noise: float) -> Callable[[NDArray], NDArray]:
+    """The in-memory twin of :class:`StoredKernelOperator` (the tests' oracle)."""
+    k64 = np.asarray(k, dtype=np.float64)
+
+    def matmat(v: NDArray) -> NDArray:
+        return k64 @ v + noise * v
+
+    return matmat

@@ -1,0 +1,467 @@
+"""Figures for validation and reports (PNG files; matplotlib is optional).
+
+Every function draws on its own :class:`matplotlib.figure.Figure` with the Agg canvas (no
+pyplot state, no window, safe in threads and on headless machines), writes one PNG of a
+fixed pixel size (``figsize * dpi``) and returns its path. matplotlib is imported inside the
+functions, so ``import nngp_dask.plots`` works without it; calling a function then raises
+:class:`ImportError` with the install hint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .architecture import Architecture
+    from .validation import ValidationResult
+
+__all__ = [
+    "MATPLOTLIB_HINT",
+    "joint_distribution",
+    "error_vs_width",
+    "cg_residuals",
+    "kernel_heatmap",
+    "predicted_vs_true",
+    "confusion_matrix",
+    "calibration",
+]
+
+MATPLOTLIB_HINT = "matplotlib is required for figures: pip install 'nngp-dask[plots]'"
+DPI = 100
+
+
+def _figure(figsize: tuple[float, float], **kwargs: Any):
+    """A new Figure on the Agg canvas (matplotlib imported here, lazily)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - exercised by monkeypatching in tests
+        raise ImportError(MATPLOTLIB_HINT) from exc
+    fig = Figure(figsize=figsize, dpi=DPI, **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI)  # no bbox_inches: the pixel size stays figsize * dpi
+    return path
+
+
+def _ellipse(cov: np.ndarray, radius: float, points: int = 200) -> np.ndarray:
+    """Points of ``{z : z^T cov^{-1} z = radius^2}``, shape (2, points)."""
+    lam, vec = np.linalg.eigh(np.asarray(cov, dtype=np.float64))
+    t = np.linspace(0.0, 2.0 * math.pi, points)
+    circle = np.stack([np.cos(t), np.sin(t)])
+    return vec @ (np.sqrt(np.maximum(lam, 0.0))[:, None] * circle) * radius
+
+
+# --------------------------------------------------------------------------------------------
+# The correspondence
+
+
+def joint_distribution(
+    arch: "Architecture",
+    x_pair: ArrayLike,
+    widths: Sequence[int],
+    *,
+    networks: int = 2000,
+    seed: int = 0,
+    path: str | Path = "joint_distribution.png",
+) -> Path:
+    """The classic NNGP picture: outputs ``(f(x1), f(x2))`` of random networks, one panel per width,
+    under the 1, 2, 3-sigma contours of the NNGP Gaussian ``N(0, K(x_pair))``.
+
+    Narrow networks give visibly non-Gaussian joint distributions (a sharp peak at the origin
+    and heavy tails: a product of few Gaussian factors); as the width grows the cloud fills the
+    Gaussian's ellipses. Each panel's corner gives the sample variances and correlation.
+
+    Parameters
+    ----------
+    arch : Architecture
+    x_pair : array_like, shape (2, d)
+    widths : sequence of int
+        One panel each.
+    networks : int
+        Networks (points) per panel.
+    seed : int
+    path : str or Path
+
+    Returns
+    -------
+    Path
+    """
+    from .finite_width import empirical_covariance, sample_outputs
+    from .kernel import kernel
+
+    x_pair = np.asarray(x_pair, dtype=np.float64)
+    if x_pair.ndim != 2 or x_pair.shape[0] != 2:
+        raise ValueError(f"x_pair: expected shape (2, d), got {x_pair.shape}")
+    widths = [int(w) for w in widths]
+    if not widths:
+        raise ValueError("widths: expected at least one width")
+    k = np.asarray(kernel(arch, x_pair, dtype="float64"))
+    scale = math.sqrt(max(k[0, 0], k[1, 1], 1e-300))
+    lim = 4.0 * scale
+    fig = _figure((3.2 * len(widths), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(widths), squeeze=False)[0]
+    corr_nngp = k[0, 1] / math.sqrt(k[0, 0] * k[1, 1]) if k[0, 0] * k[1, 1] > 0 else 0.0
+    for i, (ax, w) in enumerate(zip(axes, widths)):
+        f = sample_outputs(arch, x_pair, width=w, networks=networks, seed=seed + i)
+        ax.hexbin(f[:, 0], f[:, 1], gridsize=40, extent=(-lim, lim, -lim, lim), cmap="Blues", mincnt=1,
+                  bins="log", linewidths=0.0)
+        for r, style in zip((1.0, 2.0, 3.0), ("-", "--", ":")):
+            e = _ellipse(k, r)
+            ax.plot(e[0], e[1], color="C3", linestyle=style, linewidth=1.2,
+                    label=f"{r:g}$\\sigma$" if i == 0 else None)
+        cov, _ = empirical_covariance(f)
+        corr = cov[0, 1] / math.sqrt(cov[0, 0] * cov[1, 1]) if cov[0, 0] * cov[1, 1] > 0 else float("nan")
+        ax.set_title(f"width {w}")
+        ax.text(0.03, 0.97, f"var {cov[0, 0]:.2f}, {cov[1, 1]:.2f}\ncorr {corr:.2f}", transform=ax.transAxes,
+                va="top", fontsize=8)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xlabel("$f(x_1)$")
+        if i == 0:
+            ax.set_ylabel("$f(x_2)$")
+    axes[0].legend(loc="lower right", fontsize=7, title="NNGP", title_fontsize=7)
+    fig.suptitle(
+        f"{networks} random networks ({arch.activation.name}, depth {arch.depth}) vs the NNGP Gaussian: "
+        f"var {k[0, 0]:.2f}, {k[1, 1]:.2f}, corr {corr_nngp:.2f}",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+def error_vs_width(result: "ValidationResult", path: str | Path = "error_vs_width.png") -> Path:
+    """Log-log convergence of a :class:`~nngp_dask.validation.ValidationResult`.
+
+    Left: the relative error against width with its fitted line and the Monte Carlo noise
+    floor, and the finite-width bias (control variate, with its fitted line and the
+    reference slope -1). Right: at the largest width, the error against the number of
+    networks with its fit and the reference slope -1/2.
+
+    Returns
+    -------
+    Path
+    """
+    fig = _figure((11.0, 4.4), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2)
+    w = np.asarray(result.widths, dtype=np.float64)
+    err = np.asarray(result.errors)
+    floor = np.asarray(result.noise_floors)
+    ax.loglog(w, err, "o-", color="C0", label="relative error $\\|\\hat C - K\\|_F / \\|K\\|_F$")
+    ax.fill_between(w, np.maximum(floor, 1e-300), np.full_like(floor, max(floor.min(), 1e-300) * 1e-3),
+                    color="C0", alpha=0.12, label="below Monte Carlo noise floor")
+    ax.loglog(w, floor, "--", color="C0", linewidth=1.0)
+    if result.error_fit is not None:
+        ax.loglog(w, result.error_fit(w), ":", color="C0", label=f"fit, slope {result.error_fit.slope:+.2f}")
+    resolved = np.asarray(result.resolved, dtype=bool)
+    bias = np.asarray(result.biases)
+    if resolved.any():
+        bf = np.asarray(result.bias_floors)
+        ax.errorbar(w[resolved], bias[resolved], yerr=2 * bf[resolved], fmt="s", color="C1", markersize=4,
+                    capsize=2, label="finite-width bias (control variate, $\\pm 2$ s.e.)")
+        if result.bias_fit is not None:
+            ax.loglog(w, result.bias_fit(w), "-", color="C1", linewidth=1.0,
+                      label=f"fit, slope {result.bias_fit.slope:+.2f}")
+        ref = bias[resolved][0] * (w / w[resolved][0]) ** -1.0
+        ax.loglog(w, ref, color="0.5", linewidth=0.8, linestyle=(0, (1, 3)), label="slope $-1$")
+    positive = np.concatenate([err[err > 0], floor[floor > 0], bias[resolved]])
+    if positive.size:
+        ax.set_ylim(positive.min() / 3, positive.max() * 3)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width")
+    ax.set_ylabel("relative Frobenius error")
+    ax.set_title(f"{result.networks[-1]} networks per width ({result.estimator} estimator)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(True, which="major", alpha=0.3)
+
+    m = np.asarray(result.sample_sizes, dtype=np.float64)
+    se = np.asarray(result.sample_errors)
+    if m.size:
+        ax2.loglog(m, se, "o-", color="C2", label="RMS error over disjoint blocks")
+        if result.sample_fit is not None:
+            ax2.loglog(m, result.sample_fit(m), ":", color="C2", label=f"fit, slope {result.sample_fit.slope:+.2f}")
+        ax2.loglog(m, se[0] * (m / m[0]) ** -0.5, color="0.5", linewidth=0.8, linestyle=(0, (1, 3)),
+                   label="slope $-1/2$")
+        ax2.legend(fontsize=7, loc="lower left")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("networks")
+    ax2.set_ylabel("relative Frobenius error")
+    ax2.set_title(f"width {result.widths[-1]}", fontsize=10)
+    ax2.grid(True, which="major", alpha=0.3)
+    arch = result.architecture
+    fig.suptitle(f"NNGP vs finite networks: {arch.activation.name}, depth {arch.depth}, "
+                 f"$\\sigma_w^2$={arch.weight_var:g}, $\\sigma_b^2$={arch.bias_var:g}", fontsize=11)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Solver and kernel diagnostics
+
+
+def cg_residuals(residuals: ArrayLike, path: str | Path = "cg_residuals.png") -> Path:
+    """Relative residual norm per conjugate-gradient iteration, one line per right-hand side.
+
+    Parameters
+    ----------
+    residuals : array_like, shape (iters + 1, k) or (iters + 1,)
+        Residual norms ``||r_i||`` (row 0 the initial residual). Each column is divided by its
+        row 0, so relative residuals (row 0 equal to 1) are drawn unchanged.
+
+    Returns
+    -------
+    Path
+    """
+    r = np.asarray(residuals, dtype=np.float64)
+    if r.ndim == 1:
+        r = r[:, None]
+    if r.ndim != 2 or r.shape[0] < 1:
+        raise ValueError(f"residuals: expected shape (iters + 1, k), got {np.shape(residuals)}")
+    r0 = np.where(r[0] > 0, r[0], 1.0)
+    rel = np.abs(r) / r0
+    rel = np.where(rel > 0, rel, np.nan)  # log axis: exact zeros are not drawn
+    fig = _figure((6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    it = np.arange(r.shape[0])
+    k = r.shape[1]
+    if k <= 10:
+        for j in range(k):
+            ax.semilogy(it, rel[:, j], linewidth=1.2, label=f"column {j}")
+        ax.legend(fontsize=7)
+    else:
+        ax.semilogy(it, rel, color="C0", linewidth=0.6, alpha=max(0.05, min(0.6, 20.0 / k)))
+        with np.errstate(all="ignore"):
+            ax.semilogy(it, np.nanmax(rel, axis=1), color="C3", linewidth=1.5, label="worst column")
+            ax.semilogy(it, np.nanmedian(rel, axis=1), color="k", linewidth=1.5, label="median column")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("relative residual $\\|r_i\\| / \\|r_0\\|$")
+    final = np.nanmax(rel[-1]) if np.isfinite(rel[-1]).any() else 0.0
+    ax.set_title(f"conjugate gradients: {k} right-hand side{'s' if k != 1 else ''}, "
+                 f"{r.shape[0] - 1} iterations, final {final:.1e}", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    return _save(fig, path)
+
+
+def kernel_heatmap(k_sample: ArrayLike, path: str | Path = "kernel_heatmap.png",
+                   labels: ArrayLike | None = None) -> Path:
+    """Heat map of a kernel matrix (a sample of rows and columns), sorted by class when ``labels`` are given.
+
+    Parameters
+    ----------
+    k_sample : array_like, shape (m, n)
+        Square when ``labels`` are given.
+    labels : array_like of int or str, shape (m,), optional
+        Classes of the rows/columns (or one-hot rows, shape (m, c)): rows and columns are
+        sorted by class (stable), class boundaries are drawn and ticks name the classes.
+
+    Returns
+    -------
+    Path
+    """
+    k = np.asarray(k_sample, dtype=np.float64)
+    if k.ndim != 2:
+        raise ValueError(f"k_sample: expected a 2-D array, got shape {k.shape}")
+    lab = None
+    if labels is not None:
+        lab = np.asarray(labels)
+        if lab.ndim == 2:
+            lab = lab.argmax(axis=1)
+        if lab.shape != (k.shape[0],) or k.shape[0] != k.shape[1]:
+            raise ValueError(f"labels: expected shape ({k.shape[0]},) for a square kernel sample, got "
+                             f"{np.shape(labels)} with kernel {k.shape}")
+        order = np.argsort(lab, kind="stable")
+        k, lab = k[np.ix_(order, order)], lab[order]
+    fig = _figure((6.0, 5.2), layout="constrained")
+    ax = fig.subplots()
+    finite = k[np.isfinite(k)]
+    if finite.size and finite.min() < 0 < finite.max():
+        v = float(np.abs(finite).max())
+        im = ax.imshow(k, cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
+    else:
+        im = ax.imshow(k, cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.85)
+    if lab is not None and lab.size:
+        change = np.flatnonzero(lab[1:] != lab[:-1]) + 1
+        for c in change:
+            ax.axhline(c - 0.5, color="w", linewidth=0.8)
+            ax.axvline(c - 0.5, color="w", linewidth=0.8)
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [lab.size]])
+        if starts.size <= 30:
+            centres = (starts + ends - 1) / 2.0
+            names = [str(lab[s]) for s in starts]
+            ax.set_xticks(centres, names, fontsize=7)
+            ax.set_yticks(centres, names, fontsize=7)
+        ax.set_xlabel("class")
+        ax.set_ylabel("class")
+    ax.set_title(f"kernel sample {k.shape[0]} x {k.shape[1]}" + (" (sorted by class)" if lab is not None else ""),
+                 fontsize=10)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions
+
+
+def predicted_vs_true(y_true: ArrayLike, y_pred: ArrayLike, path: str | Path = "predicted_vs_true.png") -> Path:
+    """Regression: predicted against true targets with the line y = x, RMSE and R^2 in the title.
+
+    Multi-output targets (shape (n, k)) are drawn together, one colour per output (up to 10).
+
+    Returns
+    -------
+    Path
+    """
+    yt = np.asarray(y_true, dtype=np.float64)
+    yp = np.asarray(y_pred, dtype=np.float64)
+    if yt.shape != yp.shape:
+        raise ValueError(f"y_pred: expected the shape of y_true {yt.shape}, got {yp.shape}")
+    if yt.size == 0:
+        raise ValueError("y_true: expected at least one target")
+    if yt.ndim == 1:
+        yt, yp = yt[:, None], yp[:, None]
+    yt, yp = yt.reshape(yt.shape[0], -1), yp.reshape(yp.shape[0], -1)
+    fig = _figure((5.2, 5.0), layout="constrained")
+    ax = fig.subplots()
+    alpha = max(0.1, min(0.8, 300.0 / yt.shape[0]))
+    if yt.shape[1] <= 10:
+        for j in range(yt.shape[1]):
+            ax.scatter(yt[:, j], yp[:, j], s=8, alpha=alpha, linewidths=0,
+                       label=f"output {j}" if yt.shape[1] > 1 else None)
+        if yt.shape[1] > 1:
+            ax.legend(fontsize=7, markerscale=2)
+    else:
+        ax.scatter(yt.ravel(), yp.ravel(), s=6, alpha=alpha, linewidths=0)
+    lo = float(min(np.nanmin(yt), np.nanmin(yp)))
+    hi = float(max(np.nanmax(yt), np.nanmax(yp)))
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="k", linewidth=0.8, label="y = x")
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")
+    rmse = float(np.sqrt(np.nanmean((yp - yt) ** 2)))
+    ss_tot = float(np.nansum((yt - np.nanmean(yt, axis=0)) ** 2))
+    r2 = 1.0 - float(np.nansum((yp - yt) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.set_title(f"{yt.shape[0]} points: RMSE {rmse:.3g}, $R^2$ {r2:.3f}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int,
+                     path: str | Path = "confusion_matrix.png") -> Path:
+    """Classification: confusion matrix (rows true class, columns predicted), coloured by row fraction,
+    counts written in the cells when there are at most 20 classes; accuracy in the title.
+
+    ``y_true`` and ``y_pred`` are integer labels, or 2-D scores / one-hot rows (argmax taken).
+
+    Returns
+    -------
+    Path
+    """
+    yt, yp = np.asarray(y_true), np.asarray(y_pred)
+    if yt.ndim == 2:
+        yt = yt.argmax(axis=1)
+    if yp.ndim == 2:
+        yp = yp.argmax(axis=1)
+    if yt.shape != yp.shape or yt.ndim != 1:
+        raise ValueError(f"y_pred: expected labels of the shape of y_true {yt.shape}, got {yp.shape}")
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+        raise ValueError(f"n_classes: expected an integer >= 1, got {n_classes!r}")
+    yt, yp = yt.astype(np.int64), yp.astype(np.int64)
+    for name, arr in (("y_true", yt), ("y_pred", yp)):
+        if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+            raise ValueError(f"{name}: expected labels in [0, {n_classes}), got range [{arr.min()}, {arr.max()}]")
+    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(counts, (yt, yp), 1)
+    rows = counts.sum(axis=1, keepdims=True)
+    frac = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    size = min(4.0 + 0.35 * n_classes, 12.0)
+    fig = _figure((size + 1.0, size), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.85, label="fraction of the true class")
+    if n_classes <= 20:
+        for i in range(n_classes):
+            for j in range(n_classes):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                        color="w" if frac[i, j] > 0.5 else "k")
+        ax.set_xticks(range(n_classes))
+        ax.set_yticks(range(n_classes))
+    acc = float(np.trace(counts)) / max(int(counts.sum()), 1)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{yt.size} points: accuracy {100 * acc:.2f} %", fontsize=10)
+    return _save(fig, path)
+
+
+def calibration(abs_error: ArrayLike, predictive_std: ArrayLike, path: str | Path = "calibration.png",
+                *, bins: int = 12) -> Path:
+    """Predictive standard deviation against absolute error.
+
+    Points (a random subsample of at most 5000), the mean absolute error in quantile bins of
+    the predictive std, the line ``sqrt(2/pi) s`` (the mean of ``|N(0, s^2)|``: where a
+    calibrated Gaussian's bins fall) and ``y = x``. Log axes when the values span more than
+    two decades.
+
+    Parameters
+    ----------
+    abs_error, predictive_std : array_like, same size (flattened)
+    bins : int
+
+    Returns
+    -------
+    Path
+    """
+    e = np.abs(np.asarray(abs_error, dtype=np.float64)).ravel()
+    s = np.asarray(predictive_std, dtype=np.float64).ravel()
+    if e.shape != s.shape:
+        raise ValueError(f"predictive_std: expected {e.size} values like abs_error, got {s.size}")
+    keep = np.isfinite(e) & np.isfinite(s) & (s >= 0)
+    e, s = e[keep], s[keep]
+    if e.size == 0:
+        raise ValueError("abs_error: expected at least one finite value")
+    fig = _figure((5.6, 5.0), layout="constrained")
+    ax = fig.subplots()
+    pos = np.concatenate([e[e > 0], s[s > 0]])
+    logscale = pos.size > 0 and pos.max() / pos.min() > 100.0
+    shown = np.random.default_rng(0).permutation(e.size)[:5000]
+    ax.scatter(s[shown], e[shown], s=5, alpha=max(0.05, min(0.5, 300.0 / shown.size)), color="C0", linewidths=0,
+               label="points")
+    nb = int(max(1, min(bins, e.size // 5 if e.size >= 5 else 1)))
+    edges = np.unique(np.quantile(s, np.linspace(0.0, 1.0, nb + 1)))
+    if edges.size >= 2:
+        which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, edges.size - 2)
+        ms = np.array([s[which == b].mean() for b in range(edges.size - 1) if np.any(which == b)])
+        me = np.array([e[which == b].mean() for b in range(edges.size - 1) if np.any(which == b)])
+        ax.plot(ms, me, "o-", color="C3", label="binned mean |error|")
+    else:  # every std equal
+        ax.plot([s.mean()], [e.mean()], "o", color="C3", label="mean |error|")
+    s_pos = s[s > 0]
+    lo = float(s_pos.min()) if s_pos.size else 1e-3
+    hi = float(s_pos.max()) if s_pos.size else 1.0
+    grid = np.geomspace(lo, hi, 100) if logscale else np.linspace(0.0, hi, 100)
+    ax.plot(grid, math.sqrt(2.0 / math.pi) * grid, color="k", linewidth=1.0,
+            label="calibrated: $\\sqrt{2/\\pi}\\,s$")
+    ax.plot(grid, grid, color="0.5", linewidth=0.8, linestyle="--", label="y = x")
+    if logscale:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("predictive std $s$")
+    ax.set_ylabel("absolute error")
+    ratio = e.mean() / (math.sqrt(2.0 / math.pi) * s.mean()) if s.mean() > 0 else float("nan")
+    ax.set_title(f"{e.size} predictions: mean|error| / calibrated = {ratio:.2f}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)

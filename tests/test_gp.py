@@ -1,0 +1,151 @@
+"""Solve and predict over a stored kernel, against dense NumPy/SciPy oracles."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import zarr
+
+from nngp_dask import Architecture, kernel
+from nngp_dask.build import build_kernel
+from nngp_dask.cg import ConvergenceWarning
+from nngp_dask.gp import predict, solve
+from nngp_dask.store import IncompleteKernelError
+
+ARCH = Architecture(3, "relu", 1.6, 0.1)
+NOISE = 0.01
+
+
+@pytest.fixture(scope="module")
+def problem(tmp_path_factory, cluster_client):
+    rng = np.random.default_rng(7)
+    n, m = 157, 23  # ragged against tile 50
+    x, xt = rng.standard_normal((n, 8)), rng.standard_normal((m, 8))
+    y = np.column_stack([np.sin(x[:, i % 8] * (1 + i // 8)) for i in range(10)])
+    store = tmp_path_factory.mktemp("gp") / "k.zarr"
+    ks = build_kernel(ARCH, x, store, x_test=xt, tile=50, dtype="float64", client=cluster_client, progress=False)
+    k = kernel(ARCH, x, dtype="float64")
+    ks_ = kernel(ARCH, xt, x, dtype="float64")
+    a = k + NOISE * np.eye(n)
+    alpha = np.linalg.solve(a, y)
+    var = np.diag(kernel(ARCH, xt, dtype="float64")) - np.einsum("ij,ji->i", ks_, np.linalg.solve(a, ks_.T))
+    return dict(ks=ks, x=x, xt=xt, y=y, alpha=alpha, mean=ks_ @ alpha, var=var, k=k)
+
+
+def _rel(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("method,pre", [("cholesky", "none"), ("cg", "none"), ("cg", "jacobi"),
+                                        ("cg", "pivoted_cholesky"), ("cg", "nystrom")])
+@pytest.mark.parametrize("cols", [1, 10])
+def test_solution_mean_and_variance_match_dense(problem, cluster_client, method, pre, cols):
+    y = problem["y"][:, 0] if cols == 1 else problem["y"]
+    r = solve(problem["ks"], y, noise=NOISE, tol=1e-10, method=method, preconditioner=pre, rank=40,
+              client=cluster_client, progress=False)
+    assert r.converged and r.alpha.shape == y.shape
+    ref_alpha = problem["alpha"][:, 0] if cols == 1 else problem["alpha"]
+    assert _rel(r.alpha, ref_alpha) < 1e-6
+    mean, var = predict(problem["ks"], r, variance="exact", client=cluster_client)
+    assert _rel(mean, problem["mean"][:, 0] if cols == 1 else problem["mean"]) < 1e-6
+    assert _rel(var, problem["var"]) < 1e-6
+
+
+def test_preconditioner_saves_iterations(problem, cluster_client):
+    its = {pre: solve(problem["ks"], problem["y"], noise=NOISE, tol=1e-8, method="cg", preconditioner=pre, rank=40,
+                      client=cluster_client, progress=False).iterations
+           for pre in ("none", "pivoted_cholesky")}
+    assert its["pivoted_cholesky"] < 0.7 * its["none"], its
+
+
+def test_lowrank_variance_is_conservative_and_close(problem, cluster_client):
+    r = solve(problem["ks"], problem["y"], noise=NOISE, tol=1e-8, method="cg", preconditioner="pivoted_cholesky",
+              rank=120, client=cluster_client, progress=False)
+    _, var = predict(problem["ks"], r, variance="lowrank", client=cluster_client)
+    assert np.median(var - problem["var"]) >= 0  # errs on the conservative side
+    assert _rel(var, problem["var"]) < 0.1
+
+
+def test_finished_solve_is_loaded_not_redone(problem, cluster_client):
+    kw = dict(noise=NOISE, tol=1e-9, method="cg", preconditioner="jacobi", client=cluster_client, progress=False)
+    first = solve(problem["ks"], problem["y"][:, :2], **kw)
+    again = solve(problem["ks"], problem["y"][:, :2], **kw)
+    assert again.resumed_from == -1 and again.iterations == first.iterations
+    np.testing.assert_array_equal(again.alpha, first.alpha)
+
+
+_KILL_SOLVE = """
+import sys, numpy as np
+from distributed import Client, LocalCluster
+from nngp_dask.gp import solve
+if __name__ == "__main__":
+    y = np.load(sys.argv[2])
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as c, Client(c) as cl:
+        # tiny noise: many iterations, so the kill lands mid-solve
+        solve(sys.argv[1], y, noise=1e-6, tol=1e-12, method="cg", preconditioner="none", maxiter=400,
+              checkpoint_every=3, client=cl, progress=False)
+"""
+
+
+def test_solve_resumes_after_sigkill(problem, thread_client, tmp_path):
+    y = problem["y"][:, :3]
+    np.save(tmp_path / "y.npy", y)
+    url = problem["ks"].url
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SOLVE, url, str(tmp_path / "y.npy")])
+    deadline, reached = time.time() + 180, 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        solves = zarr.open_group(url, mode="r").get("solves")
+        if solves is None:
+            continue
+        its = [g.attrs.get("iteration", 0) for _, g in solves.groups() if g.attrs.get("noise") == 1e-6]
+        reached = max(its, default=0)
+        if reached >= 9:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert reached >= 9, "the solve did not get far enough to be killed mid-way"
+    kw = dict(noise=1e-6, tol=1e-12, method="cg", preconditioner="none", maxiter=400, checkpoint_every=3,
+              client=thread_client, progress=False)
+    resumed = solve(url, y, **kw)
+    assert resumed.resumed_from >= 9  # iterations before the checkpoint were not redone
+    fresh = solve(problem["ks"], y, **{**kw, "tol": 1.01e-12})  # another key: a clean run
+    assert resumed.iterations == pytest.approx(fresh.iterations, abs=3)
+    np.testing.assert_allclose(resumed.alpha, fresh.alpha, rtol=1e-6, atol=1e-8 * np.abs(fresh.alpha).max())
+
+
+def test_nonconvergence_warns_and_says_so(tmp_path, thread_client):
+    x = np.repeat(np.random.default_rng(1).standard_normal((20, 3)), 3, axis=0)  # rank-deficient kernel
+    ks = build_kernel(Architecture(1, "identity", 1.0, 0.0), x, tmp_path / "s.zarr", tile=16, dtype="float64",
+                      client=thread_client, progress=False)
+    y = np.random.default_rng(2).standard_normal(60)  # not in the range of K
+    with pytest.warns(ConvergenceWarning, match="raise the noise"):
+        r = solve(ks, y, noise=0.0, tol=1e-10, method="cg", preconditioner="none", maxiter=50,
+                  client=thread_client, progress=False)
+    assert not r.converged
+
+
+def test_bad_input_refused_before_work(problem):
+    ks = problem["ks"]
+    y = problem["y"]
+    for kwargs, match in [(dict(y=y, noise=-1.0), "noise: expected a finite number >= 0"),
+                          (dict(y=y[:-1], noise=NOISE), "y: expected 157 rows"),
+                          (dict(y=np.where(np.arange(157)[:, None] == 5, np.nan, y), noise=NOISE), "row 5"),
+                          (dict(y=y, noise=NOISE, tol=0.0), "tol: expected"),
+                          (dict(y=y, noise=NOISE, preconditioner="magic"), "preconditioner: expected")]:
+        with pytest.raises(ValueError, match=match):
+            solve(ks, progress=False, **kwargs)
+
+
+def test_incomplete_store_names_missing_tiles(tmp_path, thread_client):
+    x = np.random.default_rng(3).standard_normal((40, 3))
+    ks = build_kernel(ARCH, x, tmp_path / "k.zarr", tile=16, client=thread_client, progress=False)
+    ks.group["done/train_train"][0, 2] = 0
+    with pytest.raises(IncompleteKernelError, match=r"missing 1 tile\(s\): \(0, 2\)"):
+        solve(ks, np.ones(40), noise=0.1, progress=False)
