@@ -328,7 +328,8 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
         futures = [c.submit(_tile_task, ks.url, options, token, part, i, j, arch, kind, dt.name, tile,
                             key=f"nngp-tile-{token}-{part}-{i}-{j}", pure=False)
                    for part, i, j in todo]
-        bar = tqdm(total=len(todo), unit="tile", disable=not progress, desc="kernel tiles", smoothing=0.1)
+        bar = tqdm(total=len(todo), unit="tile", disable=None if progress else True, desc="kernel tiles",
+                   smoothing=0.1)
         for fut in as_completed(futures):
             if fut.status == "error":
                 exc = fut.exception()

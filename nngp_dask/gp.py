@@ -260,7 +260,7 @@ def solve(
                  n, n, y2.shape[1], noise, pre.name, pre.rank, pre_s)
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="CG", unit="it", disable=not progress, initial=resumed)
+        bar = tqdm(desc="CG", unit="it", disable=None if progress else True, initial=resumed)
 
         def callback(s: CGState) -> None:
             bar.update(1)

@@ -1,0 +1,163 @@
+"""The ``nngp-dask`` command line.
+
+Exit codes: 0 success, 2 bad input or configuration (one line on stderr naming the field, the
+value and what was expected), 1 any other failure (one line; ``--debug`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("nngp_dask")
+
+_UNTIL = {"run": "report", "kernel": "kernel", "solve": "solve", "predict": "evaluate"}
+
+
+def _summary(report: dict[str, Any]) -> str:
+    lines = [f"nngp-dask: {report['name']} ({report['task']}), {report['dataset'].get('dataset', '')}"]
+    metrics = report.get("metrics") or {}
+    shown = {k: v for k, v in metrics.items() if k not in ("confusion", "classes")}
+    if shown:
+        lines.append("  metrics: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in shown.items()))
+    for name, st in report["stages"].items():
+        lines.append(f"  {name:<9} {st['seconds']:9.1f} s  {'ran' if st['did_work'] else 'up to date'}")
+    solve = report["stages"].get("solve", {}).get("detail")
+    if solve:
+        lines.append(f"  solver: {solve['method']} ({solve['preconditioner']}), {solve['iterations']} iterations, "
+                     f"{'converged' if solve['converged'] else 'NOT converged'}")
+    lines.append(f"  peak memory (all processes): {report['peak_rss_bytes'] / 2**30:.2f} GiB; "
+                 f"wall {report['wall_s']:.1f} s")
+    lines.append(f"  report: {report['config']['run']['output']}/report.json")
+    return "\n".join(lines)
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline file (TOML), e.g. pipelines/quickstart.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a setting, e.g. --set solver.noise=1e-3 (repeatable)")
+    p.add_argument("--cluster", default=None,
+                   help="'local' (embedded LocalCluster, default), a scheduler address (tcp://host:8786), "
+                        "or a cluster file (cluster/*.toml)")
+    p.add_argument("--no-plots", action="store_true", help="write no figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(prog="nngp-dask", description="NNGP/NTK Gaussian-process inference at any "
+                                     "scale: tiled kernels in Zarr, built by Dask, solved out of core.")
+    parser.add_argument("--version", action="version", version=f"nngp-dask {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {"run": "run a pipeline: ingest, kernel, solve, predict, evaluate, report",
+             "kernel": "run a pipeline up to the kernel (build or resume the store)",
+             "solve": "run a pipeline up to the solve",
+             "predict": "run a pipeline up to predictions and metrics (no report)"}
+    for name, text in helps.items():
+        _add_pipeline_args(sub.add_parser(name, help=text, description=text))
+    p = sub.add_parser("validate", help="check a pipeline file without running it; print the resolved settings")
+    p.add_argument("pipeline", nargs="?", help="pipeline file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--schema", action="store_true", help="print the documented schema with defaults")
+    p = sub.add_parser("inspect", help="describe a kernel store: architecture, shape, tiles done, size, solves")
+    p.add_argument("store", help="store path or URL")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    from .validation import add_arguments
+
+    add_arguments(sub.add_parser("validate-kernel", help="compare finite-width networks with the NNGP kernel",
+                                 description="Sample random networks at widths 4 .. max and measure how their "
+                                             "output covariance converges to the NNGP kernel."))
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setLevel(level)
+    log.addHandler(handler)
+    log.setLevel(min(level, logging.INFO))  # the run's log file always gets INFO
+    log.propagate = False
+    logging.getLogger("distributed").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config, parse_overrides, schema_text, to_toml
+
+    if args.command == "validate":
+        if args.schema:
+            print(schema_text())
+            return 0
+        if not args.pipeline:
+            raise _Usage("pipeline: expected a pipeline file (or --schema)")
+        cfg = load_config(args.pipeline, parse_overrides(args.overrides))
+        print(to_toml(cfg))
+        print(f"# {args.pipeline}: valid", file=sys.stderr)
+        return 0
+    if args.command == "inspect":
+        from .store import open_kernel
+
+        summary = open_kernel(args.store).summary()
+        if args.json:
+            print(json.dumps(summary, indent=2, default=str))
+        else:
+            for k, v in summary.items():
+                print(f"{k:>18}: {v}")
+        return 0
+    if args.command == "validate-kernel":
+        from .validation import run_from_args
+
+        return run_from_args(args)
+    overrides = parse_overrides(args.overrides)
+    if args.cluster:
+        overrides["cluster.address"] = args.cluster
+    cfg = load_config(args.pipeline, overrides)
+    from .pipeline import run_pipeline
+
+    report = run_pipeline(cfg, until=_UNTIL[args.command], plots=False if args.no_plots else None,
+                          progress=not args.no_progress)
+    print(_summary(report))
+    return 0
+
+
+class _Usage(ValueError):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nngp-dask`` console script."""
+    args = _parser().parse_args(argv)
+    _configure_logging(args)
+    from .build import BuildError
+    from .store import StoreLockedError
+
+    try:
+        return _run(args)
+    except (ValueError, TypeError, FileNotFoundError, StoreLockedError) as exc:
+        # bad input or configuration: the message names the field, the value and what was expected
+        if args.debug:
+            raise
+        print(f"nngp-dask: error: {exc}", file=sys.stderr)
+        return 2
+    except (BuildError, RuntimeError, OSError, MemoryError) as exc:
+        if args.debug:
+            raise
+        print(f"nngp-dask: failed: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nngp-dask: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Datasets for pipelines: a synthetic generator, and train/test splits read from files.
+
+Inputs come back as row-sliceable sources (ingestion streams them into the store); targets,
+which are small, as arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .inputs import InputError
+from .sources import ArraySource, as_source, open_source, read_all, read_csv
+
+__all__ = ["Dataset", "synthetic", "load_dataset", "one_hot_targets"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x_train: ArraySource
+    y_train: NDArray
+    x_test: ArraySource
+    y_test: NDArray
+    description: str
+
+
+def synthetic(n_train: int = 2000, n_test: int = 500, features: int = 16, *, noise: float = 0.05,
+              seed: int = 0, task: str = "regression") -> Dataset:
+    """A smooth random function of Gaussian inputs (regression), or its sign pattern over 3
+    classes (classification): a small, fast, reproducible stand-in for real data."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_train + n_test, features))
+    w = rng.standard_normal((features, 3)) / np.sqrt(features)
+    z = x @ w
+    f = np.sin(2.0 * z[:, 0]) + 0.5 * z[:, 1] ** 2 - 0.3 * np.abs(z[:, 2])
+    if task == "classification":
+        y = np.digitize(f, np.quantile(f, [1 / 3, 2 / 3])).astype(np.int64)
+    else:
+        y = f + noise * rng.standard_normal(f.shape)
+    return Dataset(as_source(x[:n_train]), y[:n_train], as_source(x[n_train:]), y[n_train:],
+                   f"synthetic {task}: {n_train} train / {n_test} test points, {features} features, seed {seed}")
+
+
+class _Rows:
+    """The first ``limit`` rows of a source (all when 0), itself a source."""
+
+    def __init__(self, source: ArraySource, limit: int = 0) -> None:
+        self.source = source
+        self.n = min(source.shape[0], limit) if limit else source.shape[0]
+        self.shape = (self.n, *source.shape[1:])
+        self.dtype = source.dtype
+
+    def read(self, start: int, stop: int) -> NDArray:
+        return self.source.read(start, min(stop, self.n))
+
+
+def _targets(source: ArraySource, limit: int) -> NDArray:
+    y = read_all(source)
+    y = y[:limit] if limit else y
+    return y.reshape(y.shape[0], -1)[:, 0] if y.ndim > 1 and y.shape[1] == 1 else y
+
+
+def load_dataset(data: dict[str, Any], *, task: str, seed: int = 0) -> Dataset:
+    """Build the dataset a pipeline's ``[data]`` section describes."""
+    src, path = data["source"], data["path"]
+    lt, le = data["limit_train"], data["limit_test"]
+    if src == "synthetic":
+        return synthetic(data["n_train"], data["n_test"], data["features"], noise=data["target_noise"],
+                         seed=seed, task=task)
+    if src == "csv":
+        table = read_csv(path)
+        col = data["target"] % table.shape[1]
+        x, y = np.delete(table, col, axis=1), table[:, col]
+        if data["test_mask"]:
+            masks = read_csv(data["test_mask"])
+            if data["split"] >= masks.shape[1]:
+                raise InputError(f"data.split: expected < {masks.shape[1]} (columns of {data['test_mask']}), "
+                                 f"got {data['split']}")
+            mask = masks[:, data["split"]].astype(bool)
+            if mask.shape[0] != x.shape[0]:
+                raise InputError(f"data.test_mask: expected {x.shape[0]} rows (as {path}), got {mask.shape[0]}")
+        else:
+            rng = np.random.default_rng(seed)
+            mask = np.zeros(x.shape[0], bool)
+            mask[rng.permutation(x.shape[0])[: max(1, round(data["test_fraction"] * x.shape[0]))]] = True
+        xtr, ytr, xte, yte = x[~mask], y[~mask], x[mask], y[mask]
+        xtr, ytr = (xtr[:lt], ytr[:lt]) if lt else (xtr, ytr)
+        xte, yte = (xte[:le], yte[:le]) if le else (xte, yte)
+        return Dataset(as_source(xtr), ytr, as_source(xte), yte,
+                       f"{os.path.basename(path)}: {len(ytr)} train / {len(yte)} test rows, {x.shape[1]} features")
+    if src == "npz":
+        def part(key: str) -> ArraySource:
+            return open_source(path, key=data[key])
+    else:
+        def part(key: str) -> ArraySource:
+            return open_source(os.path.join(path, data[key]))
+    xtr, xte = part("x_train"), part("x_test")
+    ytr, yte = _targets(part("y_train"), lt), _targets(part("y_test"), le)
+    xtr, xte = _Rows(xtr, limit=lt), _Rows(xte, limit=le)
+    if xtr.shape[0] != len(ytr) or xte.shape[0] != len(yte):
+        raise InputError(f"data: {xtr.shape[0]} training inputs but {len(ytr)} targets, {xte.shape[0]} test "
+                         f"inputs but {len(yte)} targets; expected equal counts")
+    return Dataset(xtr, ytr, xte, yte, f"{os.path.basename(path.rstrip('/'))}: {xtr.shape[0]} train / "
+                   f"{xte.shape[0]} test points")
+
+
+def one_hot_targets(labels: NDArray, classes: NDArray) -> NDArray:
+    """Zero-mean one-hot regression targets (0.9 for the class, -0.1 elsewhere), as Lee et al. 2018."""
+    index = np.searchsorted(classes, labels)
+    y = np.full((labels.shape[0], classes.shape[0]), -0.1)
+    y[np.arange(labels.shape[0]), index] = 0.9
+    return y

@@ -1,0 +1,353 @@
+"""A pipeline run: ingest -> kernel -> solve -> predict -> evaluate -> report, idempotent.
+
+Every stage's output is named by a fingerprint of what it depends on, and the expensive ones
+resume rather than restart: the kernel store records finished tiles, the solver checkpoints
+into the store and keys its solution by (kernel, targets, noise, settings), predictions are
+kept beside the report with their fingerprint. A re-run therefore skips what is done, a
+killed run continues where it stopped, and a changed noise re-runs only solve onwards. One
+run at a time per output directory (a lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import __version__
+from .architecture import Architecture
+from .build import build_kernel
+from .datasets import Dataset, load_dataset, one_hot_targets
+from .gp import SolveResult, predict, solve
+from .monitor import PeakRSS
+from .runtime import client_for
+from .store import KernelStore, store_lock
+
+__all__ = ["STAGES", "Pipeline", "run_pipeline"]
+
+log = logging.getLogger("nngp_dask")
+
+STAGES = ("ingest", "kernel", "solve", "predict", "evaluate", "report")
+
+
+def _hash(*parts: Any) -> str:
+    h = hashlib.blake2b(digest_size=10)
+    for p in parts:
+        h.update(np.ascontiguousarray(p).tobytes() if isinstance(p, np.ndarray) else json.dumps(p, sort_keys=True,
+                                                                                                default=str).encode())
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageRecord:
+    name: str
+    seconds: float = 0.0
+    did_work: bool = False
+    fingerprint: str = ""
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class Targets:
+    """Regression targets as solved (standardised, or one-hot for classification) and how to map
+    predictions back."""
+
+    y_train: np.ndarray
+    classes: np.ndarray | None
+    mean: float = 0.0
+    scale: float = 1.0
+
+
+def _targets(ds: Dataset, task: str) -> Targets:
+    if task == "classification":
+        labels = np.asarray(ds.y_train).astype(np.int64).ravel()
+        classes = np.unique(labels)
+        return Targets(one_hot_targets(labels, classes), classes)
+    y = np.asarray(ds.y_train, dtype=np.float64).ravel()
+    mean, scale = float(y.mean()), float(y.std()) or 1.0
+    return Targets((y - mean) / scale, None, mean, scale)
+
+
+def evaluate(task: str, y_test: np.ndarray, mean: np.ndarray, var: np.ndarray | None, noise: float,
+             targets: Targets) -> dict[str, Any]:
+    """Metrics of a prediction: accuracy and confusion (classification); RMSE, standardised RMSE
+    and mean negative log predictive density (regression, in the targets' original units)."""
+    if task == "classification":
+        pred = targets.classes[np.argmax(mean, axis=1)]
+        truth = np.asarray(y_test).astype(np.int64).ravel()
+        idx = {c: i for i, c in enumerate(targets.classes)}
+        conf = np.zeros((len(targets.classes),) * 2, dtype=np.int64)
+        for t, p in zip(truth, pred):
+            if t in idx:
+                conf[idx[t], idx[p]] += 1
+        return {"accuracy": float(np.mean(pred == truth)), "errors": int(np.sum(pred != truth)),
+                "confusion": conf.tolist(), "classes": targets.classes.tolist()}
+    y = np.asarray(y_test, dtype=np.float64).ravel()
+    mu = mean.ravel() * targets.scale + targets.mean
+    rmse = float(np.sqrt(np.mean((mu - y) ** 2)))
+    out = {"rmse": rmse, "srmse": rmse / float(np.std(y) or 1.0)}
+    if var is not None:
+        s2 = (var + noise) * targets.scale ** 2
+        out["mnlp"] = float(np.mean(0.5 * np.log(2 * np.pi * s2) + 0.5 * (mu - y) ** 2 / s2))
+    return out
+
+
+class Pipeline:
+    """One pipeline run over a resolved configuration (see :mod:`nngp_dask.config`).
+
+    Parameters
+    ----------
+    cfg : dict
+        From :func:`nngp_dask.config.load_config`.
+    client : distributed.Client, address or None
+        Overrides ``cfg["cluster"]``.
+    plots : bool
+        Write figures (``--no-plots`` turns them off).
+    progress : bool
+        Progress bars for the kernel and CG stages.
+    """
+
+    def __init__(self, cfg: dict[str, dict[str, Any]], *, client: Any = None, plots: bool | None = None,
+                 progress: bool = True) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.plots = cfg["report"]["plots"] if plots is None else plots
+        self.progress = progress
+        self.out = Path(cfg["run"]["output"])
+        store = cfg["run"]["store"]
+        self.store_url = store if "://" in store else str(self.out / store)
+        self.records: dict[str, StageRecord] = {}
+
+    # --- helpers ----------------------------------------------------------------------------
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[StageRecord]:
+        rec = StageRecord(name)
+        log.info("stage %s ...", name)
+        t0 = time.perf_counter()
+        yield rec
+        rec.seconds = time.perf_counter() - t0
+        self.records[name] = rec
+        log.info("stage %s %s in %.1f s", name, "done" if rec.did_work else "up to date (skipped)", rec.seconds)
+
+    @contextmanager
+    def _log_file(self) -> Iterator[None]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.out / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        # not on the "distributed" logger: LocalCluster silences that logger's handlers while it runs
+        logging.getLogger("nngp_dask").addHandler(handler)
+        root = logging.getLogger("nngp_dask")
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            logging.getLogger("nngp_dask").removeHandler(handler)
+            handler.close()
+
+    def _cluster(self) -> Any:
+        if self.client is not None:
+            return self.client
+        c = self.cfg["cluster"]
+        if c["address"] == "local":
+            return None
+        return c["address"]
+
+    def _local_kwargs(self) -> dict:
+        c = self.cfg["cluster"]
+        return {"n_workers": c["n_workers"] or None, "threads_per_worker": c["threads_per_worker"],
+                "memory_limit": c["memory_limit"] or None}
+
+    # --- the run ----------------------------------------------------------------------------
+    def run(self, until: str = "report") -> dict[str, Any]:
+        """Run the stages up to and including ``until``; returns the report (as a dict)."""
+        if until not in STAGES:
+            raise ValueError(f"until: expected one of {list(STAGES)}, got {until!r}")
+        stop = STAGES.index(until)
+        cfg = self.cfg
+        started = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with store_lock(str(self.out / "pipeline"), name=f"pipeline {cfg['run']['name']}"), self._log_file(), \
+                PeakRSS() as peak:
+            log.info("pipeline %s -> %s", cfg["run"]["name"], self.out)
+            with self._stage("ingest") as rec:
+                ds = load_dataset(cfg["data"], task=cfg["run"]["task"], seed=cfg["run"]["seed"])
+                targets = _targets(ds, cfg["run"]["task"])
+                rec.fingerprint = _hash(targets.y_train, np.asarray(ds.y_test, dtype=np.float64))
+                rec.did_work = True
+                rec.detail = {"dataset": ds.description, "n_train": ds.x_train.shape[0], "n_test": ds.x_test.shape[0]}
+                log.info("data: %s", ds.description)
+            a = cfg["architecture"]
+            arch = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"])
+            with client_for(self._cluster(), **self._local_kwargs()) as client:
+                log.info("Dask dashboard: %s", client.dashboard_link)
+                ks = self._kernel(arch, ds, client)
+                result = self._solve(ks, targets, client) if stop >= STAGES.index("solve") else None
+                pred = self._predict(ks, result, client) if stop >= STAGES.index("predict") else None
+            metrics = None
+            if stop >= STAGES.index("evaluate") and pred is not None:
+                with self._stage("evaluate") as rec:
+                    metrics = evaluate(cfg["run"]["task"], ds.y_test, pred["mean"], pred.get("var"),
+                                       cfg["solver"]["noise"], targets)
+                    rec.did_work = True
+            report = self._report(ks, result, pred, metrics, ds, targets, peak.sample(), started,
+                                  write=stop >= STAGES.index("report"))
+        return report
+
+    def _kernel(self, arch: Architecture, ds: Dataset, client: Any) -> KernelStore:
+        k = self.cfg["kernel"]
+        with self._stage("kernel") as rec:
+            ks = build_kernel(arch, ds.x_train, self.store_url, x_test=ds.x_test, kind=k["kind"], tile=k["tile"],
+                              dtype=k["dtype"], normalize=self.cfg["data"]["normalize"], client=client,
+                              progress=self.progress)
+            stats = ks.last_build  # type: ignore[attr-defined]
+            rec.did_work = stats.tiles_computed > 0
+            rec.fingerprint = ks.identity.token()
+            rec.detail = {k_: v for k_, v in stats.as_dict().items() if k_ != "dashboard"}
+        return ks
+
+    def _solve(self, ks: KernelStore, targets: Targets, client: Any) -> SolveResult:
+        s = self.cfg["solver"]
+        with self._stage("solve") as rec:
+            result = solve(ks, targets.y_train, noise=s["noise"], tol=s["tol"], maxiter=s["maxiter"] or None,
+                           preconditioner=s["preconditioner"], rank=s["rank"], method=s["method"],
+                           checkpoint_every=s["checkpoint_every"], client=client, progress=self.progress)
+            rec.did_work = result.resumed_from != -1
+            rec.fingerprint = result.key
+            rec.detail = {"method": result.method, "preconditioner": result.preconditioner,
+                          "iterations": result.iterations, "converged": result.converged,
+                          "resumed_from": result.resumed_from, "matmat_s": result.matmat_s,
+                          "final_residuals": result.residuals[-1].tolist(), **result.info}
+            log.info("solve: %s", result.summary())
+        return result
+
+    def _predict(self, ks: KernelStore, result: SolveResult, client: Any) -> dict[str, np.ndarray]:
+        mode = self.cfg["predict"]["variance"]
+        variance: bool | str = False if mode == "none" else mode
+        path = self.out / "predictions.npz"
+        with self._stage("predict") as rec:
+            rec.fingerprint = _hash(result.key, mode)
+            if path.exists():
+                with np.load(path, allow_pickle=False) as f:
+                    if str(f["fingerprint"]) == rec.fingerprint:
+                        return {k: f[k] for k in f.files if k != "fingerprint"}
+            out = predict(ks, result, variance=variance, client=client)
+            pred = {"mean": out[0], "var": out[1]} if variance else {"mean": out}
+            buf = _npz_bytes(fingerprint=np.array(rec.fingerprint), **pred)
+            _atomic_write(path, buf)
+            rec.did_work = True
+        return pred
+
+    def _report(self, ks: KernelStore, result: SolveResult | None, pred: dict | None, metrics: dict | None,
+                ds: Dataset, targets: Targets, peak: int, started: float, *, write: bool) -> dict[str, Any]:
+        import dask
+        import distributed
+        import numba
+        import scipy
+        import zarr
+
+        figures: list[str] = []
+        if write and self.plots and metrics is not None:
+            with self._stage("report") as rec:
+                figures = self._figures(ks, result, pred, ds, targets)
+                rec.did_work = True
+        report = {
+            "name": self.cfg["run"]["name"],
+            "task": self.cfg["run"]["task"],
+            "dataset": self.records["ingest"].detail,
+            "metrics": metrics,
+            "stages": {name: {"seconds": round(r.seconds, 3), "did_work": r.did_work, "fingerprint": r.fingerprint,
+                              **({"detail": r.detail} if r.detail else {})} for name, r in self.records.items()},
+            "kernel": ks.summary() | {"store": self.store_url},
+            "cg_residuals": result.residuals.tolist() if result is not None and result.method == "cg" else None,
+            "peak_rss_bytes": peak,
+            "wall_s": round(time.time() - started, 3),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "figures": figures,
+            "versions": {"nngp_dask": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                         "scipy": scipy.__version__, "dask": dask.__version__, "distributed": distributed.__version__,
+                         "zarr": zarr.__version__, "numba": numba.__version__},
+            "config": self.cfg,
+        }
+        report["kernel"].pop("solves", None)
+        if write:
+            _atomic_write(self.out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
+        return report
+
+    def _figures(self, ks: KernelStore, result: SolveResult | None, pred: dict | None, ds: Dataset,
+                 targets: Targets) -> list[str]:
+        try:
+            from . import plots
+        except ImportError as exc:  # pragma: no cover - plots only imports matplotlib lazily
+            log.warning("%s", exc)
+            return []
+        from .kernel import kernel as kernel_fn
+
+        out: list[Path] = []
+        try:
+            if result is not None and result.method == "cg":
+                out.append(plots.cg_residuals(result.residuals, self.out / "cg_residuals.png"))
+            m = min(self.cfg["report"]["heatmap_points"], ks.shape[0])
+            x = ks.array("inputs/x_train")[:m]
+            labels = None
+            if targets.classes is not None:
+                labels = np.asarray(ds.y_train).ravel()[:m]
+            kmat = kernel_fn(ks.architecture, x, kind=ks.kind, dtype="float64")
+            out.append(plots.kernel_heatmap(kmat, self.out / "kernel_heatmap.png", labels=labels))
+            if pred is not None:
+                if targets.classes is not None:
+                    yp = targets.classes[np.argmax(pred["mean"], axis=1)]
+                    out.append(plots.confusion_matrix(np.asarray(ds.y_test).ravel(), yp, len(targets.classes),
+                                                      self.out / "confusion_matrix.png"))
+                    truth = one_hot_targets(np.asarray(ds.y_test).astype(np.int64).ravel(), targets.classes)
+                    err = np.abs(pred["mean"] - truth).ravel()
+                    std = np.repeat(np.sqrt(pred["var"] + result.noise), pred["mean"].shape[1]) if "var" in pred \
+                        else None
+                else:
+                    mu = pred["mean"].ravel() * targets.scale + targets.mean
+                    out.append(plots.predicted_vs_true(np.asarray(ds.y_test).ravel(), mu,
+                                                       self.out / "predicted_vs_true.png"))
+                    err = np.abs(mu - np.asarray(ds.y_test).ravel())
+                    std = np.sqrt(pred["var"] + result.noise) * targets.scale if "var" in pred else None
+                if std is not None:
+                    out.append(plots.calibration(err, std, self.out / "calibration.png"))
+        except ImportError as exc:
+            log.warning("no figures: %s", exc)
+        return [p.name for p in out]
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def run_pipeline(cfg: dict[str, dict[str, Any]], *, until: str = "report", client: Any = None,
+                 plots: bool | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run a resolved pipeline configuration; see :class:`Pipeline`."""
+    return Pipeline(cfg, client=client, plots=plots, progress=progress).run(until)

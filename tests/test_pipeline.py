@@ -1,0 +1,173 @@
+"""End-to-end pipelines through the CLI: quickstart, idempotence, resume after SIGKILL, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from nngp_dask.cli import main
+from nngp_dask.config import SCHEMA, ConfigError, load_config, resolve
+from nngp_dask.store import store_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "pipelines" / "quickstart.toml"
+SMALL = ["--set", "data.n_train=600", "--set", "data.n_test=80", "--set", "kernel.tile=256",
+         "--set", "cluster.n_workers=1", "--no-progress"]
+
+
+def _out(tmp_path: Path) -> list[str]:
+    return ["--set", f"run.output={tmp_path / 'run'}"]
+
+
+def _report(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "run" / "report.json").read_text())
+
+
+def test_quickstart_idempotent_and_noise_change_reruns_only_solve(tmp_path, capsys):
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path)]) == 0
+    first = _report(tmp_path)
+    assert first["metrics"]["srmse"] < 0.8 and np.isfinite(first["metrics"]["mnlp"])
+    assert all(first["stages"][s]["did_work"] for s in ("kernel", "solve", "predict"))
+    for fig in ("cg_residuals.png", "kernel_heatmap.png", "predicted_vs_true.png", "calibration.png"):
+        assert fig in first["figures"] and (tmp_path / "run" / fig).stat().st_size > 1000
+    assert (tmp_path / "run" / "run.log").read_text().count("stage kernel") >= 1
+    assert "srmse" in capsys.readouterr().out
+
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--no-plots"]) == 0
+    again = _report(tmp_path)
+    assert not any(again["stages"][s]["did_work"] for s in ("kernel", "solve", "predict"))
+    assert again["metrics"] == first["metrics"]
+
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--set", "solver.noise=0.05", "--no-plots"]) == 0
+    changed = _report(tmp_path)
+    assert not changed["stages"]["kernel"]["did_work"]
+    assert changed["stages"]["solve"]["did_work"] and changed["stages"]["predict"]["did_work"]
+    assert changed["metrics"] != first["metrics"]
+
+
+def test_classification_pipeline(tmp_path):
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--set", "run.task=classification",
+                 "--set", "predict.variance=lowrank"]) == 0
+    rep = _report(tmp_path)
+    assert rep["metrics"]["accuracy"] > 0.45  # 3 balanced classes: chance is 1/3
+    assert "confusion_matrix.png" in rep["figures"]
+    assert sum(map(sum, rep["metrics"]["confusion"])) == 80
+
+
+def _spawn(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "nngp_dask.cli", "-q", "run", str(QUICK), "--no-plots", "--no-progress",
+           *_out(tmp_path), *extra]
+    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            if ready():
+                break
+        except Exception:
+            continue
+    os.killpg(proc.pid, signal.SIGKILL)  # driver and its workers: a crashed node
+    proc.wait()
+
+
+def test_resume_after_sigkill_in_kernel_and_solve(tmp_path):
+    store = tmp_path / "run" / "kernel.zarr"
+    args = ("--set", "data.n_train=1500", "--set", "data.n_test=50", "--set", "kernel.tile=64",
+            "--set", "solver.noise=1e-5", "--set", "solver.tol=1e-9", "--set", "solver.preconditioner=none",
+            "--set", "solver.checkpoint_every=2", "--set", "predict.variance=none", "--set", "cluster.n_workers=1")
+    done = lambda: int(zarr.open_group(str(store), mode="r")["done/train_train"][...].sum())  # noqa: E731
+    _kill_when(_spawn(tmp_path, *args), lambda: done() >= 30)
+    total = 24 * 25 // 2
+    killed_at = done()
+    assert 30 <= killed_at < total, "the kill did not land mid-build"
+
+    def solve_iteration() -> int:
+        solves = zarr.open_group(str(store), mode="r").get("solves")
+        return max((g.attrs.get("iteration", 0) for _, g in solves.groups()), default=0) if solves else 0
+
+    _kill_when(_spawn(tmp_path, *args), lambda: solve_iteration() >= 6)
+    stopped_at = solve_iteration()
+    assert stopped_at >= 6, "the kill did not land mid-solve"
+    assert main(["-q", "run", str(QUICK), "--no-plots", "--no-progress", *_out(tmp_path), *args]) == 0
+    rep = _report(tmp_path)
+    assert not rep["stages"]["kernel"]["did_work"]  # finished by the second run
+    assert rep["stages"]["solve"]["detail"]["resumed_from"] >= stopped_at - 2
+    assert rep["stages"]["solve"]["detail"]["converged"]
+
+
+def test_concurrent_run_refused(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    with store_lock(str(tmp_path / "run" / "pipeline")):
+        assert main(["run", str(QUICK), *SMALL, *_out(tmp_path)]) == 2
+    assert "locked by pid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("solver.noise=-1", "solver.noise: expected a number >= 0.0, got -1"),
+    ("solver.nosie=1", "solver.nosie: unknown key"),
+    ("architecture.depth=2.5", "architecture.depth: expected an integer, got float 2.5"),
+    ("architecture.activation=swish", "architecture.activation: expected one of"),
+    ("kernel.dtype=float16", "kernel.dtype: expected one of ['float32', 'float64']"),
+    ("report.plots=1", "report.plots: expected true or false"),
+    ("run.store=../escape.zarr", "run.store: expected a path inside run.output"),
+    ("data.path=${NNGP_DASK_SURELY_UNSET}", "data.path: environment variable NNGP_DASK_SURELY_UNSET is not set"),
+    ("bogus.key=1", "bogus: unknown section"),
+])
+def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, message):
+    assert main(["run", str(QUICK), *_out(tmp_path), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_bad_data_refused_and_existing_results_intact(tmp_path, capsys):
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--no-plots"]) == 0
+    before = (tmp_path / "run" / "report.json").read_bytes()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,3\n4,nan,6\n7,8,9\n1,1,1\n")
+    assert main(["-q", "run", str(QUICK), *_out(tmp_path), "--set", "data.source=csv",
+                 "--set", f"data.path={bad}", "--set", "data.test_fraction=0.25"]) == 2
+    assert "holds NaN or Inf" in capsys.readouterr().err
+    assert (tmp_path / "run" / "report.json").read_bytes() == before
+
+
+def test_validate_inspect_and_schema(tmp_path, capsys):
+    assert main(["validate", str(QUICK), "--set", "solver.noise=0.5"]) == 0
+    assert "noise = 0.5" in capsys.readouterr().out
+    assert main(["validate", "--schema"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"[{s}]" in text for s in SCHEMA)
+    assert main(["-q", "kernel", str(QUICK), *SMALL, *_out(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "run" / "kernel.zarr"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tiles_train_train"] == "6/6" and info["n_train"] == 600
+
+
+def test_shipped_pipelines_validate(monkeypatch):
+    monkeypatch.setenv("NNGP_DASK_DATA", "/data")
+    for path in (ROOT / "pipelines").glob("*.toml"):
+        cfg = load_config(path)
+        assert cfg["run"]["name"]
+    with pytest.raises(ConfigError, match="run.task"):
+        resolve({"run": {"task": "ranking"}})
+
+
+def test_console_script_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "nngp_dask.cli", "validate", str(QUICK)], capture_output=True, text=True)
+    assert ok.returncode == 0
+    bad = subprocess.run([sys.executable, "-m", "nngp_dask.cli", "validate", str(tmp_path / "missing.toml")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
