@@ -3,22 +3,39 @@
 from ._version import __version__
 from .activations import ACTIVATIONS, Activation, Elementwise, Erf, Step, TwoSlope, get_activation
 from .architecture import Architecture
+from .build import BuildError, build_kernel
+from .cg import CGResult, ConvergenceWarning, batched_cg
+from .gp import SolveResult, predict, solve
 from .inputs import InputError, normalize
 from .kernel import diagonals, kernel, tile
+from .store import IncompleteKernelError, KernelStore, StoreLockedError, StoreMismatchError, open_kernel
 
 __all__ = [
     "__version__",
     "ACTIVATIONS",
     "Activation",
     "Architecture",
+    "BuildError",
+    "CGResult",
+    "ConvergenceWarning",
     "Elementwise",
     "Erf",
+    "IncompleteKernelError",
     "InputError",
+    "KernelStore",
+    "SolveResult",
     "Step",
+    "StoreLockedError",
+    "StoreMismatchError",
     "TwoSlope",
+    "batched_cg",
+    "build_kernel",
     "diagonals",
     "get_activation",
     "kernel",
     "normalize",
+    "open_kernel",
+    "predict",
+    "solve",
     "tile",
 ]

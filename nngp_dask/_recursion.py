@@ -54,7 +54,10 @@ def _dual_identity(c, k12, s1, s2, p0, p1):
 
 @njit(cache=True, inline="always")
 def _dual_step(c, k12, s1, s2, p0, p1):
-    return (math.pi - math.acos(c)) * _INV_TWO_PI, math.inf
+    # A point of zero variance has u = 0 exactly and step(0) = 0 (``Step`` is 1[x > 0]), so its
+    # row is 0, as in the network; the formula would give the limit from positive variance.
+    e = (math.pi - math.acos(c)) * _INV_TWO_PI
+    return (e if s1 * s2 > 0.0 else 0.0), math.inf
 
 
 @njit(cache=True, inline="always")
@@ -99,13 +102,12 @@ def _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1,
 
 
 @njit(cache=True)
-def _row(gram, i, j0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, diagonal,
-         out_k, out_t):
+def _row(gram, k0_i, i, j0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths,
+         diagonal, out_k, out_t):
     width = gram.shape[1] - j0
     kb = np.empty(width)
     tb = np.empty(width if ntk else 1)
-    for q in range(width):
-        kb[q] = bv + w0 * gram[i, j0 + q]
+    _layer0(gram, k0_i, i, j0, w0, bv, diagonal, kb)
     if ntk:
         tb[:] = kb
     for layer in range(depth):
@@ -116,20 +118,20 @@ def _row(gram, i, j0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk
 
 
 @njit(cache=True, parallel=True)
-def _closed_block(gram, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
+def _closed_block(gram, k0_i, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
                   out_k, out_t):
     m = gram.shape[0]
     if upper:
         for p in prange((m + 1) // 2):
-            _row(gram, p, p, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, True,
+            _row(gram, k0_i, p, p, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, True,
                  out_k, out_t)
             q = m - 1 - p
             if q != p:
-                _row(gram, q, q, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, True,
-                     out_k, out_t)
+                _row(gram, k0_i, q, q, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths,
+                     True, out_k, out_t)
     else:
         for i in prange(m):
-            _row(gram, i, 0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, False,
+            _row(gram, k0_i, i, 0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, False,
                  out_k, out_t)
 
 
@@ -139,6 +141,21 @@ def _closed_points(k, s, family, p0, p1, out_e, out_ed):
         e, ed = _dual(family, 1.0, s[i] * s[i], s[i], s[i], p0, p1)
         out_e[i] = e
         out_ed[i] = ed
+
+
+@njit(cache=True, inline="always")
+def _layer0(gram, k0_i, i, j0, w0, bv, diagonal, kb):
+    """Row ``i`` of ``K^0 = bias_var + weight_var / d <x_i, x_j>`` from ``j0`` on, into ``kb``.
+
+    On the diagonal of a symmetric block the entry is taken from the per-point
+    diagonal ``k0_i`` (what :func:`nngp_dask.diagonals` computed from the same point):
+    the BLAS Gram diagonal can differ from it by an ulp, and the NTK diagonal,
+    which carries ``Theta^0`` through every layer, would then differ too.
+    """
+    for q in range(kb.shape[0]):
+        kb[q] = bv + w0 * gram[i, j0 + q]
+    if diagonal:
+        kb[0] = k0_i[i]
 
 
 @njit(cache=True, inline="always")
@@ -154,7 +171,7 @@ def _store(out_k, out_t, kb, tb, layer, i, j0, ntk):
 
 
 @njit(cache=True)
-def _hermite_row(gram, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
+def _hermite_row(gram, k0_i, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
                  diagonal, out_k, out_t):
     # ha_*: (L, K + 1, n) so that the Horner step over a row is a contiguous, vectorised loop.
     width = gram.shape[1] - j0
@@ -163,8 +180,7 @@ def _hermite_row(gram, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, b
     cb = np.empty(width)
     acc = np.empty(width)
     dacc = np.empty(width if ntk else 1)
-    for q in range(width):
-        kb[q] = bv + w0 * gram[i, j0 + q]
+    _layer0(gram, k0_i, i, j0, w0, bv, diagonal, kb)
     if ntk:
         tb[:] = kb
     degree = ha_i.shape[1] - 1
@@ -196,38 +212,41 @@ def _hermite_row(gram, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, b
 
 
 @njit(cache=True, parallel=True)
-def _hermite_block(gram, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
+def _hermite_block(gram, k0_i, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
                    out_k, out_t):
     m = gram.shape[0]
     if upper:
         for p in prange((m + 1) // 2):
-            _hermite_row(gram, p, p, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
+            _hermite_row(gram, k0_i, p, p, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
                          True, out_k, out_t)
             q = m - 1 - p
             if q != p:
-                _hermite_row(gram, q, q, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk,
+                _hermite_row(gram, k0_i, q, q, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk,
                              all_depths, True, out_k, out_t)
     else:
         for i in prange(m):
-            _hermite_row(gram, i, 0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
+            _hermite_row(gram, k0_i, i, 0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
                          False, out_k, out_t)
 
 
-def recurse_block(gram, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, family, p0, p1,
+def recurse_block(gram, k0_i, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, family, p0, p1,
                   ntk, all_depths, upper, out_k, out_t):
     """Run the recursion over a block of input inner products ``<x_i, x_j>`` (``w0 = weight_var / d``).
 
-    ``s_*``, ``r_*``: (L, m or n) square roots of the per-layer diagonals and their
-    inverses (0 where the variance is 0). ``ha_*``, ``hb_*``: (L, K + 1, m or n)
-    series coefficients (family HERMITE only). ``out_k`` / ``out_t``: (L + 1 or 1, m, n);
-    ``out_k`` may alias ``gram`` (a row is read before it is written). With ``upper``
+    ``k0_i``: (m,) float64 layer-0 diagonal ``K^0(x_i, x_i)`` of the rows, used for the
+    diagonal entries of an ``upper`` block so that they equal :func:`nngp_dask.diagonals`
+    exactly (the NTK carries ``Theta^0`` through every layer). ``s_*``, ``r_*``: (L, m or n)
+    square roots of the per-layer diagonals and their inverses (0 where the variance is 0).
+    ``ha_*``, ``hb_*``: (L, K + 1, m or n) series coefficients (family HERMITE only).
+    ``out_k`` / ``out_t``: (L + 1 or 1, m, n); ``out_k`` may alias ``gram`` (a row is read
+    before it is written). With ``upper``
     (a diagonal block of a symmetric matrix) only ``j >= i`` is computed.
     """
     if family == FAMILY_HERMITE:
-        _hermite_block(gram, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
+        _hermite_block(gram, k0_i, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
                        out_k, out_t)
     else:
-        _closed_block(gram, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
+        _closed_block(gram, k0_i, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
                       out_k, out_t)
 
 

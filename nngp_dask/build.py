@@ -25,6 +25,7 @@ from ._version import __version__
 from .architecture import Architecture
 from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
 from .kernel import check_dtype, check_kind, diagonals, tile as tile_fn
+from .monitor import Heartbeat
 from .runtime import client_for
 from .sources import ArraySource, as_source, open_source
 from .store import (ATTR, FORMAT_VERSION, KernelStore, StoreIdentity, StoreMismatchError, _normalise_url,
@@ -330,7 +331,8 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
                    for part, i, j in todo]
         bar = tqdm(total=len(todo), unit="tile", disable=None if progress else True, desc="kernel tiles",
                    smoothing=0.1)
-        for fut in as_completed(futures):
+        heartbeat = Heartbeat("kernel tiles", len(todo))
+        for fut in as_completed(futures, loop=c.loop):  # c need not be the default client
             if fut.status == "error":
                 exc = fut.exception()
                 stats.failed.append((*_parse_key(fut.key), exc))
@@ -343,6 +345,7 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
                 stats.bytes_written += (r.stop - r.start) * (cc.stop - cc.start) * dt.itemsize
             fut.release()
             bar.update(1)
+            heartbeat(bar.n)
         bar.close()
     elapsed = time.perf_counter() - t_start
     log.info("wrote %d tiles in %.1f s (%.1f tiles/s, %.2f GB/s)", stats.tiles_computed, elapsed,

@@ -22,6 +22,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .cg import CGState, ConvergenceWarning, batched_cg, dense_solve, default_maxiter
 from .kernel import tile as tile_fn
+from .monitor import Heartbeat
 from .operator import StoredKernelOperator
 from .preconditioners import PRECONDITIONERS, AUTO_RANK, LowRank, make_preconditioner
 from .runtime import client_for
@@ -262,8 +263,12 @@ def solve(
 
         bar = tqdm(desc="CG", unit="it", disable=None if progress else True, initial=resumed)
 
+        heartbeat = Heartbeat("CG iterations", maxiter)
+
         def callback(s: CGState) -> None:
             bar.update(1)
+            heartbeat(s.iteration, f"worst relative residual {float(np.max(s.residuals[-1])):.2e}, "
+                                   f"{int(np.sum(s.active))} column(s) active")
             bar.set_postfix(residual=f"{float(np.max(s.residuals[-1])):.2e}", active=int(np.sum(s.active)))
             if s.iteration % checkpoint_every == 0:
                 ck.save(s)

@@ -60,13 +60,19 @@ def _hermite(arch: Architecture, k_diag: NDArray) -> tuple[NDArray, NDArray]:
             np.ascontiguousarray(np.stack([b.T for _, b in coefs])))
 
 
-def _point_recursion(arch: Architecture, sqnorm: NDArray, d: int) -> tuple[NDArray, NDArray]:
-    """(K^l(x, x), Theta^l(x, x)) for l = 0..L, each (L + 1, n) float64."""
+def _point_recursion(arch: Architecture, sqnorm: NDArray, d: int, *, ntk: bool) -> tuple[NDArray, NDArray | None]:
+    """(K^l(x, x), Theta^l(x, x)) for l = 0..L, each (L + 1, n) float64; Theta is None unless ``ntk``.
+
+    Theta is only carried when asked for: for activations without an NTK (the step, whose
+    derivative kernel is infinite on the diagonal) it would be ``inf * 0 = nan``.
+    """
     n = sqnorm.shape[0]
     k = np.empty((arch.depth + 1, n))
-    t = np.empty((arch.depth + 1, n))
     k[0] = arch.bias_var + arch.weight_var / d * sqnorm
-    t[0] = k[0]
+    t = None
+    if ntk:
+        t = np.empty((arch.depth + 1, n))
+        t[0] = k[0]
     e, ed = np.empty(n), np.empty(n)
     p0, p1 = arch.activation.params
     for layer in range(arch.depth):
@@ -74,7 +80,8 @@ def _point_recursion(arch: Architecture, sqnorm: NDArray, d: int) -> tuple[NDArr
         ha, hb = _hermite(arch.replace(depth=1), k[layer : layer + 1])
         rec.dual_points(k[layer], s, ha, hb, arch.activation.family, p0, p1, e, ed)
         k[layer + 1] = arch.bias_var + arch.weight_var * e
-        t[layer + 1] = k[layer + 1] + arch.weight_var * t[layer] * ed
+        if t is not None:
+            t[layer + 1] = k[layer + 1] + arch.weight_var * t[layer] * ed
     return k, t
 
 
@@ -98,8 +105,8 @@ def diagonals(arch: Architecture, x: ArrayLike, *, kind: str = "nngp") -> NDArra
     check_kind(kind, arch)
     x = check_inputs(x, "x")
     sqnorm = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-    k, t = _point_recursion(arch, sqnorm, x.shape[1])
-    return k if kind == "nngp" else t
+    k, t = _point_recursion(arch, sqnorm, x.shape[1], ntk=kind == "ntk")
+    return k if t is None else t
 
 
 def _layer_roots(diag: NDArray, depth: int) -> tuple[NDArray, NDArray]:
@@ -141,7 +148,9 @@ def tile(
     x_rows : ndarray, shape (m, d)
     x_cols : ndarray, shape (n, d)
     diag_rows, diag_cols : ndarray, shape (L + 1, m) and (L + 1, n)
-        NNGP diagonals of both blocks, from :func:`diagonals`.
+        NNGP diagonals of both blocks, from :func:`diagonals`. With ``symmetric`` the
+        diagonal entries start from ``diag_rows[0]`` rather than the GEMM's diagonal, so the
+        diagonal of the result (NNGP and NTK, every depth) equals :func:`diagonals` exactly.
     kind : {"nngp", "ntk", "both"}
         ``"both"`` returns ``(nngp, ntk)`` from the same pass.
     dtype : float32 or float64
@@ -172,7 +181,8 @@ def tile(
         s_j, r_j = _layer_roots(diag_cols, depth)
         ha_j, hb_j = _hermite(arch, diag_cols)
     p0, p1 = arch.activation.params
-    rec.recurse_block(gram, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, arch.weight_var / d,
+    k0_i = np.ascontiguousarray(diag_rows[0], dtype=np.float64)
+    rec.recurse_block(gram, k0_i, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, arch.weight_var / d,
                       arch.weight_var, arch.bias_var, arch.activation.family, p0, p1, ntk, all_depths,
                       symmetric, out_k, out_t)
     if symmetric:

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 import psutil
 
-__all__ = ["PeakRSS", "tree_rss"]
+__all__ = ["Heartbeat", "PeakRSS", "tree_rss"]
+
+log = logging.getLogger("nngp_dask")
 
 
 def tree_rss(pid: int | None = None) -> int:
@@ -54,3 +58,24 @@ class PeakRSS:
         """The peak so far."""
         return max(self.peak, tree_rss(self.pid))
 
+
+
+class Heartbeat:
+    """Log progress of long work every ``every`` seconds (progress bars vanish in log files
+    and batch jobs): ``what: done/total (rate/s, ETA) detail``."""
+
+    def __init__(self, what: str, total: int, every: float = 30.0) -> None:
+        self.what, self.total, self.every = what, total, every
+        self.start = self.last = time.perf_counter()
+        self.first: int | None = None
+
+    def __call__(self, done: int, detail: str = "") -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = done - 1
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = (done - self.first) / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        log.info("%s: %d/%d (%.2f/s, at most %.0f s left) %s", self.what, done, self.total, rate, eta, detail)

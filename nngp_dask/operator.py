@@ -1,7 +1,8 @@
 """Matrix-free products with a stored kernel: ``(K + noise I) V`` and ``K(X*, X) V``.
 
 Each upper tile K_IJ is read once per product and used twice (``K_IJ V_J`` into block I and
-``K_IJ^T V_I`` into block J), in float64. The tile products run as Dask tasks next to the
+``K_IJ^T V_I`` into block J), in the stored precision, and the blocks are accumulated in
+float64. The tile products run as Dask tasks next to the
 store, grouped so every worker streams a contiguous run of tiles; the (n, k) vectors stay
 with the driver and only (tile, k) blocks travel.
 """
@@ -32,13 +33,16 @@ def _train_tiles_task(url: str, options: str, tiles: Sequence[tuple[int, int]], 
                       tile: int) -> dict[int, NDArray]:
     arr = open_group(url, json.loads(options) or None)["kernel/train_train"]
     n = arr.shape[0]
+    # Products in the stored precision (a float32 tile is never copied to float64: that copy
+    # would cost more than the GEMM), accumulated over tiles in float64.
+    vs = v.astype(arr.dtype, copy=False)
     out: dict[int, NDArray] = {}
     for i, j in tiles:
         ri, rj = slice(i * tile, min((i + 1) * tile, n)), slice(j * tile, min((j + 1) * tile, n))
-        k_ij = np.asarray(arr[ri, rj], dtype=np.float64)
-        _add(out, i, k_ij @ v[rj])
+        k_ij = arr[ri, rj]
+        _add(out, i, (k_ij @ vs[rj]).astype(np.float64))
         if i != j:
-            _add(out, j, k_ij.T @ v[ri])
+            _add(out, j, (k_ij.T @ vs[ri]).astype(np.float64))
     return out
 
 

@@ -262,9 +262,10 @@ class Pipeline:
         import zarr
 
         figures: list[str] = []
-        if write and self.plots and metrics is not None:
+        if write:
             with self._stage("report") as rec:
-                figures = self._figures(ks, result, pred, ds, targets)
+                if self.plots and metrics is not None:
+                    figures = self._figures(ks, result, pred, ds, targets)
                 rec.did_work = True
         report = {
             "name": self.cfg["run"]["name"],

@@ -1,0 +1,127 @@
+"""Tiled build: time against the sum of its tile computations, peak memory against n, disk rate.
+
+For each n: a fresh store is built on the embedded LocalCluster (the default a user gets);
+peak RSS is sampled over the driver and every worker process. The "sum of tile computations"
+is the single-threaded time of one full tile (measured here, in-process) scaled by the entries
+of every tile, divided by the number of workers: the wall time a build with zero graph and I/O
+overhead would take. The disk's sequential write rate is measured in the same run.
+
+    python benchmarks/bench_build.py --sizes 10000,20000,40000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from nngp_dask import Architecture, build_kernel, diagonals, normalize, tile
+from nngp_dask.monitor import PeakRSS
+from nngp_dask.tiling import TileGrid
+
+
+def disk_write_rate(directory: str, size: int = 2 << 30, block: int = 16 << 20) -> float:
+    """Sequential write rate (bytes/s) of ``size`` bytes in ``block`` writes, fsync'd."""
+    path = os.path.join(directory, "disk-rate.bin")
+    buf = os.urandom(block)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for _ in range(size // block):
+            os.write(fd, buf)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return size / (time.perf_counter() - t0)
+
+
+def inputs(n: int, d: int, data: str | None, seed: int = 0) -> np.ndarray:
+    if data and os.path.exists(data):
+        with np.load(data, allow_pickle=False) as f:
+            x = f["x_train"].reshape(60000, -1)[:n].astype(np.float64)
+        if len(x) == n:
+            return x
+    return np.random.default_rng(seed).standard_normal((n, d))
+
+
+def single_tile_seconds(arch: Architecture, x: np.ndarray, t: int, dtype: str, repeats: int = 3) -> float:
+    """One full off-diagonal tile on one core (as each worker runs it)."""
+    import numba
+
+    a, b = x[:t], x[t: 2 * t] if len(x) >= 2 * t else x[:t]
+    da, db = diagonals(arch, a), diagonals(arch, b)
+    old = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            tile(arch, a, b, da, db, dtype=dtype)
+            best = min(_timed(lambda: tile(arch, a, b, da, db, dtype=dtype)) for _ in range(repeats))
+    finally:
+        numba.set_num_threads(old)
+    return best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10000,20000,40000")
+    ap.add_argument("--d", type=int, default=784)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--tile", type=int, default=2048)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--data", default=os.environ.get("NNGP_DASK_DATA", "../shared/data") + "/mnist.npz")
+    ap.add_argument("--workdir", default=None, help="where the stores go (default: a temp dir on /work)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    arch = Architecture(args.depth, "relu", 1.6, 0.1)
+    work = tempfile.mkdtemp(prefix="nngp-bench-", dir=args.workdir or os.getcwd())
+    rows = []
+    try:
+        rate = disk_write_rate(work)
+        print(f"disk sequential write: {rate / 1e9:.2f} GB/s")
+        workers = os.cpu_count() or 1
+        for n in map(int, args.sizes.split(",")):
+            x = normalize(inputs(n, args.d, args.data), "unit_norm")
+            t_tile = single_tile_seconds(arch, x, min(args.tile, n), args.dtype)
+            grid = TileGrid(n, n, args.tile)
+            entries = sum((grid.rows(i).stop - grid.rows(i).start) * (grid.cols(j).stop - grid.cols(j).start)
+                          for i, j in grid.upper_tiles())
+            ideal = t_tile * entries / min(args.tile, n) ** 2 / workers
+            store = os.path.join(work, f"k{n}.zarr")
+            with PeakRSS() as peak:
+                t0 = time.perf_counter()
+                ks = build_kernel(arch, x, store, tile=args.tile, dtype=args.dtype, progress=False)
+                wall = time.perf_counter() - t0
+            st = ks.last_build
+            row = {"n": n, "tiles": st.tiles_computed, "wall_s": wall, "ingest_s": st.ingest_s,
+                   "ideal_tile_compute_s": ideal, "overhead_ratio": wall / ideal,
+                   "tiles_per_s": st.tiles_computed / wall, "gb_written": st.bytes_written / 1e9,
+                   "gb_per_s": st.bytes_written / 1e9 / wall, "disk_write_gb_per_s": rate / 1e9,
+                   "peak_rss_gb": peak.peak / 1e9, "single_tile_s": t_tile}
+            rows.append(row)
+            print(f"n={n:>6}: {st.tiles_computed} tiles in {wall:.1f} s (ingest {st.ingest_s:.1f} s); "
+                  f"sum of tile computations / {workers} workers = {ideal:.1f} s -> ratio {wall / ideal:.2f}; "
+                  f"{row['tiles_per_s']:.2f} tiles/s, {row['gb_per_s']:.2f} GB/s written "
+                  f"(disk {rate / 1e9:.2f} GB/s); peak RSS {peak.peak / 1e9:.2f} GB", flush=True)
+            shutil.rmtree(store)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Cost of one CG iteration over a stored kernel: cold (from disk) and cached, with references.
+
+Cold: every chunk file of ``kernel/train_train`` is dropped from the page cache
+(``posix_fadvise(DONTNEED)``), then (a) the stored bytes are read sequentially and (b) one
+operator pass (``matmat`` with k right-hand sides) runs; the ratio b/a is the target (<= 1.3).
+Cached: the same pass with the tiles in the page cache against an in-memory NumPy matmat of the
+same (full, float32) matrix (target <= 1.5); the cached comparison needs the full matrix in
+memory, so it runs only when n is small enough (``--max-dense``).
+
+    python benchmarks/bench_solve.py STORE [--k 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from nngp_dask import open_kernel
+from nngp_dask.operator import StoredKernelOperator
+from nngp_dask.runtime import client_for
+
+
+def chunk_files(root: str) -> list[str]:
+    out = []
+    for d, _, files in os.walk(root):
+        out += [os.path.join(d, f) for f in files if f != "zarr.json"]
+    return sorted(out)
+
+
+def drop_cache(files: list[str]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sequential_read(files: list[str], block: int = 16 << 20) -> tuple[int, float]:
+    total, t0 = 0, time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while chunk := fh.read(block):
+                total += len(chunk)
+    return total, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("store")
+    ap.add_argument("--k", type=int, default=10, help="right-hand sides")
+    ap.add_argument("--max-dense", type=int, default=30000, help="largest n for the in-memory comparison")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    ks = open_kernel(args.store)
+    n = ks.shape[0]
+    files = chunk_files(os.path.join(ks.url, "kernel", "train_train"))
+    v = np.random.default_rng(0).standard_normal((n, args.k))
+    out: dict = {"n": n, "k": args.k, "stored_gb": sum(os.path.getsize(f) for f in files) / 1e9}
+    with client_for(None) as client:
+        op = StoredKernelOperator(ks, 0.0, client)
+        op.matmat(v[:, :1])  # warm the workers (imports, open arrays)
+        drop_cache(files)
+        nbytes, t_read = sequential_read(files)
+        out["cold_read_s"] = t_read
+        out["disk_read_gb_per_s"] = nbytes / 1e9 / t_read
+        drop_cache(files)
+        t0 = time.perf_counter()
+        op.matmat(v)
+        out["cold_matmat_s"] = time.perf_counter() - t0
+        out["cold_ratio"] = out["cold_matmat_s"] / t_read
+        print(f"n={n}, k={args.k}, stored {out['stored_gb']:.2f} GB: sequential read {t_read:.2f} s "
+              f"({out['disk_read_gb_per_s']:.2f} GB/s); cold CG matmat {out['cold_matmat_s']:.2f} s "
+              f"-> ratio {out['cold_ratio']:.2f} (target <= 1.3)", flush=True)
+        sequential_read(files)
+        warm = min(_timed(lambda: op.matmat(v)) for _ in range(3))
+        out["cached_matmat_s"] = warm
+        if n <= args.max_dense:
+            full = ks.to_dask().compute()
+            v32 = v.astype(full.dtype)
+            dense = min(_timed(lambda: full @ v32) for _ in range(3))
+            out["numpy_matmat_s"] = dense
+            out["cached_ratio"] = warm / dense
+            print(f"cached CG matmat {warm:.2f} s vs in-memory NumPy {dense:.2f} s -> ratio {warm / dense:.2f} "
+                  "(target <= 1.5)")
+        else:
+            print(f"cached CG matmat {warm:.2f} s (n > --max-dense: no in-memory comparison)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
