@@ -1,0 +1,138 @@
+"""scikit-learn estimators: the estimator checks, scikit-learn's GP as oracle, out of core = in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+sklearn = pytest.importorskip("sklearn")
+
+from sklearn.gaussian_process import GaussianProcessRegressor  # noqa: E402
+from sklearn.model_selection import GridSearchCV  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from nngp_dask.estimators import NNGPClassifier, NNGPKernel, NNGPRegressor  # noqa: E402
+from nngp_dask.sweep import marginal_likelihood  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _single_threaded_blas():
+    """One BLAS thread: the estimator checks factorise hundreds of tiny matrices, and on a loaded
+    2-core machine waking a second OpenBLAS thread after each Numba kernel costs more than the
+    factorisation itself."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # comes with scikit-learn; without it the tests only run slower
+        yield
+        return
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
+def _expected_failed_checks(estimator):
+    # Every applicable check passes (scikit-learn 1.9). The pandas checks are skipped by
+    # scikit-learn itself when pandas is not installed, and the array-API check unless
+    # SCIPY_ARRAY_API=1 (the estimators are NumPy-only, which that check then reports).
+    return {}
+
+
+@parametrize_with_checks([NNGPRegressor(), NNGPClassifier()], expected_failed_checks=_expected_failed_checks)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def _data(n=80, m=25, d=4, seed=0, outputs=1):
+    rng = np.random.default_rng(seed)
+    x, xt = rng.standard_normal((n, d)), rng.standard_normal((m, d))
+    f = lambda z: np.column_stack([np.sin(z[:, i] + 0.5 * z[:, i + 1]) for i in range(outputs)])  # noqa: E731
+    y = f(x) + 0.05 * rng.standard_normal((n, outputs))
+    return x, (y[:, 0] if outputs == 1 else y), xt
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_regressor_equals_sklearn_gaussian_process(outputs, kind):
+    x, y, xt = _data(outputs=outputs)
+    params = dict(depth=3, activation="relu", weight_var=1.6, bias_var=0.1)
+    ours = NNGPRegressor(noise=0.02, kind=kind, **params).fit(x, y)
+    gpr = GaussianProcessRegressor(kernel=NNGPKernel(kind=kind, **params), alpha=0.02, optimizer=None).fit(x, y)
+    mean, std = ours.predict(xt, return_std=True)
+    ref_mean, ref_std = gpr.predict(xt, return_std=True)
+    assert mean.shape == ref_mean.shape and std.shape == ref_std.shape
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(std, ref_std, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ours.predict(xt), ref_mean, rtol=1e-9, atol=1e-12)
+    # the sweep's exact marginal likelihood is scikit-learn's
+    k = NNGPKernel(kind=kind, **params)(x)
+    assert marginal_likelihood(k, y, 0.02).value == pytest.approx(gpr.log_marginal_likelihood_value_, rel=1e-9)
+
+
+def test_grid_search_over_noise_in_a_pipeline():
+    x, y, _ = _data(n=90)
+    pipe = make_pipeline(StandardScaler(), NNGPRegressor(depth=2))
+    search = GridSearchCV(pipe, {"nngpregressor__noise": [1e-3, 1e-2, 1e-1, 1.0],
+                                 "nngpregressor__depth": [1, 2]}, cv=3).fit(x, y)
+    assert search.best_params_["nngpregressor__noise"] in (1e-3, 1e-2, 1e-1, 1.0)
+    assert search.best_score_ > 0.5
+    scores = search.cv_results_["mean_test_score"]
+    assert np.all(np.isfinite(scores)) and search.best_score_ == scores.max()
+
+
+def test_classifier_accuracy_targets_and_decision_shapes():
+    rng = np.random.default_rng(2)
+    centers = np.array([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]])
+    labels = np.array(["a", "b", "c"])[rng.integers(0, 3, 150)]
+    x = centers[np.searchsorted(["a", "b", "c"], labels)] + rng.standard_normal((150, 3))
+    clf = NNGPClassifier(depth=2, noise=0.1).fit(x[:100], labels[:100])
+    assert list(clf.classes_) == ["a", "b", "c"]
+    assert clf.score(x[100:], labels[100:]) > 0.9
+    assert clf.decision_function(x[100:]).shape == (50, 3)
+    onehot = NNGPClassifier(depth=2, noise=0.1, targets="onehot").fit(x[:100], labels[:100])
+    np.testing.assert_array_equal(onehot.predict(x[100:]), clf.predict(x[100:]))
+    binary = NNGPClassifier(depth=2, noise=0.1).fit(x[:100], labels[:100] == "a")
+    dec = binary.decision_function(x[100:])
+    assert dec.shape == (50,)
+    np.testing.assert_array_equal(binary.predict(x[100:]), dec > 0)
+    assert not hasattr(clf, "predict_proba")
+
+
+def test_failed_cholesky_advises_to_increase_noise():
+    x, y, _ = _data(n=30)
+    x = np.vstack([x, x])
+    y = np.concatenate([y, y])
+    with pytest.raises(np.linalg.LinAlgError, match="increase the `noise` parameter"):
+        NNGPRegressor(noise=0.0).fit(x, y)
+    with pytest.raises(ValueError, match="noise"):
+        NNGPRegressor(noise=-1.0).fit(x, y)
+
+
+@pytest.fixture(scope="module")
+def inproc_client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
+        yield client
+
+
+def test_out_of_core_equals_in_memory(tmp_path, inproc_client):
+    x, y, xt = _data(n=90, m=30)
+    kw = dict(depth=2, weight_var=1.4, bias_var=0.2, noise=0.01, normalize="unit_norm")
+    mem = NNGPRegressor(**kw).fit(x, y)
+    ooc = NNGPRegressor(out_of_core=True, store=str(tmp_path / "k.zarr"), tile=40, **kw).fit(x, y)
+    assert not mem.out_of_core_ and ooc.out_of_core_ and ooc.store_.endswith("k.zarr")
+    np.testing.assert_allclose(ooc.alpha_, mem.alpha_, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(ooc.predict(xt), mem.predict(xt), rtol=1e-9, atol=1e-12)
+    m1, s1 = ooc.predict(xt, return_std=True)
+    m0, s0 = mem.predict(xt, return_std=True)
+    np.testing.assert_allclose(m1, m0, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s1, s0, rtol=1e-6, atol=1e-8)
+    # "auto" switches above max_in_memory, into a temporary store
+    auto = NNGPClassifier(max_in_memory=50, tile=64, **kw).fit(x, y > 0)
+    ref = NNGPClassifier(**kw).fit(x, y > 0)
+    assert auto.out_of_core_ and auto.store_ is not None
+    np.testing.assert_allclose(auto.decision_function(xt), ref.decision_function(xt), rtol=1e-9, atol=1e-12)
+    # a refit on other data replaces the store; the older estimator notices instead of mixing them up
+    NNGPRegressor(out_of_core=True, store=str(tmp_path / "k.zarr"), tile=40, **kw).fit(x[:60], y[:60])
+    with pytest.raises(ValueError, match="rebuilt"):
+        ooc.predict(xt)
