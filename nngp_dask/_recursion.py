@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .activations import FAMILY_ERF, FAMILY_HERMITE, FAMILY_IDENTITY, FAMILY_STEP, FAMILY_TWO_SLOPE
+from .activations import FAMILY_ERF, FAMILY_HERMITE, FAMILY_STEP, FAMILY_TWO_SLOPE
 
 _INV_TWO_PI = 1.0 / (2.0 * math.pi)
 

@@ -18,7 +18,7 @@ from .activations import FAMILY_HERMITE, Elementwise
 from .architecture import Architecture
 from .inputs import check_inputs
 
-__all__ = ["KINDS", "diagonals", "tile", "kernel", "check_kind", "check_dtype"]
+__all__ = ["KINDS", "diagonals", "tile", "tile_from_gram", "kernel", "check_kind", "check_dtype"]
 
 Kind = Literal["nngp", "ntk", "both"]
 KINDS: tuple[str, ...] = ("nngp", "ntk")
@@ -165,13 +165,46 @@ def tile(
     ndarray, shape (m, n) or (L + 1, m, n)
     """
     dt = check_dtype(dtype)
-    depth = arch.depth
-    d = x_rows.shape[1]
-    m, n = x_rows.shape[0], x_cols.shape[0]
     gram = _gram(x_rows, x_cols, dt, symmetric)
+    return tile_from_gram(arch, gram, diag_rows, diag_cols, features=x_rows.shape[1], kind=kind,
+                          all_depths=all_depths, symmetric=symmetric, overwrite_gram=True)
+
+
+def tile_from_gram(
+    arch: Architecture,
+    gram: NDArray,
+    diag_rows: NDArray,
+    diag_cols: NDArray,
+    *,
+    features: int,
+    kind: Kind = "nngp",
+    all_depths: bool = False,
+    symmetric: bool = False,
+    overwrite_gram: bool = False,
+) -> NDArray | tuple[NDArray, NDArray]:
+    """The recursion of :func:`tile` on a precomputed Gram block ``x_rows @ x_cols.T``.
+
+    A hyperparameter sweep computes the Gram (the GEMM, the expensive part) once and calls
+    this for every (weight_var, bias_var) candidate (:mod:`nngp_dask.sweep`).
+
+    Parameters
+    ----------
+    gram : ndarray, shape (m, n), float32 or float64
+        Raw inner products (not divided by ``features``); its dtype is the output dtype. With
+        ``symmetric`` only its upper triangle is read.
+    features : int
+        Input dimension d (the input layer is ``bias_var + weight_var <x, x'> / d``).
+    overwrite_gram : bool
+        Let the result reuse ``gram``'s memory (saves a block; ``gram`` is then destroyed).
+
+    Other parameters and the result are as for :func:`tile`.
+    """
+    depth = arch.depth
+    dt = gram.dtype
+    m, n = gram.shape
     layers = depth + 1 if all_depths else 1
     ntk = kind != "nngp"
-    out_k = np.empty((layers, m, n), dt) if all_depths else gram.reshape(1, m, n)
+    out_k = gram.reshape(1, m, n) if overwrite_gram and not all_depths else np.empty((layers, m, n), dt)
     out_t = np.empty((layers, m, n), dt) if ntk else np.empty((1, 1, 1), dt)
     s_i, r_i = _layer_roots(diag_rows, depth)
     ha_i, hb_i = _hermite(arch, diag_rows)
@@ -182,7 +215,7 @@ def tile(
         ha_j, hb_j = _hermite(arch, diag_cols)
     p0, p1 = arch.activation.params
     k0_i = np.ascontiguousarray(diag_rows[0], dtype=np.float64)
-    rec.recurse_block(gram, k0_i, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, arch.weight_var / d,
+    rec.recurse_block(gram, k0_i, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, arch.weight_var / features,
                       arch.weight_var, arch.bias_var, arch.activation.family, p0, p1, ntk, all_depths,
                       symmetric, out_k, out_t)
     if symmetric:

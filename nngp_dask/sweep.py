@@ -56,12 +56,11 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from . import _recursion as rec
 from .architecture import Architecture
 from .cg import ConvergenceWarning, batched_cg, cholesky_factor
 from .gp import DIRECT_MAX_N
 from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
-from .kernel import _gram, _hermite, _layer_roots, _point_recursion, check_dtype, check_kind
+from .kernel import _gram, _point_recursion, check_dtype, check_kind, tile_from_gram
 from .preconditioners import AUTO_RANK, make_preconditioner
 from .slq import log_marginal_likelihood, slq_logdet
 
@@ -192,31 +191,11 @@ def recurse_gram(arch: Architecture, block: GramBlock, *, kind: str = "nngp", al
     ndarray, shape (m, n) or (L + 1, m, n)
     """
     check_kind(kind, arch)
-    depth, d = arch.depth, block.features
-    gram = block.gram
-    m, n = gram.shape
-    layers = depth + 1 if all_depths else 1
-    ntk = kind == "ntk"
+    d = block.features
     diag_rows, _ = _point_diagonals(arch, block.sqnorm_rows, d, "nngp")
     diag_cols = diag_rows if block.symmetric else _point_diagonals(arch, block.sqnorm_cols, d, "nngp")[0]
-    out_k = np.empty((layers, m, n), gram.dtype)
-    out_t = np.empty((layers, m, n), gram.dtype) if ntk else np.empty((1, 1, 1), gram.dtype)
-    s_i, r_i = _layer_roots(diag_rows, depth)
-    ha_i, hb_i = _hermite(arch, diag_rows)
-    if block.symmetric:
-        s_j, r_j, ha_j, hb_j = s_i, r_i, ha_i, hb_i
-    else:
-        s_j, r_j = _layer_roots(diag_cols, depth)
-        ha_j, hb_j = _hermite(arch, diag_cols)
-    p0, p1 = arch.activation.params
-    k0_i = np.ascontiguousarray(diag_rows[0], dtype=np.float64)
-    rec.recurse_block(gram, k0_i, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, arch.weight_var / d,
-                      arch.weight_var, arch.bias_var, arch.activation.family, p0, p1, ntk, all_depths,
-                      block.symmetric, out_k, out_t)
-    out = out_t if ntk else out_k
-    if block.symmetric:
-        rec.mirror_upper(out)
-    return out if all_depths else out[0]
+    return tile_from_gram(arch, block.gram, diag_rows, diag_cols, features=d, kind=kind, all_depths=all_depths,
+                          symmetric=block.symmetric)
 
 
 def _depth_kernels(arch_max: Architecture, block: GramBlock, depths: Sequence[int], kind: str, stacked: bool
