@@ -46,8 +46,10 @@ def main() -> None:
     def columns(idx: np.ndarray) -> np.ndarray:
         return tile(arch, x, x[idx], dx, dx[:, idx], dtype=np.float64)
 
+    k64 = k.astype(np.float64)  # float64 products, as the stored operator does
+
     def matmat(v: np.ndarray) -> np.ndarray:
-        return (k @ v.astype(np.float32)).astype(np.float64) + args.noise * v
+        return k64 @ v + args.noise * v
 
     rows = []
     print(f"MNIST n={args.n}, relu depth {args.depth}, weight_var {args.weight_var}, bias_var {args.bias_var}, "

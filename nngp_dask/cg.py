@@ -4,7 +4,8 @@ The solver is a pure function of a ``matmat`` callable (``V -> A V`` for a block
 vectors) with ``A = K + noise I`` symmetric positive definite; it knows nothing of
 tiles, Dask or Zarr. All right-hand sides share one ``matmat`` per iteration, each
 column has its own step sizes and its own stopping test, converged columns are
-frozen and no longer passed to ``matmat``. The iterate is an immutable
+frozen and no longer passed to ``matmat`` (a column stops only once its true residual
+``b - A x``, recomputed then, confirms the recursive one). The iterate is an immutable
 :class:`CGState` handed to ``callback`` after every iteration, and accepted back
 through ``state=`` to resume bit-identically after a crash.
 
@@ -347,6 +348,13 @@ def _step(op: _Op, b: NDArray, s: CGState, preconditioner: Any, tol: float,
 
     res[good] = _colnorm(r[:, good]) / s.b_norm[good]
     done = res[good] <= tol
+    if np.any(done):
+        # confirm with the true residual before a column stops: the recursive one drifts in
+        # floating point and can report convergence the iterate does not have
+        fin = good[done]
+        r[:, fin] = b[:, fin] - op(x[:, fin])
+        res[fin] = _colnorm(r[:, fin]) / s.b_norm[fin]
+        done = res[good] <= tol
     active[good[done]] = False
     go = good[~done]
     if go.size:

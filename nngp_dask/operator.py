@@ -1,8 +1,7 @@
 """Matrix-free products with a stored kernel: ``(K + noise I) V`` and ``K(X*, X) V``.
 
 Each upper tile K_IJ is read once per product and used twice (``K_IJ V_J`` into block I and
-``K_IJ^T V_I`` into block J), in the stored precision, and the blocks are accumulated in
-float64. The tile products run as Dask tasks next to the
+``K_IJ^T V_I`` into block J), in float64. The tile products run as Dask tasks next to the
 store, grouped so every worker streams a contiguous run of tiles; the (n, k) vectors stay
 with the driver and only (tile, k) blocks travel.
 """
@@ -10,8 +9,10 @@ with the driver and only (tile, k) blocks travel.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,28 @@ from numpy.typing import NDArray
 from .store import KernelStore, open_group
 
 __all__ = ["StoredKernelOperator", "dense_matmat"]
+
+log = logging.getLogger("nngp_dask")
+
+#: Failures of the cluster rather than of the computation: a worker lost during a scatter or a
+#: gather (CommClosedError is an OSError; so is a transient object-storage error inside a task),
+#: or a dependency lost with every worker that held it. Dask itself reruns the tasks of a dead
+#: worker; these are what it cannot, so the whole product, a pure function, is redone.
+_RETRYABLE = (OSError, CancelledError)
+_RETRIES = 3
+
+
+def _retrying(what: str, fn: Callable[[], Any]) -> Any:
+    for attempt in range(_RETRIES + 1):
+        try:
+            return fn()
+        except _RETRYABLE as exc:
+            if attempt == _RETRIES:
+                raise
+            log.warning("%s failed (%s: %s); retrying (%d of %d)", what, type(exc).__name__, exc, attempt + 1,
+                        _RETRIES)
+            time.sleep(min(2.0 ** attempt, 10.0))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _add(out: dict[int, NDArray], key: int, value: NDArray) -> None:
@@ -33,16 +56,15 @@ def _train_tiles_task(url: str, options: str, tiles: Sequence[tuple[int, int]], 
                       tile: int) -> dict[int, NDArray]:
     arr = open_group(url, json.loads(options) or None)["kernel/train_train"]
     n = arr.shape[0]
-    # Products in the stored precision (a float32 tile is never copied to float64: that copy
-    # would cost more than the GEMM), accumulated over tiles in float64.
-    vs = v.astype(arr.dtype, copy=False)
     out: dict[int, NDArray] = {}
     for i, j in tiles:
         ri, rj = slice(i * tile, min((i + 1) * tile, n)), slice(j * tile, min((j + 1) * tile, n))
-        k_ij = arr[ri, rj]
-        _add(out, i, (k_ij @ vs[rj]).astype(np.float64))
+        # float64 products even for float32 tiles: rounding V to float32 makes the operator
+        # nonlinear, and unpreconditioned CG on MNIST then diverges (benchmarks/RESULTS.md)
+        k_ij = np.asarray(arr[ri, rj], dtype=np.float64)
+        _add(out, i, k_ij @ v[rj])
         if i != j:
-            _add(out, j, (k_ij.T @ vs[ri]).astype(np.float64))
+            _add(out, j, k_ij.T @ v[ri])
     return out
 
 
@@ -110,14 +132,18 @@ class StoredKernelOperator:
         squeeze = v.ndim == 1
         v2 = v[:, None] if squeeze else v
         tile = self.store.tile
-        vf = self.client.scatter(v2, broadcast=True, hash=False)
-        futures = [self.client.submit(_train_tiles_task, self.store.url, self._options, grp, vf, tile, pure=False)
-                   for grp in self._groups]
-        out = self.noise * v2
-        for part in self.client.gather(futures):
-            for i, block in part.items():
-                out[i * tile: i * tile + block.shape[0]] += block
-        del vf
+
+        def product() -> NDArray[np.float64]:
+            vf = self.client.scatter(v2, broadcast=True, hash=False)
+            futures = [self.client.submit(_train_tiles_task, self.store.url, self._options, grp, vf, tile,
+                                          pure=False) for grp in self._groups]
+            out = self.noise * v2
+            for part in self.client.gather(futures):
+                for i, block in part.items():
+                    out[i * tile: i * tile + block.shape[0]] += block
+            return out
+
+        out = _retrying("kernel product", product)
         self.calls += 1
         self.seconds += time.perf_counter() - t0
         return out[:, 0] if squeeze else out
@@ -131,14 +157,19 @@ class StoredKernelOperator:
             raise ValueError(f"store: {self.store.url!r} holds no test inputs; pass x_test to build_kernel")
         self.store.require_complete("test_train")
         m, tile = grid.n_rows, self.store.tile
-        af = self.client.scatter(alpha, broadcast=True, hash=False) if alpha is not None else None
-        ff = self.client.scatter(factor, broadcast=True, hash=False) if factor is not None else None
-        futures = [self.client.submit(_test_rows_task, self.store.url, self._options, i, tile, af, ff, pure=False)
-                   for i in range(grid.shape[0])]
+
+        def products() -> list:
+            af = self.client.scatter(alpha, broadcast=True, hash=False) if alpha is not None else None
+            ff = self.client.scatter(factor, broadcast=True, hash=False) if factor is not None else None
+            futures = [self.client.submit(_test_rows_task, self.store.url, self._options, i, tile, af, ff,
+                                          pure=False) for i in range(grid.shape[0])]
+            return self.client.gather(futures)
+
+        parts = _retrying("test kernel products", products)
         mean = np.empty((m, alpha.shape[1])) if alpha is not None else None
         sq = np.empty(m) if factor is not None else None
         proj = np.empty((m, factor.shape[1])) if factor is not None else None
-        for i, mb, sb, pb in self.client.gather(futures):
+        for i, mb, sb, pb in parts:
             rows = slice(i * tile, i * tile + (mb.shape[0] if mb is not None else sb.shape[0]))
             if mean is not None:
                 mean[rows] = mb
