@@ -199,7 +199,7 @@ def solve(
     preconditioner : {"auto", "none", "jacobi", "pivoted_cholesky", "nystrom"}
         Low-rank ones are built from kernel columns computed from the stored inputs.
     rank : int, optional
-        Preconditioner rank (default ``min(n, 256)``).
+        Preconditioner rank (default ``min(n, AUTO_RANK)`` = 1024).
     method : {"auto", "cg", "cholesky"}
         ``"auto"``: dense Cholesky for ``n <= DIRECT_MAX_N``, else CG.
     checkpoint_every : int
