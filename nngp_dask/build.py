@@ -326,8 +326,11 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
         log.info("building %d tile(s) of %d (tile %d, %s, %s); dashboard: %s", len(todo), stats.tiles_total,
                  tile, kind, dt.name, c.dashboard_link)
         # deterministic keys: a resubmitted tile of the same store is the same task
+        # the store's URL is in the key too: two stores of the same kernel built at once on one
+        # shared scheduler must not share tasks (each task writes into its own store)
+        where = hashlib.blake2b(ks.url.encode(), digest_size=4).hexdigest()
         futures = [c.submit(_tile_task, ks.url, options, token, part, i, j, arch, kind, dt.name, tile,
-                            key=f"nngp-tile-{token}-{part}-{i}-{j}", pure=False)
+                            key=f"nngp-tile-{token}-{where}-{part}-{i}-{j}", pure=False)
                    for part, i, j in todo]
         bar = tqdm(total=len(todo), unit="tile", disable=None if progress else True, desc="kernel tiles",
                    smoothing=0.1)

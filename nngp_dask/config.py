@@ -105,7 +105,7 @@ SCHEMA: dict[str, dict[str, _F]] = {
         "tol": _F(float, 1e-4, "relative residual per right-hand side", minimum=0.0, exclusive_minimum=True),
         "maxiter": _F(int, 0, "CG iteration cap (0: automatic)", minimum=0),
         "preconditioner": _F(str, "auto", "CG preconditioner", choices=PRECONDITIONERS),
-        "rank": _F(int, 256, "rank of a low-rank preconditioner", minimum=1),
+        "rank": _F(int, 1024, "rank of a low-rank preconditioner", minimum=1),
         "method": _F(str, "auto", "auto (Cholesky up to 5000 points, CG above), cg or cholesky",
                      choices=("auto", "cg", "cholesky")),
         "checkpoint_every": _F(int, 5, "CG iterations between checkpoints", minimum=1),
@@ -194,6 +194,10 @@ def resolve(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, 
                     value = str((Path(base_dir) / Path(value).expanduser()).resolve())
                 out[section][key] = value
     _check_store(out["run"]["store"])
+    if out["cluster"]["address"].endswith(".toml"):  # a cluster file: validated now, not at the kernel stage
+        from .runtime import load_cluster_file
+
+        load_cluster_file(out["cluster"]["address"])
     if out["data"]["source"] != "synthetic" and not out["data"]["path"]:
         raise ConfigError(f"data.path: expected a file or directory for source {out['data']['source']!r}, got ''")
     if out["data"]["test_fraction"] >= 1:
@@ -205,6 +209,10 @@ def _check_store(store: str) -> None:
     """The store lives inside the run's output directory (or at a URL): no absolute paths,
     no '..' that would let a pipeline file write elsewhere."""
     if "://" in store:
+        if "@" in store.split("://", 1)[1].split("/", 1)[0]:  # not echoed: it would hold a secret
+            raise ConfigError("run.store: expected a URL without credentials (user:secret@ would be written to "
+                              "report.json and run.log); give them through the environment, e.g. "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
         return
     p = Path(store)
     if p.is_absolute() or ".." in p.parts or not store:

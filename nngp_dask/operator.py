@@ -26,8 +26,11 @@ log = logging.getLogger("nngp_dask")
 
 #: Failures of the cluster rather than of the computation: a worker lost during a scatter or a
 #: gather (CommClosedError is an OSError; so is a transient object-storage error inside a task),
-#: or a dependency lost with every worker that held it. Dask itself reruns the tasks of a dead
-#: worker; these are what it cannot, so the whole product, a pure function, is redone.
+#: or the scattered vectors lost with the worker that held them (the tasks are then cancelled,
+#: "lost dependencies"). Dask itself reruns the tasks of a dead worker; these are what it cannot,
+#: so the whole product, a pure function, is redone. The vectors are scattered to one worker and
+#: fetched from there by the others, not broadcast: a broadcast's replication to a worker that
+#: dies meanwhile retries for ever on the scheduler (distributed 2026.8), hanging the product.
 _RETRYABLE = (OSError, CancelledError)
 _RETRIES = 3
 
@@ -134,7 +137,7 @@ class StoredKernelOperator:
         tile = self.store.tile
 
         def product() -> NDArray[np.float64]:
-            vf = self.client.scatter(v2, broadcast=True, hash=False)
+            vf = self.client.scatter(v2, hash=False)  # no broadcast: see _RETRYABLE
             futures = [self.client.submit(_train_tiles_task, self.store.url, self._options, grp, vf, tile,
                                           pure=False) for grp in self._groups]
             out = self.noise * v2
@@ -159,8 +162,8 @@ class StoredKernelOperator:
         m, tile = grid.n_rows, self.store.tile
 
         def products() -> list:
-            af = self.client.scatter(alpha, broadcast=True, hash=False) if alpha is not None else None
-            ff = self.client.scatter(factor, broadcast=True, hash=False) if factor is not None else None
+            af = self.client.scatter(alpha, hash=False) if alpha is not None else None
+            ff = self.client.scatter(factor, hash=False) if factor is not None else None
             futures = [self.client.submit(_test_rows_task, self.store.url, self._options, i, tile, af, ff,
                                           pure=False) for i in range(grid.shape[0])]
             return self.client.gather(futures)

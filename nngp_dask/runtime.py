@@ -1,15 +1,35 @@
-"""Where the work runs: the caller's Dask client, an address, or an embedded LocalCluster."""
+"""Where the work runs: the caller's Dask client, an address, a cluster file, or an embedded
+LocalCluster.
+
+A *cluster file* (``cluster/*.toml``, passed as ``--cluster FILE`` or ``cluster.address``)
+describes a deployment separately from the pipeline: the same pipeline runs on a laptop, on a
+``dask scheduler`` somewhere, on SLURM or PBS (through ``dask-jobqueue``) or on Kubernetes
+(through the ``dask-kubernetes`` operator). Its ``type`` key picks the deployment; every other
+key is validated against :data:`CLUSTER_SCHEMA`, and errors name the file and the dotted key
+(``cluster/slurm.toml: cores: expected an integer, got str '16'``). ``${VAR}`` in string values
+is taken from the environment; relative paths resolve against the file's directory.
+
+Secure defaults: the embedded cluster, its workers and its dashboard listen on 127.0.0.1 only;
+a remote scheduler is reached with TLS client certificates when the file has a ``[tls]`` table
+(``require_encryption``, so a plain ``tcp://`` address is refused); SLURM and PBS clusters use
+TLS with temporary certificates unless ``tls = false``, and their dashboards bind to loopback.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import tomllib
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-from distributed import Client, LocalCluster
+from .config import ConfigError, _expand, _F
 
-__all__ = ["client_for", "local_cluster_kwargs"]
+__all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "client_for", "load_cluster_file", "local_cluster_kwargs",
+           "jobqueue_kwargs", "kubernetes_kwargs", "is_cluster_file"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -18,6 +38,10 @@ log = logging.getLogger("nngp_dask")
 # overlap one tile's disk write with another's compute without sharing a GIL (benchmarks/RESULTS.md).
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMBA_NUM_THREADS": "1"}
+
+
+class ClusterConfigError(ConfigError):
+    """A cluster file that does not match :data:`CLUSTER_SCHEMA` (a ValueError: CLI exit 2)."""
 
 
 def local_cluster_kwargs(n_workers: int | None = None, threads_per_worker: int = 1,
@@ -37,12 +61,324 @@ def local_cluster_kwargs(n_workers: int | None = None, threads_per_worker: int =
     return kwargs
 
 
+# --- cluster files ------------------------------------------------------------------------
+_REQUIRED = object()
+_WAIT = {
+    "wait_for_workers": _F(int, None, "block until this many workers have joined (default: 0 for local and "
+                           "scheduler, 1 for batch systems and Kubernetes)", minimum=0),
+    "wait_timeout": _F(float, 0.0, "seconds to wait for them (0: no limit; a batch queue may take hours)",
+                       minimum=0.0),
+}
+_JOBQUEUE = {
+    "cores": _F(int, _REQUIRED, "cores per batch job", minimum=1),
+    "memory": _F(str, _REQUIRED, "memory per batch job, e.g. '64GiB'"),
+    "processes": _F(int, 0, "worker processes per job (0: one single-threaded process per core)", minimum=0),
+    "jobs": _F(int, 1, "batch jobs to submit", minimum=0),
+    "walltime": _F(str, "01:00:00", "job wall-clock limit"),
+    "queue": _F(str, "", "partition / queue"),
+    "account": _F(str, "", "account / project to charge"),
+    "interface": _F(str, "", "network interface of scheduler and workers, e.g. 'ib0' (empty: default route)"),
+    "local_directory": _F(str, "", "node-local scratch for worker spill files, e.g. '$TMPDIR'"),
+    "log_directory": _F(str, "", "where job logs go (a shared path)", path=True),
+    "shared_temp_directory": _F(str, "", "shared path for the temporary TLS files of the workers (default: "
+                                "the current directory)", path=True),
+    "python": _F(str, "", "python executable on the compute nodes (default: this one)"),
+    "tls": _F(bool, True, "TLS between scheduler and workers with temporary certificates (needs cryptography)"),
+    "dashboard_address": _F(str, "127.0.0.1:8787", "scheduler dashboard (loopback: reach it by SSH tunnel)"),
+    "job_extra_directives": _F(list, [], "extra #SBATCH / #PBS lines, e.g. ['--exclusive']"),
+    "job_script_prologue": _F(list, [], "shell lines before the worker starts, e.g. ['module load python']"),
+    "worker_extra_args": _F(list, [], "extra arguments of dask worker"),
+    **_WAIT,
+}
+#: Keys of every cluster ``type``: types, defaults, and the documentation of cluster/README.md.
+CLUSTER_SCHEMA: dict[str, dict[str, _F]] = {
+    "local": {
+        "n_workers": _F(int, 0, "worker processes (0: one per core)", minimum=0),
+        "threads_per_worker": _F(int, 1, "threads per worker process", minimum=1),
+        "memory_limit": _F(str, "", "memory limit per worker, e.g. '8GiB' (empty: automatic)"),
+        **_WAIT,
+    },
+    "scheduler": {
+        "address": _F(str, "", "scheduler address, tcp://host:8786 or tls://host:8786"),
+        "scheduler_file": _F(str, "", "or the JSON file written by `dask scheduler --scheduler-file`", path=True),
+        "timeout": _F(float, 30.0, "seconds to wait for the connection", minimum=0.0, exclusive_minimum=True),
+        **_WAIT,
+    },
+    "slurm": dict(_JOBQUEUE),
+    "pbs": {**_JOBQUEUE, "resource_spec": _F(str, "", "PBS -l resource line, e.g. 'select=1:ncpus=16:mem=64gb'")},
+    "kubernetes": {
+        "name": _F(str, "nngp-dask", "DaskCluster name (created, or connected to if it exists)"),
+        "namespace": _F(str, "", "namespace (empty: the current one)"),
+        "image": _F(str, "", "container image with nngp-dask installed (cluster/Dockerfile)"),
+        "n_workers": _F(int, 2, "worker pods", minimum=0),
+        "worker_cpu": _F(str, "1", "CPU request and limit per worker pod"),
+        "worker_memory": _F(str, "4Gi", "memory request and limit per worker pod"),
+        "env": _F(dict, {}, "environment of the pods (table of strings), e.g. AWS_ENDPOINT_URL"),
+        "manifest": _F(str, "", "a DaskCluster YAML manifest used instead of the keys above "
+                       "(cluster/kubernetes/daskcluster.yaml)", path=True),
+        "create_mode": _F(str, "create_or_connect", "create_or_connect, create_only or connect_only",
+                          choices=("create_or_connect", "create_only", "connect_only")),
+        "shutdown_on_close": _F(bool, True, "delete the DaskCluster when the run ends (false: keep it)"),
+        "idle_timeout": _F(int, 0, "seconds after which an idle cluster deletes itself (0: never)", minimum=0),
+        "resource_timeout": _F(int, 300, "seconds to wait for Kubernetes resources", minimum=1),
+        "scheduler_service_type": _F(str, "ClusterIP", "ClusterIP (reach it from inside the cluster or by port "
+                                     "forward), NodePort or LoadBalancer",
+                                     choices=("ClusterIP", "NodePort", "LoadBalancer")),
+        **_WAIT,
+    },
+}
+_TLS = {
+    "ca_file": _F(str, _REQUIRED, "CA certificate (PEM) that signed the scheduler's and workers' certificates",
+                  path=True),
+    "cert": _F(str, _REQUIRED, "this client's certificate (PEM)", path=True),
+    "key": _F(str, _REQUIRED, "this client's private key (PEM; keep it readable by you only)", path=True),
+}
+_BATCH_TYPES = ("slurm", "pbs", "kubernetes")
+
+
+def is_cluster_file(value: Any) -> bool:
+    """Whether ``client_for``'s argument names a cluster file (a path ending ``.toml``)."""
+    return isinstance(value, (str, os.PathLike)) and os.fspath(value).endswith(".toml")
+
+
+def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a cluster file; returns the resolved spec (``type``, every key with its
+    default, ``tls`` as a dict or None, ``_file`` the absolute path).
+
+    Raises
+    ------
+    ClusterConfigError
+        Naming the file and the dotted key, the value and what was expected.
+    """
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ClusterConfigError(f"cluster: file {str(p)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ClusterConfigError(f"cluster: {p} is not valid TOML ({exc})") from None
+    return resolve_cluster(raw, base_dir=p.resolve().parent, name=str(p))
+
+
+def resolve_cluster(raw: Mapping[str, Any], *, base_dir: str | Path = ".", name: str = "cluster") -> dict[str, Any]:
+    """Validate a parsed cluster file (see :func:`load_cluster_file`)."""
+    def err(msg: str) -> ClusterConfigError:
+        return ClusterConfigError(f"{name}: {msg}")
+
+    data = dict(raw)
+    kind = data.pop("type", None)
+    if kind not in CLUSTER_SCHEMA:
+        raise err(f"type: expected one of {list(CLUSTER_SCHEMA)}, got {kind!r}")
+    schema = CLUSTER_SCHEMA[kind]
+    tls_raw = data.pop("tls", None) if kind == "scheduler" else None
+    for key in data:
+        if key not in schema:
+            raise err(f"{key}: unknown key for type {kind!r}; expected one of {['type', *schema]}"
+                      + (" or a [tls] table" if kind == "scheduler" else ""))
+    spec: dict[str, Any] = {"type": kind, "_file": name}
+
+    def take(fields: Mapping[str, _F], given: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, f in fields.items():
+            dotted = f"{prefix}{key}"
+            if key not in given:
+                if f.default is _REQUIRED:
+                    raise err(f"{dotted}: required for type {kind!r} ({f.doc})")
+                out[key] = f.default if not isinstance(f.default, (list, dict)) else type(f.default)(f.default)
+                continue
+            try:
+                out[key] = _value(f, dotted, given[key], base_dir)
+            except ConfigError as exc:
+                raise err(str(exc)) from None
+        return out
+
+    spec.update(take(schema, data, ""))
+    if spec.get("wait_for_workers") is None:
+        spec["wait_for_workers"] = 1 if kind in _BATCH_TYPES else 0
+    if kind == "scheduler":
+        spec["tls"] = None
+        if bool(spec["address"]) == bool(spec["scheduler_file"]):
+            raise err("address: expected exactly one of address or scheduler_file, got "
+                      + ("both" if spec["address"] else "neither"))
+        if tls_raw is not None:
+            if not isinstance(tls_raw, dict):
+                raise err(f"tls: expected a table with ca_file, cert and key, got {tls_raw!r}")
+            for key in tls_raw:
+                if key not in _TLS:
+                    raise err(f"tls.{key}: unknown key; expected one of {list(_TLS)}")
+            spec["tls"] = take(_TLS, tls_raw, "tls.")
+            for key, value in spec["tls"].items():
+                if not Path(value).is_file():
+                    raise err(f"tls.{key}: no such file {value!r}")
+            if spec["address"] and not spec["address"].startswith("tls://"):
+                raise err(f"address: expected a tls:// address with a [tls] table, got {spec['address']!r}")
+        elif spec["address"].startswith("tls://"):
+            raise err("tls: a tls:// address needs a [tls] table with ca_file, cert and key")
+    if kind in ("slurm", "pbs"):
+        spec["processes"] = spec["processes"] or spec["cores"]
+        if spec["cores"] % spec["processes"]:
+            raise err(f"processes: expected a divisor of cores ({spec['cores']}), got {spec['processes']}")
+    if kind == "kubernetes" and not spec["manifest"] and not spec["image"] and spec["create_mode"] != "connect_only":
+        raise err("image: required for type 'kubernetes' (an image with nngp-dask installed, cluster/Dockerfile) "
+                  "unless manifest is given or create_mode = 'connect_only'")
+    return spec
+
+
+def _value(f: _F, dotted: str, value: Any, base_dir: str | Path) -> Any:
+    """One checked value: ``${VAR}`` expanded, relative paths made absolute against ``base_dir``."""
+    value = f.check(dotted, value)
+    if isinstance(value, str):
+        value = _expand(dotted, value, {})
+        if f.path and value and "://" not in value:
+            value = str((Path(base_dir) / Path(value).expanduser()).resolve())
+    elif isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{dotted}: expected a list of strings, got {value!r}")
+        value = [_expand(dotted, v, {}) for v in value]
+    elif isinstance(value, dict):
+        if not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{dotted}: expected a table of strings, got {value!r}")
+        value = {k: _expand(f"{dotted}.{k}", v, {}) for k, v in value.items()}
+    return value
+
+
+def jobqueue_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``dask_jobqueue.SLURMCluster`` / ``PBSCluster`` for a resolved spec."""
+    kw: dict[str, Any] = {
+        "cores": spec["cores"],
+        "memory": spec["memory"],
+        "processes": spec["processes"],
+        "walltime": spec["walltime"],
+        "python": spec["python"] or sys.executable,
+        "scheduler_options": {"dashboard_address": spec["dashboard_address"]},
+        "job_extra_directives": list(spec["job_extra_directives"]),
+        "worker_extra_args": list(spec["worker_extra_args"]),
+    }
+    prologue = list(spec["job_script_prologue"])
+    if spec["processes"] >= spec["cores"]:  # single-threaded workers: no BLAS/Numba oversubscription
+        prologue += [f"export {k}={v}" for k, v in _WORKER_ENV.items()]
+    kw["job_script_prologue"] = prologue
+    for key in ("queue", "account", "interface", "local_directory", "log_directory", "shared_temp_directory"):
+        if spec[key]:
+            kw[key] = spec[key]
+    if spec.get("resource_spec"):
+        kw["resource_spec"] = spec["resource_spec"]
+    if spec["tls"]:
+        kw["security"] = True  # dask-jobqueue: temporary CA and certificates, workers get theirs by file
+    return kw
+
+
+def kubernetes_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``dask_kubernetes.operator.KubeCluster`` for a resolved spec."""
+    kw: dict[str, Any] = {"name": spec["name"], "shutdown_on_close": spec["shutdown_on_close"],
+                          "resource_timeout": spec["resource_timeout"]}
+    if spec["namespace"]:
+        kw["namespace"] = spec["namespace"]
+    if spec["manifest"]:
+        kw["custom_cluster_spec"] = spec["manifest"]
+    else:
+        res = {"cpu": spec["worker_cpu"], "memory": spec["worker_memory"]}
+        kw.update(n_workers=spec["n_workers"], resources={"requests": dict(res), "limits": dict(res)},
+                  env={**_WORKER_ENV, **{k: v for k, v in spec["env"].items() if v}},
+                  worker_command=["dask", "worker", "--nthreads", "1"] if spec["worker_cpu"] == "1"
+                  else ["dask", "worker"],
+                  scheduler_service_type=spec["scheduler_service_type"])
+        if spec["image"]:
+            kw["image"] = spec["image"]
+        if spec["idle_timeout"]:
+            kw["idle_timeout"] = spec["idle_timeout"]
+    return kw
+
+
+def _missing(package: str, extra: str, kind: str, exc: ImportError) -> ImportError:
+    return ImportError(f"cluster type {kind!r} needs the optional package {package}: pip install {package} "
+                       f"(or pip install 'nngp-dask[{extra}]'); import failed: {exc}")
+
+
+def _wait(c: Any, spec: Mapping[str, Any]) -> None:
+    n = spec.get("wait_for_workers") or 0
+    if n:
+        timeout = spec.get("wait_timeout") or None
+        log.info("waiting for %d worker(s)%s", n, f" (up to {timeout:.0f} s)" if timeout else "")
+        try:
+            c.wait_for_workers(n, timeout=timeout)
+        except TimeoutError:
+            raise TimeoutError(f"cluster: {len(c.nthreads())} of {n} worker(s) joined within {timeout:.0f} s "
+                               "(wait_for_workers / wait_timeout in the cluster file)") from None
+
+
 @contextmanager
-def client_for(client: Client | str | None = None, **local: object) -> Iterator[Client]:
-    """Yield a client: the one given, one connected to an address, the current default
-    client, or a new embedded LocalCluster (closed on exit)."""
+def _client_from_spec(spec: Mapping[str, Any]) -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    kind = spec["type"]
+    if kind == "local":
+        kw = local_cluster_kwargs(spec["n_workers"] or None, spec["threads_per_worker"], spec["memory_limit"] or None)
+        with LocalCluster(**kw) as cluster, Client(cluster) as c:
+            log.info("LocalCluster from %s: %d workers; dashboard %s", spec["_file"], len(cluster.workers),
+                     c.dashboard_link)
+            _wait(c, spec)
+            yield c
+        return
+    if kind == "scheduler":
+        security = None
+        if spec["tls"]:
+            from distributed.security import Security
+
+            security = Security(require_encryption=True, tls_ca_file=spec["tls"]["ca_file"],
+                                tls_client_cert=spec["tls"]["cert"], tls_client_key=spec["tls"]["key"])
+        target = {"address": spec["address"]} if spec["address"] else {"scheduler_file": spec["scheduler_file"]}
+        with Client(**target, security=security, timeout=spec["timeout"]) as c:
+            log.info("connected to scheduler %s%s (dashboard %s)", c.scheduler.address,
+                     " with TLS" if security else "", c.dashboard_link)
+            _wait(c, spec)
+            yield c
+        return
+    if kind in ("slurm", "pbs"):
+        try:
+            import dask_jobqueue
+        except ImportError as exc:
+            raise _missing("dask-jobqueue", "jobqueue", kind, exc) from None
+        cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
+        if spec["tls"] and spec["shared_temp_directory"]:
+            os.makedirs(spec["shared_temp_directory"], mode=0o700, exist_ok=True)
+        with cls(**jobqueue_kwargs(spec)) as cluster:
+            cluster.scale(jobs=spec["jobs"])
+            with Client(cluster) as c:
+                log.info("%s cluster from %s: %d job(s) of %d cores submitted; scheduler %s; dashboard %s",
+                         kind.upper(), spec["_file"], spec["jobs"], spec["cores"], cluster.scheduler_address,
+                         c.dashboard_link)
+                _wait(c, spec)
+                yield c
+        return
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError as exc:
+        raise _missing("dask-kubernetes", "kubernetes", kind, exc) from None
+    kw = kubernetes_kwargs(spec)
+    if spec["create_mode"] != "create_or_connect":
+        from dask_kubernetes.operator.kubecluster.kubecluster import CreateMode
+
+        kw["create_mode"] = CreateMode[spec["create_mode"].upper()]
+    with KubeCluster(**kw) as cluster, Client(cluster) as c:
+        log.info("Kubernetes DaskCluster %s; dashboard %s", cluster.name, c.dashboard_link)
+        _wait(c, spec)
+        yield c
+
+
+@contextmanager
+def client_for(client: Any = None, **local: object) -> Iterator[Any]:
+    """Yield a client: the one given, one for a cluster file (``*.toml``, see
+    :func:`load_cluster_file`), one connected to an address, the current default client, or a
+    new embedded LocalCluster (closed on exit; ``local`` are :func:`local_cluster_kwargs`)."""
+    from distributed import Client, LocalCluster
+
     if isinstance(client, Client):
         yield client
+        return
+    if is_cluster_file(client):
+        with _client_from_spec(load_cluster_file(client)) as c:
+            yield c
         return
     if isinstance(client, str) and client not in ("", "local"):
         with Client(client) as c:

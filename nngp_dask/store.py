@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._version import __version__
 from .architecture import Architecture
 from .tiling import TileGrid
 
@@ -308,7 +307,8 @@ def store_lock(url: str, storage_options: dict | None = None, *, name: str = "bu
     On a local file system the lock file is created atomically (``O_EXCL``) and a lock left by
     a dead process on this host is taken over, so a SIGKILLed run never blocks its re-run. On
     object storage, which has no atomic create, the lock is advisory: a writer that finds a
-    lock younger than ``NNGP_DASK_LOCK_TTL`` seconds (default 6 h) refuses to start.
+    lock younger than ``NNGP_DASK_LOCK_TTL`` seconds (default 6 h) refuses to start, unless the
+    lock was left by a dead process on this host (a killed driver's re-run resumes at once).
     """
     url = _normalise_url(url)
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "what": name}
@@ -348,11 +348,19 @@ def store_lock(url: str, storage_options: dict | None = None, *, name: str = "bu
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     path = root.rstrip("/") + ".lock"
     ttl = float(os.environ.get("NNGP_DASK_LOCK_TTL", 6 * 3600))
+    fs.invalidate_cache(path)
     if fs.exists(path):
-        other = json.loads(fs.cat_file(path))
-        if time.time() - float(other.get("since", 0)) < ttl:
+        try:
+            other = json.loads(fs.cat_file(path))
+        except (OSError, ValueError):
+            other = {}
+        dead_here = other.get("host") == holder["host"] and not _pid_alive(int(other.get("pid", 0) or 0))
+        if not dead_here and time.time() - float(other.get("since", 0)) < ttl:
             raise StoreLockedError(
-                f"store: {url!r} is locked by pid {other.get('pid')} on {other.get('host')}; one writer per store")
+                f"store: {url!r} is locked by pid {other.get('pid')} on {other.get('host')} "
+                f"({other.get('what', 'a run')}); one writer per store. If that process is gone, delete "
+                f"{url.rstrip('/')}.lock (or wait: locks older than NNGP_DASK_LOCK_TTL={ttl:.0f} s are ignored)")
+        # a lock left by a killed run on this host, or an expired one: taken over
     fs.pipe_file(path, json.dumps(holder).encode())
     try:
         yield
