@@ -112,8 +112,12 @@ def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypat
     ks = build_kernel(ARCH, x, url, storage_options=opts, **kw)
     assert ks.last_build.tiles_computed == 1 and ks.complete
     local = build_kernel(ARCH, x, tmp_path / "k.zarr", **kw)
-    np.testing.assert_array_equal(ks.to_dask().compute(), local.to_dask().compute())
-    np.testing.assert_array_equal(ks.test_train_to_dask().compute(), local.test_train_to_dask().compute())
+    # read here (synchronous scheduler): worker processes of a session-wide default client started
+    # before this test set the credentials in the environment
+    sync = dict(scheduler="synchronous")
+    np.testing.assert_array_equal(ks.to_dask().compute(**sync), local.to_dask().compute(**sync))
+    np.testing.assert_array_equal(ks.test_train_to_dask().compute(**sync),
+                                  local.test_train_to_dask().compute(**sync))
 
     # few iterations: each checkpoint is a few dozen requests to the (slow) moto server
     skw = dict(noise=0.01, tol=1e-6, method="cg", preconditioner="pivoted_cholesky", rank=48,
