@@ -220,16 +220,20 @@ def _check_store(store: str) -> None:
                           f"got {store!r}")
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Read and validate a pipeline file (relative paths resolve against the current directory)."""
+def read_toml(path: str | Path, what: str, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is one ``error`` naming ``what``."""
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"pipeline: file {str(p)!r} does not exist") from None
+        raise error(f"{what}: file {str(p)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"pipeline: {p} is not valid TOML ({exc})") from None
-    return resolve(raw, overrides)
+        raise error(f"{what}: {p} is not valid TOML ({exc})") from None
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Read and validate a pipeline file (relative paths resolve against the current directory)."""
+    return resolve(read_toml(path, "pipeline", ConfigError), overrides)
 
 
 def schema_text() -> str:

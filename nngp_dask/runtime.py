@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,14 +149,10 @@ def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
     ClusterConfigError
         Naming the file and the dotted key, the value and what was expected.
     """
+    from .config import read_toml
+
     p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ClusterConfigError(f"cluster: file {str(p)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ClusterConfigError(f"cluster: {p} is not valid TOML ({exc})") from None
-    return resolve_cluster(raw, base_dir=p.resolve().parent, name=str(p))
+    return resolve_cluster(read_toml(p, "cluster", ClusterConfigError), base_dir=p.resolve().parent, name=str(p))
 
 
 def resolve_cluster(raw: Mapping[str, Any], *, base_dir: str | Path = ".", name: str = "cluster") -> dict[str, Any]:
