@@ -82,7 +82,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    for old in [h for h in log.handlers if h.get_name() == "nngp-dask-cli"]:
+        log.removeHandler(old)  # main() called again in one process (tests, notebooks)
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("nngp-dask-cli")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     handler.setLevel(level)
     log.addHandler(handler)
