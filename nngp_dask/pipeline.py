@@ -292,11 +292,7 @@ class Pipeline:
 
     def _figures(self, ks: KernelStore, result: SolveResult | None, pred: dict | None, ds: Dataset,
                  targets: Targets) -> list[str]:
-        try:
-            from . import plots
-        except ImportError as exc:  # pragma: no cover - plots only imports matplotlib lazily
-            log.warning("%s", exc)
-            return []
+        from . import plots  # imports matplotlib only when a figure is drawn
         from .kernel import kernel as kernel_fn
 
         out: list[Path] = []
