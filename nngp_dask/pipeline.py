@@ -212,9 +212,11 @@ class Pipeline:
     def _kernel(self, arch: Architecture, ds: Dataset, client: Any) -> KernelStore:
         k = self.cfg["kernel"]
         with self._stage("kernel") as rec:
+            # The run owns its store: new data or a changed kernel setting rebuilds it (what a
+            # scheduled re-fit wants) instead of refusing it; the lock keeps other runs out.
             ks = build_kernel(arch, ds.x_train, self.store_url, x_test=ds.x_test, kind=k["kind"], tile=k["tile"],
-                              dtype=k["dtype"], normalize=self.cfg["data"]["normalize"], client=client,
-                              progress=self.progress)
+                              dtype=k["dtype"], normalize=self.cfg["data"]["normalize"], overwrite=True,
+                              client=client, progress=self.progress)
             stats = ks.last_build  # type: ignore[attr-defined]
             rec.did_work = stats.tiles_computed > 0
             rec.fingerprint = ks.identity.token()

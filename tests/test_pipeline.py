@@ -54,6 +54,19 @@ def test_quickstart_idempotent_and_noise_change_reruns_only_solve(tmp_path, caps
     assert changed["metrics"] != first["metrics"]
 
 
+def test_new_data_or_changed_architecture_rebuilds_the_kernel(tmp_path):
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--no-plots"]) == 0
+    first = _report(tmp_path)
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--no-plots", "--set", "data.n_train=700"]) == 0
+    more = _report(tmp_path)  # new data appended: a new input fingerprint
+    assert more["stages"]["kernel"]["did_work"] and more["kernel"]["n_train"] == 700
+    assert more["stages"]["kernel"]["fingerprint"] != first["stages"]["kernel"]["fingerprint"]
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--no-plots", "--set", "data.n_train=700",
+                 "--set", "architecture.depth=2"]) == 0
+    changed = _report(tmp_path)
+    assert changed["stages"]["kernel"]["did_work"] and changed["kernel"]["architecture"]["depth"] == 2
+
+
 def test_classification_pipeline(tmp_path):
     assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--set", "run.task=classification",
                  "--set", "predict.variance=lowrank"]) == 0
