@@ -231,14 +231,17 @@ def solve(
 
     def finish(alpha, iterations, residuals, converged, resumed, matmat_s=0.0, info=None):
         a = alpha[:, 0] if squeeze else alpha
-        return SolveResult(a, iterations, residuals, converged, noise, tol, method, pre_name, key, resumed,
-                           time.perf_counter() - t0, matmat_s, info or {})
+        info = info or {}
+        used = info.get("preconditioner_used") or pre_name  # "auto" resolved to what ran
+        return SolveResult(a, iterations, residuals, converged, noise, tol, method, used, key, resumed,
+                           time.perf_counter() - t0, matmat_s, info)
 
     attrs = ck.attrs
     if attrs.get("status") == "done" and (attrs.get("converged") or attrs.get("iterations", 0) >= maxiter):
         log.info("solve %s already done in %s; loading alpha", key, ks.url)
         return finish(ck.group["alpha"][...], attrs["iterations"], ck.group["residuals"][...],
-                      bool(attrs["converged"]), -1, info={k: attrs.get(k) for k in ("preconditioner_rank",)})
+                      bool(attrs["converged"]), -1,
+                      info={k: attrs.get(k) for k in ("preconditioner_rank", "preconditioner_used")})
 
     if method == "cholesky":
         k = ks.to_dask().compute().astype(np.float64)
@@ -284,8 +287,8 @@ def solve(
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         ck.save(result.state)
-        info = {"iterations": result.iterations, "converged": result.converged, "preconditioner_rank": pre.rank,
-                "preconditioner_s": pre_s}
+        info = {"iterations": result.iterations, "converged": result.converged, "preconditioner_used": pre.name,
+                "preconditioner_rank": pre.rank, "preconditioner_s": pre_s}
         ck.save_solution(result.x, result.residuals, info)
         log.info("%s", result.summary())
         return finish(result.x, result.iterations, result.residuals, result.converged, resumed, op.seconds, info)
