@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 
-from .cg import CGState, ConvergenceWarning, batched_cg, dense_solve, default_maxiter
+from .cg import CGState, ConvergenceWarning, batched_cg, cholesky_factor, dense_solve, default_maxiter
 from .kernel import tile as tile_fn
 from .monitor import Heartbeat
 from .operator import StoredKernelOperator
@@ -369,8 +370,9 @@ def predict(
             reduction = np.sum(proj[:, keep] ** 2 / (s2[keep] * (s2[keep] + noise)), axis=1)
             return mean, np.maximum(prior - reduction, 0.0)
         if result.method == "cholesky":
-            k = ks.to_dask().compute().astype(np.float64)
-            solve_block = lambda rhs: dense_solve(k, rhs, noise)  # noqa: E731
+            # factorised once for every batch of test points
+            factor = cholesky_factor(ks.to_dask().compute().astype(np.float64), noise)
+            solve_block = lambda rhs: scipy.linalg.cho_solve(factor, rhs, check_finite=False)  # noqa: E731
         else:
             pre = make_preconditioner(result.preconditioner, diag=ks.diagonal(), column_fn=_column_fn(ks),
                                       noise=max(noise, 1e-12), rank=result.info.get("preconditioner_rank") or None,
