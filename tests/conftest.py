@@ -30,3 +30,16 @@ def thread_client():
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261123)
+
+
+@pytest.fixture
+def single_threaded_blas():
+    """One BLAS thread: tests that factorise many tiny matrices; on a loaded 2-core machine waking a
+    second OpenBLAS thread after each Numba kernel costs more than the factorisation itself."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # comes with scikit-learn; without it the tests only run slower
+        yield
+        return
+    with threadpool_limits(1, user_api="blas"):
+        yield

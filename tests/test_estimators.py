@@ -17,18 +17,7 @@ from nngp_dask.estimators import NNGPClassifier, NNGPKernel, NNGPRegressor  # no
 from nngp_dask.sweep import marginal_likelihood  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _single_threaded_blas():
-    """One BLAS thread: the estimator checks factorise hundreds of tiny matrices, and on a loaded
-    2-core machine waking a second OpenBLAS thread after each Numba kernel costs more than the
-    factorisation itself."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # comes with scikit-learn; without it the tests only run slower
-        yield
-        return
-    with threadpool_limits(1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded_blas")
 
 
 def _expected_failed_checks(estimator):

@@ -15,17 +15,7 @@ from nngp_dask.sweep import (EIGH_MIN_NOISES, gram_block, marginal_likelihood, o
                              run_sweep, sweep_kernels, toml_text)
 
 
-@pytest.fixture(autouse=True)
-def _single_threaded_blas():
-    """One BLAS thread: these matrices are tiny, and on a loaded 2-core machine waking a second
-    OpenBLAS thread after each Numba kernel costs more than the factorisation itself."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # comes with scikit-learn; without it the tests only run slower
-        yield
-        return
-    with threadpool_limits(1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded_blas")
 
 
 def _classification(n=160, d=6, seed=0):
