@@ -7,6 +7,7 @@ tiles are being built and while CG runs, and the driver mid-build.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -131,6 +132,30 @@ def _wait_until(pred, timeout: float, what: str, interval: float = 0.05):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+@contextlib.contextmanager
+def _slowed_tasks(client, seconds: float):
+    """Every task on every worker (also on those started later) takes at least ``seconds``.
+
+    A kill must land while work is in flight; without this, a fast machine finishes the small build
+    between two polls and the test has nothing to test. The class is local, so cloudpickle ships it
+    by value and the workers need not import the tests.
+    """
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class SlowTasks(WorkerPlugin):
+        name = "nngp-test-slow-tasks"
+
+        def transition(self, key, start, finish, **kwargs):
+            if finish == "executing":
+                time.sleep(seconds)
+
+    client.register_plugin(SlowTasks())
+    try:
+        yield
+    finally:
+        client.unregister_worker_plugin(SlowTasks.name)
+
+
 def _done(store: Path) -> int:
     return int(zarr.open_group(str(store), mode="r")["done/train_train"][...].sum())
 
@@ -172,8 +197,14 @@ with Client(sys.argv[3], timeout=120) as c:
 """
 
 
-def test_killed_driver_and_workers_cost_only_their_work(remote, tmp_path):
-    procs, client = remote
+@pytest.fixture
+def slowed_remote(remote):
+    with _slowed_tasks(remote[1], 0.01):
+        yield remote
+
+
+def test_killed_driver_and_workers_cost_only_their_work(slowed_remote, tmp_path):
+    procs, client = slowed_remote
     rng = np.random.default_rng(11)
     x = rng.standard_normal((400, 30))  # 25 x 25 tiles of 16: 325 upper tiles
     total = 25 * 26 // 2
