@@ -27,7 +27,8 @@ from typing import Any
 
 from .config import ConfigError, _expand, _F
 
-__all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "client_for", "load_cluster_file", "local_cluster_kwargs",
+__all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "client_for", "load_cluster_file", "local_cluster",
+           "local_cluster_kwargs",
            "jobqueue_kwargs", "kubernetes_kwargs", "is_cluster_file"]
 
 log = logging.getLogger("nngp_dask")
@@ -38,6 +39,14 @@ log = logging.getLogger("nngp_dask")
 # Threads measured faster in one loaded run and slower in another (benchmarks/RESULTS.md).
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMBA_NUM_THREADS": "1"}
+
+# distributed's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes
+# glibc's mmap threshold at 128 KiB: every tile-sized buffer (16 MiB) is then a fresh mmap, paid
+# in page faults and zeroing on each use. Reading a cached tile through zarr took 3x (in the
+# workers) to 10x (one process) as long as with glibc's adaptive default (benchmarks/RESULTS.md).
+# None unsets it (distributed drops None entries), leaving glibc's default.
+_NANNY_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+_NANNY_MALLOC_ENV = "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_"
 
 
 class ClusterConfigError(ConfigError):
@@ -59,6 +68,19 @@ def local_cluster_kwargs(n_workers: int | None = None, threads_per_worker: int =
     if memory_limit:
         kwargs["memory_limit"] = memory_limit
     return kwargs
+
+
+def local_cluster(**kwargs: Any) -> Any:
+    """A ``distributed.LocalCluster`` whose worker processes keep glibc's adaptive allocator.
+
+    ``kwargs`` as for ``LocalCluster`` (see :func:`local_cluster_kwargs`). The nannies read their
+    pre-spawn environment when the cluster starts its workers, here.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set(_NANNY_MALLOC):
+        return LocalCluster(**kwargs)
 
 
 # --- cluster files ------------------------------------------------------------------------
@@ -305,12 +327,12 @@ def _wait(c: Any, spec: Mapping[str, Any]) -> None:
 
 @contextmanager
 def _client_from_spec(spec: Mapping[str, Any]) -> Iterator[Any]:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     kind = spec["type"]
     if kind == "local":
         kw = local_cluster_kwargs(spec["n_workers"] or None, spec["threads_per_worker"], spec["memory_limit"] or None)
-        with LocalCluster(**kw) as cluster, Client(cluster) as c:
+        with local_cluster(**kw) as cluster, Client(cluster) as c:
             log.info("LocalCluster from %s: %d workers; dashboard %s", spec["_file"], len(cluster.workers),
                      c.dashboard_link)
             _wait(c, spec)
@@ -367,7 +389,7 @@ def client_for(client: Any = None, **local: object) -> Iterator[Any]:
     """Yield a client: the one given, one for a cluster file (``*.toml``, see
     :func:`load_cluster_file`), one connected to an address, the current default client, or a
     new embedded LocalCluster (closed on exit; ``local`` are :func:`local_cluster_kwargs`)."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if isinstance(client, Client):
         yield client
@@ -390,6 +412,6 @@ def client_for(client: Any = None, **local: object) -> Iterator[Any]:
     if current is not None and client is None:
         yield current
         return
-    with LocalCluster(**local_cluster_kwargs(**local)) as cluster, Client(cluster) as c:  # type: ignore[arg-type]
+    with local_cluster(**local_cluster_kwargs(**local)) as cluster, Client(cluster) as c:  # type: ignore[arg-type]
         log.info("embedded LocalCluster: %d workers; dashboard %s", len(cluster.workers), c.dashboard_link)
         yield c

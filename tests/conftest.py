@@ -9,11 +9,11 @@ import pytest
 @pytest.fixture(scope="session")
 def cluster_client():
     """A real LocalCluster: two single-threaded worker processes on 127.0.0.1."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from nngp_dask.runtime import local_cluster_kwargs
+    from nngp_dask.runtime import local_cluster, local_cluster_kwargs
 
-    with LocalCluster(**local_cluster_kwargs(n_workers=2)) as cluster, Client(cluster) as client:
+    with local_cluster(**local_cluster_kwargs(n_workers=2)) as cluster, Client(cluster) as client:
         yield client
 
 

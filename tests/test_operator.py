@@ -1,0 +1,71 @@
+"""The stored-kernel operator and its compiled tile products, against dense NumPy products."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nngp_dask import Architecture, kernel
+from nngp_dask._products import tile_matmat_t
+from nngp_dask.build import build_kernel
+from nngp_dask.operator import StoredKernelOperator
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("a", [1, 2, 3, 4, 5, 7, 9])  # every remainder of the four-row blocking
+@pytest.mark.parametrize("transpose_too", [False, True])
+def test_tile_products_equal_float64_blas(rng, dtype, a, transpose_too):
+    n, b, nrhs, r0, c0 = 40, 13, 3, 2, 21
+    k = rng.standard_normal((a, b)).astype(dtype)
+    v_t = rng.standard_normal((nrhs, n))
+    out_t = rng.standard_normal((nrhs, n))
+    want = out_t.copy()
+    k64 = k.astype(np.float64)  # the tile's own values, products in float64
+    want[:, r0:r0 + a] += (k64 @ v_t[:, c0:c0 + b].T).T
+    if transpose_too:
+        want[:, c0:c0 + b] += (k64.T @ v_t[:, r0:r0 + a].T).T
+    tile_matmat_t(k, v_t, out_t, r0, c0, transpose_too=transpose_too)
+    np.testing.assert_allclose(out_t, want, rtol=1e-13, atol=1e-13)
+
+
+def test_tile_products_accumulate_in_float64(rng):
+    # terms that cancel in float32 but not in float64: a float32 accumulation would give 0
+    k = np.ones((1, 3), np.float32)
+    v_t = np.array([[1.0, 1e-9, -1.0]])
+    out_t = np.zeros((1, 3))
+    tile_matmat_t(k, v_t, out_t, 0, 0, transpose_too=False)
+    assert out_t[0, 0] == pytest.approx(1e-9, rel=1e-6)
+
+
+def test_tile_products_propagate_nan(rng):
+    k = rng.standard_normal((6, 5)).astype(np.float32)
+    k[4, 2] = np.nan
+    v_t, out_t = rng.standard_normal((2, 20)), np.zeros((2, 20))
+    tile_matmat_t(k, v_t, out_t, 0, 10, transpose_too=True)
+    assert np.isnan(out_t[:, 4]).all() and np.isnan(out_t[:, 12]).all()  # row 4 and column 2 of the tile
+    assert not np.isnan(out_t[:, [0, 1, 2, 3, 5, 10, 11, 13, 14]]).any()
+
+
+def test_tile_products_refuse_strided_vectors(rng):
+    v = rng.standard_normal((20, 2))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        tile_matmat_t(np.ones((2, 2)), v.T, np.zeros((2, 20)), 0, 0, transpose_too=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_stored_operator_equals_dense_products(tmp_path, cluster_client, rng, dtype):
+    arch = Architecture(2, "relu", 1.6, 0.1)
+    x, xt = rng.standard_normal((107, 5)), rng.standard_normal((31, 5))  # ragged against tile 16
+    ks = build_kernel(arch, x, tmp_path / "k.zarr", x_test=xt, tile=16, dtype=dtype, client=cluster_client,
+                      progress=False)
+    k = kernel(arch, x, dtype=dtype).astype(np.float64)  # the stored values, in float64
+    ks_ = kernel(arch, xt, x, dtype=dtype).astype(np.float64)
+    op = StoredKernelOperator(ks, 0.25, cluster_client)
+    v = rng.standard_normal((107, 4))
+    np.testing.assert_allclose(op.matmat(v), k @ v + 0.25 * v, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(op(v[:, 1]), k @ v[:, 1] + 0.25 * v[:, 1], rtol=1e-12, atol=1e-12)
+    factor = rng.standard_normal((107, 3))
+    mean, sq, proj = op.test_products(v, factor)
+    np.testing.assert_allclose(mean, ks_ @ v, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sq, (ks_ ** 2).sum(1), rtol=1e-12)
+    np.testing.assert_allclose(proj, ks_ @ factor, rtol=1e-12, atol=1e-12)
