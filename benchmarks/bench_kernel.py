@@ -29,11 +29,9 @@ import sys
 import time
 
 import numpy as np
+from nt_reference import NT_LAYERS, stax_kernel_fn, time_batched
 
 from nngp_dask import Architecture, diagonals, kernel, normalize, tile
-
-# activations with a closed form in neural-tangents' stax
-_NT_LAYERS = {"relu": "Relu", "erf": "Erf", "abs": "Abs", "identity": "Identity", "gelu": "Gelu"}
 
 
 def _timed(fn, repeats: int):
@@ -51,30 +49,14 @@ def _neural_tangents(args, x: np.ndarray, ours: np.ndarray) -> dict:
     try:
         import jax
         import neural_tangents as nt
-        from neural_tangents import stax
     except Exception as exc:  # ImportError, or a jax/jaxlib mismatch raising at import
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
-    if args.activation not in _NT_LAYERS:
+    if args.activation not in NT_LAYERS:
         return {"available": False, "reason": f"no stax layer for activation {args.activation!r}"}
     if args.n % args.nt_batch:
         return {"available": False, "reason": f"--nt-batch {args.nt_batch} must divide --n {args.n}"}
-    w_std, b_std = math.sqrt(args.weight_var), math.sqrt(args.bias_var)
-    layers = []
-    for _ in range(args.depth):
-        layers += [stax.Dense(512, W_std=w_std, b_std=b_std), getattr(stax, _NT_LAYERS[args.activation])()]
-    layers.append(stax.Dense(1, W_std=w_std, b_std=b_std))
-    _, _, kernel_fn = stax.serial(*layers)
-    batched = nt.batch(kernel_fn, batch_size=args.nt_batch)
-    xj = jax.numpy.asarray(x)
-
-    def run():
-        return np.asarray(jax.block_until_ready(batched(xj, None, "nngp")))
-
-    t0 = time.perf_counter()
-    k_nt = run()  # includes tracing and XLA compilation
-    first = time.perf_counter() - t0
-    k_nt = None
-    best, k_nt = _timed(run, args.nt_repeats)
+    fn = stax_kernel_fn(args.depth, args.activation, args.weight_var, args.bias_var)
+    first, best, k_nt = time_batched(fn, x, args.nt_batch, args.nt_repeats)
     diff = np.abs(k_nt.astype(np.float64) - ours.astype(np.float64))
     return {
         "available": True,

@@ -42,11 +42,14 @@ _WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THR
 
 # distributed's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes
 # glibc's mmap threshold at 128 KiB: every tile-sized buffer (16 MiB) is then a fresh mmap, paid
-# in page faults and zeroing on each use. Reading a cached tile through zarr took 3x (in the
-# workers) to 10x (one process) as long as with glibc's adaptive default (benchmarks/RESULTS.md).
-# None unsets it (distributed drops None entries), leaving glibc's default.
-_NANNY_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-_NANNY_MALLOC_ENV = "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_"
+# in page faults and zeroing on each use, and reading a cached tile through zarr took 3x (in the
+# workers) to 10x (one process) as long. Buffers up to 32 MiB (the most glibc allows) come from
+# the heap instead, and up to 32 MiB freed at its top are kept for the next tile: the CG pass at
+# n = 20,000 went from 0.85 s to 0.21 s, and the build's peak RSS stayed at 1.3 GB for n = 40,000
+# (glibc's adaptive default, with the variable unset, was as fast but peaked at 1.45 GB);
+# benchmarks/RESULTS.md. Set before the worker starts: the nannies' pre-spawn environment, or the
+# batch job's shell, whose variables win over the nannies' config.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "33554432"}
 
 
 class ClusterConfigError(ConfigError):
@@ -71,15 +74,21 @@ def local_cluster_kwargs(n_workers: int | None = None, threads_per_worker: int =
 
 
 def local_cluster(**kwargs: Any) -> Any:
-    """A ``distributed.LocalCluster`` whose worker processes keep glibc's adaptive allocator.
+    """A ``distributed.LocalCluster`` whose worker processes start with ``env`` already set.
 
-    ``kwargs`` as for ``LocalCluster`` (see :func:`local_cluster_kwargs`). The nannies read their
-    pre-spawn environment when the cluster starts its workers, here.
+    ``kwargs`` as for ``LocalCluster`` (see :func:`local_cluster_kwargs`). ``LocalCluster``'s own
+    ``env`` is applied inside the worker after Numba was imported, so ``NUMBA_NUM_THREADS=1`` was
+    ignored and each single-threaded worker ran its kernels on every core (2 workers x 2 Numba
+    threads on 2 cores: tiles took 1.5x as long in the build as alone, measured). Here ``env``
+    goes into the nannies' pre-spawn environment instead, which they read when the cluster starts
+    its workers, with glibc's allocator thresholds (see ``_MALLOC_ENV``).
     """
     import dask
     from distributed import LocalCluster
 
-    with dask.config.set(_NANNY_MALLOC):
+    env = kwargs.pop("env", None) or {}
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_MALLOC_ENV, **env}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
         return LocalCluster(**kwargs)
 
 
@@ -275,6 +284,7 @@ def jobqueue_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
     prologue = list(spec["job_script_prologue"])
     if spec["processes"] >= spec["cores"]:  # single-threaded workers: no BLAS/Numba oversubscription
         prologue += [f"export {k}={v}" for k, v in _WORKER_ENV.items()]
+    prologue += [f"export {k}={v}" for k, v in _MALLOC_ENV.items()]
     kw["job_script_prologue"] = prologue
     for key in ("queue", "account", "interface", "local_directory", "log_directory", "shared_temp_directory"):
         if spec[key]:
@@ -297,7 +307,7 @@ def kubernetes_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
     else:
         res = {"cpu": spec["worker_cpu"], "memory": spec["worker_memory"]}
         kw.update(n_workers=spec["n_workers"], resources={"requests": dict(res), "limits": dict(res)},
-                  env={**_WORKER_ENV, **{k: v for k, v in spec["env"].items() if v}},
+                  env={**_WORKER_ENV, **_MALLOC_ENV, **{k: v for k, v in spec["env"].items() if v}},
                   worker_command=["dask", "worker", "--nthreads", "1"] if spec["worker_cpu"] == "1"
                   else ["dask", "worker"],
                   scheduler_service_type=spec["scheduler_service_type"])

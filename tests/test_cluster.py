@@ -450,6 +450,7 @@ def test_slurm_and_pbs_job_scripts(tmp_path):
         assert f"{directive} -q workq" in script or f"{directive} -p cpu" in script
         assert "--nworkers 16" in script and "--nthreads 1" in script
         assert "export OMP_NUM_THREADS=1" in script and "--protocol tls://" in script
+        assert "export MALLOC_MMAP_THRESHOLD_=33554432" in script  # shell variables win over the nanny's
         assert "--tls-key" in script and "--tls-ca-file" in script
         if kind == "slurm":
             assert "#SBATCH --exclusive" in script and "#SBATCH -t 04:00:00" in script
@@ -484,6 +485,19 @@ def test_missing_optional_package_is_named(monkeypatch, kind, package):
     with pytest.raises(ImportError, match=f"pip install {pip}"):
         with client_for(CLUSTER / f"{kind}.toml"):
             pass
+
+
+def _worker_environment() -> tuple[int, str | None, str | None]:
+    import numba
+
+    return numba.get_num_threads(), os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+def test_embedded_workers_start_single_threaded_with_tile_sized_heap(cluster_client):
+    """Set before the worker process starts: LocalCluster's own ``env`` arrived after Numba was
+    imported, and each single-threaded worker ran its kernels on every core."""
+    for threads, mmap, trim in cluster_client.run(_worker_environment).values():
+        assert threads == 1 and mmap == trim == "33554432"
 
 
 # --- secure defaults -------------------------------------------------------------------------
