@@ -1,9 +1,10 @@
 """Matrix-free products with a stored kernel: ``(K + noise I) V`` and ``K(X*, X) V``.
 
 Each upper tile K_IJ is read once per product and used twice (``K_IJ V_J`` into block I and
-``K_IJ^T V_I`` into block J) by one compiled pass that accumulates in float64 (``_products``). The tile products run as Dask tasks next to the
-store, grouped so every worker streams a contiguous run of tiles; the (n, k) vectors stay
-with the driver and only (tile, k) blocks travel.
+``K_IJ^T V_I`` into block J) by one compiled pass that accumulates in float64 (``_products``).
+The tile products run as Dask tasks next to the store, grouped so every worker streams a
+contiguous run of tiles; the vectors go out once per product and each group sends back only
+the rows its tiles touch.
 """
 
 from __future__ import annotations

@@ -28,8 +28,7 @@ from typing import Any
 from .config import ConfigError, _expand, _F
 
 __all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "client_for", "load_cluster_file", "local_cluster",
-           "local_cluster_kwargs",
-           "jobqueue_kwargs", "kubernetes_kwargs", "is_cluster_file"]
+           "local_cluster_kwargs", "jobqueue_kwargs", "kubernetes_kwargs", "is_cluster_file"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -45,7 +44,7 @@ _WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THR
 # in page faults and zeroing on each use, and reading a cached tile through zarr took 3x (in the
 # workers) to 10x (one process) as long. Buffers up to 32 MiB (the most glibc allows) come from
 # the heap instead, and up to 32 MiB freed at its top are kept for the next tile: the CG pass at
-# n = 20,000 went from 0.85 s to 0.21 s, and the build's peak RSS stayed at 1.3 GB for n = 40,000
+# n = 20,000 went from 0.85 s to 0.38 s, and the build's peak RSS stayed at 1.3 GB for n = 40,000
 # (glibc's adaptive default, with the variable unset, was as fast but peaked at 1.45 GB);
 # benchmarks/RESULTS.md. Set before the worker starts: the nannies' pre-spawn environment, or the
 # batch job's shell, whose variables win over the nannies' config.
@@ -79,9 +78,9 @@ def local_cluster(**kwargs: Any) -> Any:
     ``kwargs`` as for ``LocalCluster`` (see :func:`local_cluster_kwargs`). ``LocalCluster``'s own
     ``env`` is applied inside the worker after Numba was imported, so ``NUMBA_NUM_THREADS=1`` was
     ignored and each single-threaded worker ran its kernels on every core (2 workers x 2 Numba
-    threads on 2 cores: tiles took 1.5x as long in the build as alone, measured). Here ``env``
-    goes into the nannies' pre-spawn environment instead, which they read when the cluster starts
-    its workers, with glibc's allocator thresholds (see ``_MALLOC_ENV``).
+    threads on 2 cores). Here ``env`` goes into the nannies' pre-spawn environment instead, which
+    they read when the cluster starts its workers, with glibc's allocator thresholds (see
+    ``_MALLOC_ENV``).
     """
     import dask
     from distributed import LocalCluster
