@@ -44,10 +44,9 @@ _WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THR
 # in page faults and zeroing on each use, and reading a cached tile through zarr took 3x (in the
 # workers) to 10x (one process) as long. Buffers up to 32 MiB (the most glibc allows) come from
 # the heap instead, and up to 32 MiB freed at its top are kept for the next tile: the CG pass at
-# n = 20,000 went from 0.85 s to 0.38 s, and the build's peak RSS stayed at 1.3 GB for n = 40,000
-# (glibc's adaptive default, with the variable unset, was as fast but peaked at 1.45 GB);
-# benchmarks/RESULTS.md. Set before the worker starts: the nannies' pre-spawn environment, or the
-# batch job's shell, whose variables win over the nannies' config.
+# n = 20,000 went from 0.85 s to 0.38 s (benchmarks/RESULTS.md). Unsetting the variable (glibc's
+# adaptive default) measured the same, but a batch job's shell, whose variables win over the
+# nannies' config, can only set it; so it is set, the same way everywhere, before the worker starts.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "33554432"}
 
 
