@@ -6,9 +6,9 @@ diagonal ones). The low-rank ones approximate ``K ~= L L^T`` with ``L`` (n, r) a
 
     M^{-1} = (L L^T + noise I)^{-1} = (I - L (noise I_r + L^T L)^{-1} L^T) / noise
 
-(Woodbury). For stability the factor is stored orthonormalised, ``L = U diag(s) W^T`` with
-``U`` (n, r) orthonormal columns (thin QR of ``L`` followed by the SVD of the r x r
-triangle), so that
+(Woodbury). For stability the factor is stored in its SVD form, ``L = U diag(s) W^T`` with ``U``
+(n, r) orthonormal columns (a thin QR of ``L`` followed by the SVD of the r x r triangle;
+for Nystrom, the eigendecomposition of ``L^T L``), kept as ``F = U diag(s)``, so that
 
     M^{-1} R = U diag(1 / (s^2 + noise)) U^T R + (R - U U^T R) / noise,
 
@@ -216,26 +216,41 @@ class LowRank(Preconditioner):
         lf = np.asarray(factor, dtype=np.float64)
         if lf.ndim != 2:
             raise ValueError(f"factor: expected a 2-D array (n, r), got shape {lf.shape}")
-        self.noise = _check_noise(noise, positive=True)
-        self.n = lf.shape[0]
-        self.name = name
-        self.info = dict(info or {})
         if lf.shape[1] == 0:
-            u, s = np.zeros((self.n, 0)), np.zeros(0)
+            f, s = np.zeros((lf.shape[0], 0)), np.zeros(0)
         else:
             q, tri = scipy.linalg.qr(lf, mode="economic", check_finite=False)
             w, s, _ = scipy.linalg.svd(tri, full_matrices=False, check_finite=False)
-            u = q @ w
+            f = (q @ w) * s
+        self._set(f, s, noise, name, info)
+
+    @classmethod
+    def _from_ordered_factor(cls, f: NDArray[np.float64], s: NDArray[np.float64], noise: float, *, name: str,
+                             info: dict[str, Any] | None = None) -> "LowRank":
+        """From ``F = U diag(s)`` already computed (orthogonal columns, ``s`` descending)."""
+        self = cls.__new__(cls)
+        self._set(f, s, noise, name, info)
+        return self
+
+    def _set(self, f: NDArray[np.float64], s: NDArray[np.float64], noise: float, name: str,
+             info: dict[str, Any] | None) -> None:
+        self.noise = _check_noise(noise, positive=True)
+        self.n = f.shape[0]
+        self.name = name
+        self.info = dict(info or {})
         self.rank = int(s.size)
-        u.setflags(write=False)
+        f.setflags(write=False)
         s.setflags(write=False)
-        self._u, self._s = u, s
-        self._shrink = 1.0 / (s * s + self.noise) - 1.0 / self.noise  # (r,), <= 0
+        self._f, self._s = f, s
+        # U diag(1/(s^2 + noise) - 1/noise) U^T = F diag(-1/(noise (s^2 + noise))) F^T: no division
+        # by s, so directions with s ~ 0 (or s known only roughly, see Nystrom) stay harmless
+        self._coef = -1.0 / (self.noise * (s * s + self.noise))
 
     @property
     def lowrank_factor(self) -> NDArray[np.float64]:
-        """``U diag(s)``, shape (n, rank): ``F F^T = L L^T ~= K`` (a fresh array)."""
-        return self._u * self._s
+        """``U diag(s)``, shape (n, rank), columns in descending ``s``: ``F F^T = L L^T ~= K``
+        (a fresh array)."""
+        return self._f.copy()
 
     @property
     def singular_values(self) -> NDArray[np.float64]:
@@ -245,8 +260,8 @@ class LowRank(Preconditioner):
     def _apply(self, r: NDArray[np.float64]) -> NDArray[np.float64]:
         if self.rank == 0:
             return r / self.noise
-        c = self._u.T @ r  # (rank, m)
-        return r / self.noise + self._u @ (self._shrink[:, None] * c)
+        c = self._f.T @ r  # (rank, m)
+        return r / self.noise + self._f @ (self._coef[:, None] * c)
 
     def dense_inverse(self) -> NDArray[np.float64]:
         """``M^{-1}`` as a dense (n, n) array (small problems, tests)."""
@@ -381,17 +396,29 @@ class Nystrom(LowRank):
         landmarks = np.sort(rng.choice(n, size=rank, replace=False)).astype(np.intp)
         if rank == 0:
             return cls(np.zeros((n, 0)), noise, name="nystrom", info={"landmarks": landmarks, "kept": 0})
-        c = np.concatenate([_columns(column_fn, landmarks[i:i + block_size], n)
-                            for i in range(0, rank, block_size)], axis=1)
+        c = np.empty((n, rank))
+        for i in range(0, rank, block_size):
+            c[:, i:i + block_size] = _columns(column_fn, landmarks[i:i + block_size], n)
         w = c[landmarks]
         w = 0.5 * (w + w.T)
         lam, v = scipy.linalg.eigh(w, check_finite=False)
         keep = lam > rcond * max(float(lam[-1]), 0.0)
+        info = {"landmarks": landmarks, "kept": int(keep.sum())}
         if not np.any(keep):
-            lf = np.zeros((n, 0))
-        else:
-            lf = c @ (v[:, keep] / np.sqrt(lam[keep]))
-        return cls(lf, noise, name="nystrom", info={"landmarks": landmarks, "kept": int(keep.sum())})
+            return cls(np.zeros((n, 0)), noise, name="nystrom", info=info)
+        lf = c @ (v[:, keep] / np.sqrt(lam[keep]))
+        del c
+        # L's SVD through its r x r Gram, L^T L = W diag(s^2) W^T, and F = L W = U diag(s): one syrk
+        # and one (n, r) x (r, r) product, where a thin QR of L, the SVD of its triangle and Q W
+        # took 4x as long at n = 60,000, r = 4,096 (135 s: benchmarks/RESULTS.md). F F^T = L L^T
+        # holds to rounding whatever the Gram's accuracy; the small s^2 are known only to about
+        # eps s_max^2, which moves M^-1 by about eps s_max^2 / noise relative (see _set).
+        gram = scipy.linalg.blas.dsyrk(1.0, lf.T, trans=0)  # upper triangle; lf.T is Fortran-ordered
+        gram = np.triu(gram) + np.triu(gram, 1).T
+        sig2, w2 = scipy.linalg.eigh(gram, check_finite=False)
+        f = lf @ w2[:, ::-1]
+        s = np.sqrt(np.clip(sig2[::-1], 0.0, None))
+        return cls._from_ordered_factor(f, s, noise, name="nystrom", info=info)
 
 
 def make_preconditioner(
