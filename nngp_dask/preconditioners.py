@@ -410,9 +410,10 @@ class Nystrom(LowRank):
         del c
         # L's SVD through its r x r Gram, L^T L = W diag(s^2) W^T, and F = L W = U diag(s): one syrk
         # and one (n, r) x (r, r) product, where a thin QR of L, the SVD of its triangle and Q W
-        # took 4x as long at n = 60,000, r = 4,096 (135 s: benchmarks/RESULTS.md). F F^T = L L^T
-        # holds to rounding whatever the Gram's accuracy; the small s^2 are known only to about
-        # eps s_max^2, which moves M^-1 by about eps s_max^2 / noise relative (see _set).
+        # took 3x as long (109 s against 37 s at n = 60,000, r = 4,096; the MNIST preconditioner
+        # build went from 156 s to 79 s: benchmarks/RESULTS.md). F F^T = L L^T holds to rounding
+        # whatever the Gram's accuracy; the small s^2 are known only to about eps s_max^2, which
+        # moves M^-1 by about eps s_max^2 / noise relative (see _set).
         gram = scipy.linalg.blas.dsyrk(1.0, lf.T, trans=0)  # upper triangle; lf.T is Fortran-ordered
         gram = np.triu(gram) + np.triu(gram, 1).T
         sig2, w2 = scipy.linalg.eigh(gram, check_finite=False)

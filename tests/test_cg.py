@@ -284,6 +284,21 @@ def test_pivoted_cholesky_approximates_kernel(k_train, system):
     assert np.trace(err_b) <= 2 * np.trace(err) + 1e-12
 
 
+def test_nystrom_factor_is_the_nystrom_approximation_in_svd_order(k_train, system):
+    """F F^T = C W^+ C^T (the column-subset Nystrom approximation, computed densely here), with
+    orthogonal columns in descending norm: the low-rank variance keeps its leading columns."""
+    _, _, _, column_fn = system
+    pre = Nystrom.build(column_fn, N, 60, NOISE, seed=3)
+    s_idx = pre.info["landmarks"]
+    c = k_train[:, s_idx]
+    want = c @ np.linalg.pinv(k_train[np.ix_(s_idx, s_idx)], rcond=1e-10, hermitian=True) @ c.T
+    f = pre.lowrank_factor
+    np.testing.assert_allclose(f @ f.T, want, atol=1e-8 * np.abs(want).max())
+    gram = f.T @ f
+    np.testing.assert_allclose(gram, np.diag(pre.singular_values ** 2), atol=1e-8 * gram.max())
+    assert np.all(np.diff(pre.singular_values) <= 0)
+
+
 def test_diagonal_preconditioners(system):
     _, _, diag, _ = system
     r = _rhs(3)
