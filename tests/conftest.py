@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -43,3 +45,28 @@ def single_threaded_blas():
         return
     with threadpool_limits(1, user_api="blas"):
         yield
+
+
+@pytest.fixture
+def failing_tiles(monkeypatch):
+    """``with failing_tiles(2, 5): ...``: inside the block the tile function raises on its 2nd and
+    5th calls in this process (so only for in-process workers); outside it is the real one."""
+    import nngp_dask.build as build_mod
+
+    @contextlib.contextmanager
+    def inject(*calls: int):
+        real, count = build_mod.tile_fn, {"n": 0}
+
+        def failing(*args, **kwargs):
+            count["n"] += 1
+            if count["n"] in calls:
+                raise RuntimeError("injected failure")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(build_mod, "tile_fn", failing)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(build_mod, "tile_fn", real)
+
+    return inject

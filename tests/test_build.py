@@ -66,26 +66,15 @@ def test_only_upper_tiles_are_stored(cluster_client, tmp_path, rng):
     assert np.isnan(arr[40, 0])  # a lower tile was never written
 
 
-def test_resume_after_exception_recomputes_only_missing(thread_client, tmp_path, rng, monkeypatch):
+def test_resume_after_exception_recomputes_only_missing(thread_client, tmp_path, rng, failing_tiles):
     x = rng.standard_normal((130, 6))  # 5 x 5 tiles of 32 (ragged): 15 upper tiles
     store = tmp_path / "k.zarr"
-    real = build_mod.tile_fn
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("injected failure")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(build_mod, "tile_fn", failing)
-    with pytest.raises(BuildError, match="1 of 15 tile"):
+    with failing_tiles(6), pytest.raises(BuildError, match="1 of 15 tile"):
         build_kernel(ARCH, x, store, tile=32, dtype="float64", client=thread_client, progress=False)
     ks = open_kernel(store)
     assert len(ks.missing_tiles()) == 1
     with pytest.raises(IncompleteKernelError, match="missing 1 tile"):
         ks.to_dask()
-    monkeypatch.setattr(build_mod, "tile_fn", real)
     ks = build_kernel(ARCH, x, store, tile=32, dtype="float64", client=thread_client, progress=False)
     assert ks.last_build.tiles_computed == 1
     clean = build_kernel(ARCH, x, tmp_path / "clean.zarr", tile=32, dtype="float64", client=thread_client,

@@ -21,7 +21,6 @@ import pytest
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-import nngp_dask.build as build_mod  # noqa: E402
 from nngp_dask import Architecture  # noqa: E402
 from nngp_dask.build import BuildError, build_kernel  # noqa: E402
 from nngp_dask.cli import main  # noqa: E402
@@ -82,7 +81,7 @@ def inproc_client():
         yield client
 
 
-def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypatch):
+def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypatch, failing_tiles):
     # An unreachable endpoint in the environment: any step that dropped storage_options fails.
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     opts = {"client_kwargs": {"endpoint_url": s3["endpoint"]}}
@@ -92,18 +91,8 @@ def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypat
     y = np.column_stack([np.sin(x[:, 0]), np.cos(x[:, 1])])
     kw = dict(x_test=xt, tile=32, dtype="float64", client=inproc_client, progress=False)
 
-    real, calls = build_mod.tile_fn, {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected failure")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(build_mod, "tile_fn", failing)
-    with pytest.raises(BuildError, match="1 of 9 tile"):  # 6 upper train tiles + 3 test tiles
+    with failing_tiles(3), pytest.raises(BuildError, match="1 of 9 tile"):  # 6 upper train + 3 test tiles
         build_kernel(ARCH, x, url, storage_options=opts, **kw)
-    monkeypatch.setattr(build_mod, "tile_fn", real)
     ks = open_kernel(url, storage_options=opts)
     missing = ks.missing_tiles("train_train") + ks.missing_tiles("test_train")
     assert len(missing) == 1
@@ -142,7 +131,7 @@ def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypat
     assert KEY_ID not in attrs and SECRET not in attrs and "endpoint" not in attrs
 
 
-def test_pipeline_on_s3_workers_in_other_processes(s3, tmp_path, monkeypatch):
+def test_pipeline_on_s3_workers_in_other_processes(s3, tmp_path, monkeypatch, failing_tiles):
     """run.store = s3://...; the endpoint comes from AWS_ENDPOINT_URL (no new config key), which
     the LocalCluster's worker processes inherit with the credentials."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint"])
@@ -155,20 +144,10 @@ def test_pipeline_on_s3_workers_in_other_processes(s3, tmp_path, monkeypatch):
     # 1. a failure mid-build (in-process workers, so the tile function can be patched)
     from distributed import Client, LocalCluster
 
-    real, calls = build_mod.tile_fn, {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] in (2, 5):
-            raise RuntimeError("injected failure")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(build_mod, "tile_fn", failing)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc, \
             Client(lc, set_as_default=False) as c:
-        with pytest.raises(BuildError, match="2 of 9 tile"):
+        with failing_tiles(2, 5), pytest.raises(BuildError, match="2 of 9 tile"):
             run_pipeline(cfg, until="kernel", client=c, progress=False)
-    monkeypatch.setattr(build_mod, "tile_fn", real)
     assert len(open_kernel(url).missing_tiles()) + len(open_kernel(url).missing_tiles("test_train")) == 2
 
     # 2. the CLI resumes it on a cluster of worker processes (a cluster file), then solves and predicts
