@@ -7,8 +7,13 @@ every worker process. The "sum of tile computations" is the time the tile tasks 
 tiles (timed inside them, excluding reading inputs and writing and recording the tile), summed
 and divided by the number of workers: the wall time of a build with no graph or I/O overhead.
 A second estimate, independent of the build, scales the single-threaded time of one full tile
-(measured in this process) by the entries of every tile. The disk's sequential write rate is
-measured in the same run.
+(measured in this process) by the entries of every tile. The disk's sequential write rate and the
+cost of touching memory the process has not used before (new pages from the operating system,
+what a growing page cache takes for every tile it keeps) are measured in the same run.
+
+Each size is built once per page-cache policy (``--page-cache keep,drop``, see
+:mod:`nngp_dask.pagecache`): "keep" is what the default ("auto") does for a kernel smaller than
+half the memory, "drop" what it does for a larger one.
 
 With ``--nt-python`` (an interpreter that has neural-tangents, usually in its own virtual
 environment), ``nt.batch`` computes the same matrix in memory from the same inputs at the first
@@ -51,6 +56,22 @@ def disk_write_rate(directory: str, size: int = 2 << 30, block: int = 16 << 20) 
         os.close(fd)
         os.unlink(path)
     return size / (time.perf_counter() - t0)
+
+
+def touch_ms_per_mib(mib: int = 256, idle_s: float = 5.0) -> tuple[float, float]:
+    """Milliseconds per MiB to write memory new to the process, and the same memory again when it
+    is freed and allocated at once (glibc returns such large blocks to the OS in between).
+
+    Runs after ``idle_s`` seconds of quiet: virtual machines with free-page reporting hand memory
+    that stayed free that long back to the host, and a growing page cache takes such memory."""
+    time.sleep(idle_s)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        a = np.ones(mib << 17)  # float64: 8 bytes, mib * 2**20 bytes
+        times.append((time.perf_counter() - t0) * 1e3 / mib)
+        del a
+    return times[0], times[1]
 
 
 def inputs(n: int, d: int, data: str | None, seed: int = 0) -> np.ndarray:
@@ -118,6 +139,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--data", default=os.environ.get("NNGP_DASK_DATA", "../shared/data") + "/mnist.npz")
     ap.add_argument("--workdir", default=None, help="where the stores go (default: a temp dir on /work)")
+    ap.add_argument("--page-cache", default="keep,drop", help="page-cache policies to build each size with")
     ap.add_argument("--nt-python", default=None, help="python with neural-tangents: nt.batch at the first size")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -125,8 +147,10 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="nngp-bench-", dir=args.workdir or os.getcwd())
     rows = []
     try:
+        fresh, recycled = touch_ms_per_mib()
         rate = disk_write_rate(work)
-        print(f"disk sequential write: {rate / 1e9:.2f} GB/s")
+        print(f"disk sequential write: {rate / 1e9:.2f} GB/s; writing memory new to a process: {fresh:.2f} ms/MiB, "
+              f"the same memory freed and taken again: {recycled:.2f} ms/MiB", flush=True)
         workers = os.cpu_count() or 1
         # one cluster for all sizes, warmed up: its start-up is not graph or I/O overhead
         cluster = local_cluster(**local_cluster_kwargs())
@@ -135,40 +159,47 @@ def main() -> None:
         build_kernel(arch, np.random.default_rng(1).standard_normal((300, args.d)), warm, tile=128,
                      dtype=args.dtype, client=client, progress=False)
         shutil.rmtree(warm)
+        first = None
         for n in map(int, args.sizes.split(",")):
             x = normalize(inputs(n, args.d, args.data), "unit_norm")
             t_tile = single_tile_seconds(arch, x, min(args.tile, n), args.dtype)
             grid = TileGrid(n, n, args.tile)
-            entries = sum((grid.rows(i).stop - grid.rows(i).start) * (grid.cols(j).stop - grid.cols(j).start)
-                          for i, j in grid.upper_tiles())
-            ideal = t_tile * entries / min(args.tile, n) ** 2 / workers
-            store = os.path.join(work, f"k{n}.zarr")
-            with PeakRSS() as peak:
-                t0 = time.perf_counter()
-                ks = build_kernel(arch, x, store, tile=args.tile, dtype=args.dtype, client=client, progress=False)
-                wall = time.perf_counter() - t0
-            st = ks.last_build
-            computing = st.compute_s / workers
-            row = {"n": n, "tiles": st.tiles_computed, "wall_s": wall, "ingest_s": st.ingest_s,
-                   "tile_compute_s_per_worker": computing, "overhead_ratio": wall / computing,
-                   "ideal_tile_compute_s": ideal, "overhead_ratio_single_tile_estimate": wall / ideal,
-                   "tiles_per_s": st.tiles_computed / wall, "gb_written": st.bytes_written / 1e9,
-                   "gb_per_s": st.bytes_written / 1e9 / wall, "disk_write_gb_per_s": rate / 1e9,
-                   "peak_rss_gb": peak.peak / 1e9, "single_tile_s": t_tile,
-                   "in_task_s_per_worker": st.tile_s / workers}
-            rows.append(row)
-            print(f"n={n:>6}: {st.tiles_computed} tiles in {wall:.1f} s (ingest {st.ingest_s:.1f} s); "
-                  f"sum of tile computations / {workers} workers = {computing:.1f} s -> ratio {wall / computing:.2f} "
-                  f"(target <= 1.2; single-tile estimate {ideal:.1f} s -> {wall / ideal:.2f}); time inside the tile "
-                  f"tasks (read, compute, write, record) per worker {st.tile_s / workers:.1f} s; "
-                  f"{row['tiles_per_s']:.2f} tiles/s, {row['gb_per_s']:.2f} GB/s written (disk {rate / 1e9:.2f} GB/s); "
-                  f"peak RSS {peak.peak / 1e9:.2f} GB", flush=True)
-            if args.nt_python and len(rows) == 1:
-                # compared after the last size, so that the comparison's memory is not the builds'
-                first = ks
-                np.save(os.path.join(work, "nt-x.npy"), x.astype(np.float32))
-            else:
-                shutil.rmtree(store)
+            ideal = t_tile * grid.entries(grid.upper_tiles()) / min(args.tile, n) ** 2 / workers
+            for policy in args.page_cache.split(","):
+                store = os.path.join(work, f"k{n}-{policy}.zarr")
+                with PeakRSS() as peak:
+                    t0 = time.perf_counter()
+                    ks = build_kernel(arch, x, store, tile=args.tile, dtype=args.dtype, client=client, progress=False,
+                                      page_cache=policy)
+                    wall = time.perf_counter() - t0
+                st = ks.last_build
+                computing = st.compute_s / workers
+                row = {"n": n, "page_cache": policy, "tiles": st.tiles_computed, "wall_s": wall,
+                       "ingest_s": st.ingest_s, "tile_compute_s_per_worker": computing,
+                       "overhead_ratio": wall / computing, "ideal_tile_compute_s": ideal,
+                       "overhead_ratio_single_tile_estimate": wall / ideal,
+                       "read_s_per_worker": st.read_s / workers, "write_s_per_worker": st.write_s / workers,
+                       "in_task_s_per_worker": st.tile_s / workers,
+                       "write_ms_per_tile": st.write_s / st.tiles_computed * 1e3,
+                       "tiles_per_s": st.tiles_computed / wall, "gb_written": st.bytes_written / 1e9,
+                       "gb_per_s": st.bytes_written / 1e9 / wall, "disk_write_gb_per_s": rate / 1e9,
+                       "touch_new_ms_per_mib": fresh, "touch_recycled_ms_per_mib": recycled,
+                       "peak_rss_gb": peak.peak / 1e9, "single_tile_s": t_tile}
+                rows.append(row)
+                rest = wall - st.ingest_s - st.tile_s / workers
+                print(f"n={n:>6} page_cache={policy}: {st.tiles_computed} tiles in {wall:.1f} s; sum of tile "
+                      f"computations / {workers} workers = {computing:.1f} s -> ratio {wall / computing:.2f} (target "
+                      f"<= 1.2; single-tile estimate {ideal:.1f} s -> {wall / ideal:.2f}); the rest per worker: ingest "
+                      f"{st.ingest_s:.2f} s, reading input blocks {st.read_s / workers:.2f} s, writing and recording "
+                      f"{st.write_s / workers:.2f} s ({row['write_ms_per_tile']:.0f} ms a tile), scheduling and idle "
+                      f"{rest:.2f} s; {row['tiles_per_s']:.2f} tiles/s, {row['gb_per_s']:.2f} GB/s written (disk "
+                      f"{rate / 1e9:.2f} GB/s); peak RSS {peak.peak / 1e9:.2f} GB", flush=True)
+                if args.nt_python and first is None:
+                    # compared after the last size, so that the comparison's memory is not the builds'
+                    first = ks
+                    np.save(os.path.join(work, "nt-x.npy"), x.astype(np.float32))
+                else:
+                    shutil.rmtree(store)
         client.close()
         cluster.close()
         if args.nt_python:

@@ -26,10 +26,11 @@ from .architecture import Architecture
 from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
 from .kernel import check_dtype, check_kind, diagonals, tile as tile_fn
 from .monitor import Heartbeat
+from .pagecache import DropBehind, check_policy, wants_drop
 from .runtime import client_for
 from .sources import ArraySource, as_source, open_source
 from .store import (ATTR, FORMAT_VERSION, KernelStore, StoreIdentity, StoreMismatchError, _normalise_url,
-                    open_group, store_lock)
+                    local_chunk_file, open_group, remove_interrupted_writes, store_lock)
 from .tiling import DEFAULT_TILE, TileGrid
 
 __all__ = ["build_kernel", "BuildError", "PreparedInputs", "prepare_inputs"]
@@ -91,37 +92,51 @@ def prepare_inputs(x: ArrayLike | ArraySource | str | os.PathLike, *, name: str 
 
 
 # --- worker side ------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def _array(url: str, options: str, token: str, path: str) -> zarr.Array:
+    """An array of the store, opened once per worker and store identity (``token``): its metadata
+    does not change while the identity holds."""
+    return open_group(url, json.loads(options) or None)[path]
+
+
 @lru_cache(maxsize=6)
-def _block(url: str, options: str, token: str, path: str, index: int, tile: int) -> np.ndarray:
-    """A row block of stored inputs or diagonals, cached per worker (``token`` names the store's
-    identity): tasks are submitted row by row, so consecutive tiles share their row block."""
-    g = open_group(url, json.loads(options) or None)
-    arr = g[path]
+def _block(url: str, options: str, token: str, path: str, index: int, tile: int, dtype: str = "float64") -> np.ndarray:
+    """A row block of stored inputs (in the GEMM's ``dtype``) or diagonals, cached per worker: tasks
+    are submitted row by row, so consecutive tiles share their row block."""
+    arr = _array(url, options, token, path)
     sl = slice(index * tile, min((index + 1) * tile, arr.shape[-1] if path.startswith("diagonals") else arr.shape[0]))
-    return arr[:, sl] if path.startswith("diagonals") else arr[sl]
+    return arr[:, sl] if path.startswith("diagonals") else np.ascontiguousarray(arr[sl], dtype=dtype)
 
 
-def _tile_task(url: str, options: str, token: str, part: str, i: int, j: int,
-               arch: Architecture, kind: str, dtype: str, tile: int) -> tuple[str, int, int, float, float]:
-    """Compute, write and record one tile; returns ``(part, i, j, seconds in the task, seconds of
-    which computing)``."""
+def _tile_task(url: str, options: str, token: str, part: str, i: int, j: int, arch: Architecture, kind: str,
+               dtype: str, tile: int, page_cache: str, stored_bytes: int) -> tuple[str, int, int, float, float, float]:
+    """Compute, write and record one tile; returns ``(part, i, j, seconds reading inputs, computing,
+    writing and recording)``."""
     t0 = time.perf_counter()
     rows_name = "x_test" if part == "test_train" else "x_train"
     diag_rows = "diagonals/test" if part == "test_train" else "diagonals/train"
-    xr = _block(url, options, token, f"inputs/{rows_name}", i, tile)
-    xc = _block(url, options, token, "inputs/x_train", j, tile)
+    xr = _block(url, options, token, f"inputs/{rows_name}", i, tile, dtype)
+    xc = _block(url, options, token, "inputs/x_train", j, tile, dtype)
     dr = _block(url, options, token, diag_rows, i, tile)
     dc = _block(url, options, token, "diagonals/train", j, tile)
     symmetric = part == "train_train" and i == j
     t1 = time.perf_counter()
     values = tile_fn(arch, xr, xc, dr, dc, kind=kind, dtype=dtype, symmetric=symmetric)
     t2 = time.perf_counter()
-    g = open_group(url, json.loads(options) or None)
+    arr = _array(url, options, token, f"kernel/{part}")
     # a tile is never all fill value (NaN): skip zarr's check for "empty" chunks, a pass over the tile
     with zarr.config.set({"array.write_empty_chunks": True}):
-        g[f"kernel/{part}"][i * tile: i * tile + values.shape[0], j * tile: j * tile + values.shape[1]] = values
-    g[f"done/{part}"][i, j] = 1  # after the write returned: the record never runs ahead of the data
-    return part, i, j, time.perf_counter() - t0, t2 - t1
+        arr[i * tile: i * tile + values.shape[0], j * tile: j * tile + values.shape[1]] = values
+    path = local_chunk_file(url, arr, (i, j))
+    if path is not None and wants_drop(page_cache, stored_bytes):
+        _DROP_BEHIND.written(path)
+    # after the write returned: the record never runs ahead of the data
+    _array(url, options, token, f"done/{part}")[i, j] = 1
+    return part, i, j, t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+#: this worker process's recently written tiles (see :mod:`nngp_dask.pagecache`)
+_DROP_BEHIND = DropBehind()
 
 
 # --- driver side ------------------------------------------------------------------------
@@ -133,7 +148,9 @@ class BuildStats:
     tiles_computed: int = 0
     wall_s: float = 0.0
     tile_s: float = 0.0  #: summed over tasks: inside the tile tasks (read inputs, compute, write, record)
+    read_s: float = 0.0  #: summed over tasks: reading input blocks and diagonals
     compute_s: float = 0.0  #: summed over tasks: computing the tiles alone
+    write_s: float = 0.0  #: summed over tasks: writing and recording the tiles
     bytes_written: int = 0
     ingest_s: float = 0.0
     dashboard: str | None = None
@@ -169,12 +186,13 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
                             dtype="float64", **kw)
         dt = (g.create_array(f"diagonals/{name}_ntk", shape=(depth + 1, prep.n), chunks=(depth + 1, t),
                              dtype="float64", **kw) if ident.kind == "ntk" else None)
-        for start, block in prep.chunks(t):
-            stop = start + block.shape[0]
-            x[start:stop] = block
-            dg[:, start:stop] = diagonals(arch, block)
-            if dt is not None:
-                dt[:, start:stop] = diagonals(arch, block, kind="ntk")
+        with zarr.config.set({"array.write_empty_chunks": True}):  # no pass looking for all-zero blocks
+            for start, block in prep.chunks(t):
+                stop = start + block.shape[0]
+                x[start:stop] = block
+                dg[:, start:stop] = diagonals(arch, block)
+                if dt is not None:
+                    dt[:, start:stop] = diagonals(arch, block, kind="ntk")
     n, grid = train.n, TileGrid(train.n, train.n, t)
     g.create_array("kernel/train_train", shape=(n, n), chunks=(t, t), dtype=ident.dtype, fill_value=np.nan, **kw)
     g.create_array("done/train_train", shape=grid.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **kw)
@@ -218,6 +236,7 @@ def build_kernel(
     client: Any = None,
     storage_options: dict | None = None,
     progress: bool = True,
+    page_cache: str = "auto",
 ) -> KernelStore:
     """Build, or resume, the NNGP/NTK kernel of ``x`` (and ``x_test`` x ``x``) into a Zarr store.
 
@@ -246,6 +265,10 @@ def build_kernel(
         into the store).
     progress : bool
         Show a progress bar (tiles done / total and tiles per second).
+    page_cache : {"auto", "keep", "drop"}
+        Whether tiles written to a local store stay in the operating system's page cache
+        ("keep"), leave it once written out ("drop"), or leave it when the kernel is larger than
+        half the memory of the host writing it ("auto"); see :mod:`nngp_dask.pagecache`.
 
     Returns
     -------
@@ -264,6 +287,7 @@ def build_kernel(
         raise TypeError(f"arch: expected an Architecture, got {type(arch).__name__}")
     check_kind(kind, arch)
     dt = check_dtype(dtype)
+    check_policy(page_cache)
     t0 = time.perf_counter()
     train = prepare_inputs(x, name="x", normalize=normalize)
     test = prepare_inputs(x_test, name="x_test", normalize=normalize, features=train.d) if x_test is not None else None
@@ -301,13 +325,17 @@ def build_kernel(
             log.info("ingesting %d x %d training%s inputs into %s", train.n, train.d,
                      f" and {test.n} test" if test else "", url)
             _write_layout(url, opts, ident, arch, train, test)
+        else:
+            removed = remove_interrupted_writes(url)  # we hold the lock: nobody else is writing
+            if removed:
+                log.info("removed %d file(s) of writes a killed build left unfinished", removed)
         stats.ingest_s = time.perf_counter() - t0
         ks = KernelStore(url, opts)
         todo = _missing(ks)
         stats.tiles_total = sum(1 for _ in ks.grid.upper_tiles()) + (
             ks.test_grid.shape[0] * ks.test_grid.shape[1] if ks.test_grid else 0)
         if todo:
-            _run_tiles(ks, todo, arch, kind, dt, tile, ident.token(), client, progress, stats)
+            _run_tiles(ks, todo, arch, kind, dt, tile, ident.token(), client, progress, page_cache, stats)
         else:
             log.info("kernel store %s is complete; nothing to build", url)
         stats.wall_s = time.perf_counter() - t0
@@ -321,7 +349,7 @@ def build_kernel(
 
 
 def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: np.dtype, tile: int,
-               token: str, client: Any, progress: bool, stats: BuildStats) -> None:
+               token: str, client: Any, progress: bool, page_cache: str, stats: BuildStats) -> None:
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -335,8 +363,9 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
         # the store's URL is in the key too: two stores of the same kernel built at once on one
         # shared scheduler must not share tasks (each task writes into its own store)
         where = hashlib.blake2b(ks.url.encode(), digest_size=4).hexdigest()
-        futures = [c.submit(_tile_task, ks.url, options, token, part, i, j, arch, kind, dt.name, tile,
-                            key=f"nngp-tile-{token}-{where}-{part}-{i}-{j}", pure=False)
+        stored = ks.nbytes_total()
+        futures = [c.submit(_tile_task, ks.url, options, token, part, i, j, arch, kind, dt.name, tile, page_cache,
+                            stored, key=f"nngp-tile-{token}-{where}-{part}-{i}-{j}", pure=False)
                    for part, i, j in todo]
         bar = tqdm(total=len(todo), unit="tile", disable=None if progress else True, desc="kernel tiles",
                    smoothing=0.1)
@@ -346,20 +375,23 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
                 exc = fut.exception()
                 stats.failed.append((*_parse_key(fut.key), exc))
             else:
-                part, i, j, secs, compute = fut.result()
+                part, i, j, read, compute, write = fut.result()
                 stats.tiles_computed += 1
-                stats.tile_s += secs
+                stats.tile_s += read + compute + write
+                stats.read_s += read
                 stats.compute_s += compute
+                stats.write_s += write
                 grid = ks.grid if part == "train_train" else ks.test_grid
-                r, cc = grid.rows(i), grid.cols(j)
-                stats.bytes_written += (r.stop - r.start) * (cc.stop - cc.start) * dt.itemsize
+                stats.bytes_written += grid.entries([(i, j)]) * dt.itemsize
             fut.release()
             bar.update(1)
             heartbeat(bar.n)
         bar.close()
     elapsed = time.perf_counter() - t_start
-    log.info("wrote %d tiles in %.1f s (%.1f tiles/s, %.2f GB/s)", stats.tiles_computed, elapsed,
-             stats.tiles_computed / max(elapsed, 1e-9), stats.bytes_written / 1e9 / max(elapsed, 1e-9))
+    log.info("wrote %d tiles in %.1f s (%.1f tiles/s, %.2f GB/s); summed over the tasks: %.1f s computing, "
+             "%.1f s writing, %.1f s reading inputs", stats.tiles_computed, elapsed,
+             stats.tiles_computed / max(elapsed, 1e-9), stats.bytes_written / 1e9 / max(elapsed, 1e-9),
+             stats.compute_s, stats.write_s, stats.read_s)
 
 
 def _missing(ks: KernelStore) -> list[tuple[str, int, int]]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .activations import ACTIVATIONS
 from .inputs import NORMALIZATIONS
+from .pagecache import POLICIES as PAGE_CACHE_POLICIES
 from .preconditioners import PRECONDITIONERS
 
 __all__ = ["ConfigError", "SCHEMA", "load_config", "parse_overrides", "resolve", "schema_text"]
@@ -99,6 +100,9 @@ SCHEMA: dict[str, dict[str, _F]] = {
                    choices=("nngp", "ntk")),
         "tile": _F(int, 2048, "tile edge", minimum=1),
         "dtype": _F(str, "float32", "storage precision", choices=("float32", "float64")),
+        "page_cache": _F(str, "auto", "keep written tiles in the OS page cache (keep), drop them once on disk "
+                         "(drop), or drop them when the kernel exceeds half the host's memory (auto)",
+                         choices=PAGE_CACHE_POLICIES),
     },
     "solver": {
         "noise": _F(float, 0.01, "observation noise variance added to the kernel diagonal", minimum=0.0),

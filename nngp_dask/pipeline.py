@@ -216,7 +216,7 @@ class Pipeline:
             # scheduled re-fit wants) instead of refusing it; the lock keeps other runs out.
             ks = build_kernel(arch, ds.x_train, self.store_url, x_test=ds.x_test, kind=k["kind"], tile=k["tile"],
                               dtype=k["dtype"], normalize=self.cfg["data"]["normalize"], overwrite=True,
-                              client=client, progress=self.progress)
+                              client=client, progress=self.progress, page_cache=k["page_cache"])
             stats = ks.last_build  # type: ignore[attr-defined]
             rec.did_work = stats.tiles_computed > 0
             rec.fingerprint = ks.identity.token()

@@ -237,16 +237,17 @@ class KernelStore:
 
     def nbytes_stored(self) -> int:
         """Bytes of kernel values written (upper tiles and test tiles)."""
-        item = self.dtype.itemsize
         total = 0
         for part, grid in (("train_train", self.grid), ("test_train", self.test_grid)):
-            if grid is None:
-                continue
-            done = self.done_mask(part)
-            for i, j in zip(*np.nonzero(done)):
-                r, c = grid.rows(int(i)), grid.cols(int(j))
-                total += (r.stop - r.start) * (c.stop - c.start) * item
-        return total
+            if grid is not None:
+                rows, cols = np.nonzero(self.done_mask(part))
+                total += grid.entries(zip(rows.tolist(), cols.tolist()))
+        return total * self.dtype.itemsize
+
+    def nbytes_total(self) -> int:
+        """Bytes of kernel values of the complete store (upper tiles and test tiles)."""
+        test = self.identity.n_test * self.identity.n_train
+        return self.dtype.itemsize * (self.grid.entries(self.grid.upper_tiles()) + test)
 
     def summary(self) -> dict[str, Any]:
         """What `nngp-dask inspect` prints."""
@@ -275,6 +276,31 @@ class KernelStore:
     def __repr__(self) -> str:
         return (f"KernelStore({self.url!r}, {self.architecture}, kind={self.kind!r}, shape={self.shape}, "
                 f"tile={self.tile}, missing={len(self.missing_tiles())})")
+
+
+def local_chunk_file(url: str, array: zarr.Array, coords: tuple[int, ...]) -> str | None:
+    """The file that holds chunk ``coords`` of ``array`` in the local store at ``url``; None for a URL."""
+    if "://" in url:
+        return None
+    return os.path.join(url, *array.path.split("/"), *array.metadata.encode_chunk_key(coords).split("/"))
+
+
+def remove_interrupted_writes(url: str) -> int:
+    """Delete the temporary files of writes that never finished in the local store at ``url``.
+
+    Zarr writes each chunk to ``<name>.<uuid>.partial`` and renames it into place, so a killed
+    writer leaves its in-flight chunks behind under those names: never read, but on disk. Call
+    only while holding the store's lock. Returns how many files were removed (0 for a URL).
+    """
+    if "://" in url:
+        return 0
+    removed = 0
+    for directory, _, files in os.walk(url):
+        for name in files:
+            if name.endswith(".partial"):
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+    return removed
 
 
 def open_kernel(store: str | os.PathLike, *, storage_options: dict | None = None) -> KernelStore:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from collections.abc import Iterator
 
 __all__ = ["TileGrid", "DEFAULT_TILE"]
 
@@ -51,6 +51,11 @@ class TileGrid:
         """Tiles ``I <= J`` of a square grid: all a symmetric matrix needs."""
         nr, nc = self.shape
         return ((i, j) for i in range(nr) for j in range(i, nc))
+
+    def entries(self, tiles: Iterable[tuple[int, int]]) -> int:
+        """Matrix entries covered by ``tiles``."""
+        return sum((self.rows(i).stop - self.rows(i).start) * (self.cols(j).stop - self.cols(j).start)
+                   for i, j in tiles)
 
     def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Dask-style chunk sizes along both axes."""

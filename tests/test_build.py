@@ -75,8 +75,13 @@ def test_resume_after_exception_recomputes_only_missing(thread_client, tmp_path,
     assert len(ks.missing_tiles()) == 1
     with pytest.raises(IncompleteKernelError, match="missing 1 tile"):
         ks.to_dask()
+    # what a write killed between zarr's temporary file and its rename leaves behind
+    unfinished = store / "kernel" / "train_train" / "c" / "1" / "3.0123abcd.partial"
+    unfinished.parent.mkdir(parents=True, exist_ok=True)
+    unfinished.write_bytes(b"\0" * 64)
     ks = build_kernel(ARCH, x, store, tile=32, dtype="float64", client=thread_client, progress=False)
     assert ks.last_build.tiles_computed == 1
+    assert not unfinished.exists()
     clean = build_kernel(ARCH, x, tmp_path / "clean.zarr", tile=32, dtype="float64", client=thread_client,
                          progress=False)
     np.testing.assert_array_equal(ks.to_dask().compute(), clean.to_dask().compute())
