@@ -9,7 +9,7 @@ lazily (virtual machines with free-page reporting return idle memory to the host
 taken back costs a host fault): on the development VM, writing and recording a 16 MiB tile took
 43-49 ms into new pages and 13-15 ms with drop-behind (``benchmarks/RESULTS.md``, section 2).
 
-Drop-behind asks the kernel to write each tile out as soon as it is written and to drop its pages
+Drop-behind asks the operating system to write each tile out as soon as it is written and to drop its pages
 from the cache a few tiles later, once the write-out has finished, so a writer's cache footprint
 stays at a few tiles and its pages are recycled. Policies (``page_cache`` of
 :func:`nngp_dask.build_kernel` and ``kernel.page_cache`` of a pipeline):
@@ -31,7 +31,7 @@ import os
 import threading
 from functools import lru_cache
 
-__all__ = ["POLICIES", "DropBehind", "drop_from_cache", "host_memory", "wants_drop"]
+__all__ = ["POLICIES", "DropBehind", "check_policy", "drop_from_cache", "host_memory", "wants_drop"]
 
 POLICIES = ("auto", "keep", "drop")
 
@@ -64,7 +64,7 @@ def wants_drop(policy: str, stored_bytes: int, memory: int | None = None) -> boo
 
 
 def drop_from_cache(path: str) -> None:
-    """Ask the kernel to drop ``path``'s clean pages and start writing out its dirty ones.
+    """Ask the operating system to drop ``path``'s clean pages and start writing out its dirty ones.
 
     A no-op where ``posix_fadvise`` does not exist (not Linux/BSD) or the file is gone.
     """
