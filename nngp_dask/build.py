@@ -357,13 +357,15 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
     t_start = time.perf_counter()
     with client_for(client) as c:
         stats.dashboard = c.dashboard_link
-        log.info("building %d tile(s) of %d (tile %d, %s, %s); dashboard: %s", len(todo), stats.tiles_total,
-                 tile, kind, dt.name, c.dashboard_link)
+        stored = ks.nbytes_total()
+        cache = "none (object store)" if "://" in ks.url else (
+            f"{page_cache}: {'drop-behind' if wants_drop(page_cache, stored) else 'kept'} on this host")
+        log.info("building %d tile(s) of %d (tile %d, %s, %s, %.2f GB in all; page cache %s); dashboard: %s",
+                 len(todo), stats.tiles_total, tile, kind, dt.name, stored / 1e9, cache, c.dashboard_link)
         # deterministic keys: a resubmitted tile of the same store is the same task
         # the store's URL is in the key too: two stores of the same kernel built at once on one
         # shared scheduler must not share tasks (each task writes into its own store)
         where = hashlib.blake2b(ks.url.encode(), digest_size=4).hexdigest()
-        stored = ks.nbytes_total()
         futures = [c.submit(_tile_task, ks.url, options, token, part, i, j, arch, kind, dt.name, tile, page_cache,
                             stored, key=f"nngp-tile-{token}-{where}-{part}-{i}-{j}", pure=False)
                    for part, i, j in todo]
