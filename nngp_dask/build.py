@@ -372,7 +372,8 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
         bar = tqdm(total=len(todo), unit="tile", disable=None if progress else True, desc="kernel tiles",
                    smoothing=0.1)
         heartbeat = Heartbeat("kernel tiles", len(todo))
-        for fut in as_completed(futures, loop=c.loop):  # c need not be the default client
+        # c need not be the default client
+        for finished, fut in enumerate(as_completed(futures, loop=c.loop), 1):
             if fut.status == "error":
                 exc = fut.exception()
                 stats.failed.append((*_parse_key(fut.key), exc))
@@ -387,7 +388,7 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
                 stats.bytes_written += grid.entries([(i, j)]) * dt.itemsize
             fut.release()
             bar.update(1)
-            heartbeat(bar.n)
+            heartbeat(finished)  # not bar.n: a disabled bar (progress=False, batch jobs) counts nothing
         bar.close()
     elapsed = time.perf_counter() - t_start
     log.info("wrote %d tiles in %.1f s (%.1f tiles/s, %.2f GB/s); summed over the tasks: %.1f s computing, "

@@ -87,6 +87,20 @@ def test_resume_after_exception_recomputes_only_missing(thread_client, tmp_path,
     np.testing.assert_array_equal(ks.to_dask().compute(), clean.to_dask().compute())
 
 
+def test_progress_is_logged_without_a_progress_bar(thread_client, tmp_path, rng, monkeypatch, caplog):
+    from functools import partial
+
+    from nngp_dask.monitor import Heartbeat
+
+    monkeypatch.setattr(build_mod, "Heartbeat", partial(Heartbeat, every=0.0))  # a line per tile
+    with caplog.at_level("INFO", logger="nngp_dask"):
+        build_kernel(ARCH, rng.standard_normal((100, 4)), tmp_path / "k.zarr", tile=32, client=thread_client,
+                     progress=False)
+    counts = [int(r.getMessage().split(": ")[1].split("/")[0]) for r in caplog.records
+              if r.getMessage().startswith("kernel tiles: ")]
+    assert counts == list(range(1, 11))  # 10 upper tiles, counted as they finish
+
+
 _KILL_SCRIPT = """
 import sys, numpy as np
 from distributed import Client, LocalCluster
