@@ -372,8 +372,7 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
         bar = tqdm(total=len(todo), unit="tile", disable=None if progress else True, desc="kernel tiles",
                    smoothing=0.1)
         heartbeat = Heartbeat("kernel tiles", len(todo))
-        # c need not be the default client
-        for finished, fut in enumerate(as_completed(futures, loop=c.loop), 1):
+        for finished, fut in enumerate(as_completed(futures, loop=c.loop), 1):  # c: not always the default
             if fut.status == "error":
                 exc = fut.exception()
                 stats.failed.append((*_parse_key(fut.key), exc))

@@ -9,9 +9,9 @@ lazily (virtual machines with free-page reporting return idle memory to the host
 taken back costs a host fault): on the development VM, writing and recording a 16 MiB tile took
 43-49 ms into new pages and 13-15 ms with drop-behind (``benchmarks/RESULTS.md``, section 2).
 
-Drop-behind asks the operating system to write each tile out as soon as it is written and to drop its pages
-from the cache a few tiles later, once the write-out has finished, so a writer's cache footprint
-stays at a few tiles and its pages are recycled. Policies (``page_cache`` of
+Drop-behind asks the operating system to write each tile out as soon as it is written and to
+drop its pages from the cache a few tiles later, once the write-out has finished, so a writer's
+cache footprint stays at a few tiles and its pages are recycled. Policies (``page_cache`` of
 :func:`nngp_dask.build_kernel` and ``kernel.page_cache`` of a pipeline):
 
 ``"auto"``
