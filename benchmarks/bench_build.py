@@ -19,7 +19,8 @@ With ``--nt-python`` (an interpreter that has neural-tangents, usually in its ow
 environment), ``nt.batch`` computes the same matrix in memory from the same inputs at the first
 size, in the same run, and the two kernels are compared.
 
-    python benchmarks/bench_build.py --sizes 10000,20000,40000 [--page-cache keep,drop] [--nt-python /path/to/nt-venv/bin/python]
+    python benchmarks/bench_build.py --sizes 10000,20000,40000 [--page-cache keep,drop] \
+        [--nt-python /path/to/nt-venv/bin/python]
 """
 
 from __future__ import annotations
