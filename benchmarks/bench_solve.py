@@ -1,7 +1,7 @@
 """Cost of one CG iteration over a stored kernel: cold (from disk) and cached, with references.
 
 Cold: every chunk file of ``kernel/train_train`` is dropped from the page cache
-(``posix_fadvise(DONTNEED)``), then (a) the stored bytes are read sequentially and (b) one
+(``nngp_dask.pagecache.drop_from_cache``), then (a) the stored bytes are read sequentially and (b) one
 operator pass (``matmat`` with k right-hand sides) runs; the ratio b/a is the target (<= 1.3).
 Cached: the same pass with the tiles in the page cache against an in-memory NumPy matmat of the
 same (full, float32) matrix (target <= 1.5); the cached comparison needs the full matrix in
@@ -21,6 +21,7 @@ import numpy as np
 
 from nngp_dask import open_kernel
 from nngp_dask.operator import StoredKernelOperator
+from nngp_dask.pagecache import drop_from_cache
 from nngp_dask.runtime import client_for
 
 
@@ -29,15 +30,6 @@ def chunk_files(root: str) -> list[str]:
     for d, _, files in os.walk(root):
         out += [os.path.join(d, f) for f in files if f != "zarr.json"]
     return sorted(out)
-
-
-def drop_cache(files: list[str]) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def sequential_read(files: list[str], block: int = 16 << 20) -> tuple[int, float]:
@@ -64,11 +56,13 @@ def main() -> None:
     with client_for(None) as client:
         op = StoredKernelOperator(ks, 0.0, client)
         op.matmat(v[:, :1])  # warm the workers (imports, open arrays)
-        drop_cache(files)
+        for f in files:
+            drop_from_cache(f)
         nbytes, t_read = sequential_read(files)
         out["cold_read_s"] = t_read
         out["disk_read_gb_per_s"] = nbytes / 1e9 / t_read
-        drop_cache(files)
+        for f in files:
+            drop_from_cache(f)
         t0 = time.perf_counter()
         op.matmat(v)
         out["cold_matmat_s"] = time.perf_counter() - t0

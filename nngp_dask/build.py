@@ -147,7 +147,6 @@ class BuildStats:
     tiles_total: int = 0
     tiles_computed: int = 0
     wall_s: float = 0.0
-    tile_s: float = 0.0  #: summed over tasks: inside the tile tasks (read inputs, compute, write, record)
     read_s: float = 0.0  #: summed over tasks: reading input blocks and diagonals
     compute_s: float = 0.0  #: summed over tasks: computing the tiles alone
     write_s: float = 0.0  #: summed over tasks: writing and recording the tiles
@@ -156,8 +155,14 @@ class BuildStats:
     dashboard: str | None = None
     failed: list = field(default_factory=list)
 
+    @property
+    def tile_s(self) -> float:
+        """Summed over tasks: inside the tile tasks (read inputs, compute, write, record)."""
+        return self.read_s + self.compute_s + self.write_s
+
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
+        d["tile_s"] = self.tile_s
         d["tiles_per_s"] = self.tiles_computed / self.wall_s if self.wall_s else None
         d["gb_per_s"] = self.bytes_written / 1e9 / self.wall_s if self.wall_s else None
         d.pop("failed")
@@ -379,7 +384,6 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
             else:
                 part, i, j, read, compute, write = fut.result()
                 stats.tiles_computed += 1
-                stats.tile_s += read + compute + write
                 stats.read_s += read
                 stats.compute_s += compute
                 stats.write_s += write
