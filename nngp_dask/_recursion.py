@@ -7,11 +7,18 @@ vectorises it (``acos``/``asin`` from glibc's vector maths). Arithmetic is float
 in registers whatever the storage dtype, with strict IEEE semantics (no fastmath):
 float32 storage loses only the final rounding.
 
-The closed-form families share one compiled block kernel that branches on the family
+The closed-form families share one compiled kernel that branches on the family
 code inside the loop (a loop-invariant, perfectly predicted branch that LLVM unswitches): a
 closure per family would be faster to write but Numba cannot cache closures, and every
 worker process would then spend ~20 s compiling. The Hermite-series family has its own
 Horner loop.
+
+Compile once, run anywhere: the compiled kernels take float64 rows only (one specialisation,
+whatever the storage dtype: :func:`recurse_block` converts a few rows at a time in and out) and
+are serial and ``nogil``: a driver runs blocks of rows on a thread pool, a single-threaded Dask
+worker calls them directly. Numba's ``parallel=True`` compiled 2-3x slower, once per dtype, and
+its thread pool tied every process to the ``NUMBA_NUM_THREADS`` it first saw. A first run
+therefore compiles each kernel once, and every later process loads it from Numba's cache.
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from numba import config, njit
 
 from .activations import FAMILY_ERF, FAMILY_HERMITE, FAMILY_STEP, FAMILY_TWO_SLOPE
 
@@ -102,49 +112,41 @@ def _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1,
 
 
 @njit(cache=True)
-def _row(gram, k0_i, i, j0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths,
+def _row(gram, k0_i, ii, i, j0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths,
          diagonal, out_k, out_t):
+    # ii: the row in ``gram`` / ``out_*`` (a block of rows); i: the row of the whole block
     width = gram.shape[1] - j0
     kb = np.empty(width)
     tb = np.empty(width if ntk else 1)
-    _layer0(gram, k0_i, i, j0, w0, bv, diagonal, kb)
+    _layer0(gram, k0_i, ii, i, j0, w0, bv, diagonal, kb)
     if ntk:
         tb[:] = kb
     for layer in range(depth):
         if all_depths:
-            _store(out_k, out_t, kb, tb, layer, i, j0, ntk)
+            _store(out_k, out_t, kb, tb, layer, ii, j0, ntk)
         _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1, ntk, diagonal)
-    _store(out_k, out_t, kb, tb, depth if all_depths else 0, i, j0, ntk)
+    _store(out_k, out_t, kb, tb, depth if all_depths else 0, ii, j0, ntk)
 
 
-@njit(cache=True, parallel=True)
-def _closed_block(gram, k0_i, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
-                  out_k, out_t):
-    m = gram.shape[0]
-    if upper:
-        for p in prange((m + 1) // 2):
-            _row(gram, k0_i, p, p, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, True,
-                 out_k, out_t)
-            q = m - 1 - p
-            if q != p:
-                _row(gram, k0_i, q, q, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths,
-                     True, out_k, out_t)
-    else:
-        for i in prange(m):
-            _row(gram, k0_i, i, 0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, False,
-                 out_k, out_t)
+@njit(cache=True, nogil=True)
+def _closed_rows(gram, row0, k0_i, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
+                 out_k, out_t):
+    for ii in range(gram.shape[0]):
+        i = row0 + ii
+        _row(gram, k0_i, ii, i, i if upper else 0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk,
+             all_depths, upper, out_k, out_t)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _closed_points(k, s, family, p0, p1, out_e, out_ed):
-    for i in prange(k.shape[0]):
+    for i in range(k.shape[0]):
         e, ed = _dual(family, 1.0, s[i] * s[i], s[i], s[i], p0, p1)
         out_e[i] = e
         out_ed[i] = ed
 
 
 @njit(cache=True, inline="always")
-def _layer0(gram, k0_i, i, j0, w0, bv, diagonal, kb):
+def _layer0(gram, k0_i, ii, i, j0, w0, bv, diagonal, kb):
     """Row ``i`` of ``K^0 = bias_var + weight_var / d <x_i, x_j>`` from ``j0`` on, into ``kb``.
 
     On the diagonal of a symmetric block the entry is taken from the per-point
@@ -153,25 +155,25 @@ def _layer0(gram, k0_i, i, j0, w0, bv, diagonal, kb):
     which carries ``Theta^0`` through every layer, would then differ too.
     """
     for q in range(kb.shape[0]):
-        kb[q] = bv + w0 * gram[i, j0 + q]
+        kb[q] = bv + w0 * gram[ii, j0 + q]
     if diagonal:
         kb[0] = k0_i[i]
 
 
 @njit(cache=True, inline="always")
-def _store(out_k, out_t, kb, tb, layer, i, j0, ntk):
+def _store(out_k, out_t, kb, tb, layer, ii, j0, ntk):
     for q in range(kb.shape[0]):
-        out_k[layer, i, j0 + q] = kb[q]
+        out_k[layer, ii, j0 + q] = kb[q]
     if ntk:
         for q in range(kb.shape[0]):
-            out_t[layer, i, j0 + q] = tb[q]
+            out_t[layer, ii, j0 + q] = tb[q]
 
 
 # --- the Hermite-series family ----------------------------------------------------------------
 
 
 @njit(cache=True)
-def _hermite_row(gram, k0_i, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
+def _hermite_row(gram, k0_i, ii, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
                  diagonal, out_k, out_t):
     # ha_*: (L, K + 1, n) so that the Horner step over a row is a contiguous, vectorised loop.
     width = gram.shape[1] - j0
@@ -180,13 +182,13 @@ def _hermite_row(gram, k0_i, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0,
     cb = np.empty(width)
     acc = np.empty(width)
     dacc = np.empty(width if ntk else 1)
-    _layer0(gram, k0_i, i, j0, w0, bv, diagonal, kb)
+    _layer0(gram, k0_i, ii, i, j0, w0, bv, diagonal, kb)
     if ntk:
         tb[:] = kb
     degree = ha_i.shape[1] - 1
     for layer in range(depth):
         if all_depths:
-            _store(out_k, out_t, kb, tb, layer, i, j0, ntk)
+            _store(out_k, out_t, kb, tb, layer, ii, j0, ntk)
         ri = r_i[layer, i]
         for q in range(width):
             cb[q] = min(max(kb[q] * ri * r_j[layer, j0 + q], -1.0), 1.0)
@@ -208,25 +210,37 @@ def _hermite_row(gram, k0_i, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0,
             if ntk:
                 tb[q] = k_new + wv * tb[q] * dacc[q]
             kb[q] = k_new
-    _store(out_k, out_t, kb, tb, depth if all_depths else 0, i, j0, ntk)
+    _store(out_k, out_t, kb, tb, depth if all_depths else 0, ii, j0, ntk)
 
 
-@njit(cache=True, parallel=True)
-def _hermite_block(gram, k0_i, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
-                   out_k, out_t):
-    m = gram.shape[0]
-    if upper:
-        for p in prange((m + 1) // 2):
-            _hermite_row(gram, k0_i, p, p, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
-                         True, out_k, out_t)
-            q = m - 1 - p
-            if q != p:
-                _hermite_row(gram, k0_i, q, q, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk,
-                             all_depths, True, out_k, out_t)
-    else:
-        for i in prange(m):
-            _hermite_row(gram, k0_i, i, 0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
-                         False, out_k, out_t)
+@njit(cache=True, nogil=True)
+def _hermite_rows(gram, row0, k0_i, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
+                  out_k, out_t):
+    for ii in range(gram.shape[0]):
+        i = row0 + ii
+        _hermite_row(gram, k0_i, ii, i, i if upper else 0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk,
+                     all_depths, upper, out_k, out_t)
+
+
+# --- blocks of rows, in float64, on threads ----------------------------------------------------
+_CHUNK_BYTES = 1 << 20  # float64 rows converted at a time: stays in L2
+
+
+def threads() -> int:
+    """Threads of the in-process recursion: ``NUMBA_NUM_THREADS`` (default: every core), read
+    without starting Numba's thread pool (1 in the embedded cluster's workers)."""
+    return max(1, int(config.NUMBA_NUM_THREADS))
+
+
+def _rows_f64(a, r0, r1, writable):
+    """Rows ``r0:r1`` of the last two axes of ``a`` as a C-contiguous float64 array: a view when
+    ``a`` already is one, else a copy (then ``writable`` copies are not initialised from ``a``)."""
+    view = a[..., r0:r1, :]
+    if view.dtype == np.float64 and view.flags.c_contiguous:
+        return view, False
+    if writable:
+        return np.empty(view.shape), True
+    return np.ascontiguousarray(view, dtype=np.float64), True
 
 
 def recurse_block(gram, k0_i, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, family, p0, p1,
@@ -238,16 +252,44 @@ def recurse_block(gram, k0_i, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth,
     exactly (the NTK carries ``Theta^0`` through every layer). ``s_*``, ``r_*``: (L, m or n)
     square roots of the per-layer diagonals and their inverses (0 where the variance is 0).
     ``ha_*``, ``hb_*``: (L, K + 1, m or n) series coefficients (family HERMITE only).
-    ``out_k`` / ``out_t``: (L + 1 or 1, m, n); ``out_k`` may alias ``gram`` (a row is read
-    before it is written). With ``upper``
-    (a diagonal block of a symmetric matrix) only ``j >= i`` is computed.
+    ``out_k`` / ``out_t``: (L + 1 or 1, m, n), float32 or float64; ``out_k`` may alias ``gram``
+    (a row is read before it is written). With ``upper`` (a diagonal block of a symmetric matrix)
+    only ``j >= i`` is computed, and the rest of the rows is left undefined. Blocks of rows run on
+    :func:`threads` threads.
     """
-    if family == FAMILY_HERMITE:
-        _hermite_block(gram, k0_i, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
-                       out_k, out_t)
+    m, n = gram.shape
+    layers = out_k.shape[0]
+    rows = max(1, min(m, _CHUNK_BYTES // (8 * n * (layers + (layers if ntk else 0) + 1))))
+    hermite = family == FAMILY_HERMITE
+
+    def run(r0):
+        r1 = min(m, r0 + rows)
+        g, _ = _rows_f64(gram, r0, r1, False)
+        ok, copy_k = _rows_f64(out_k, r0, r1, True)
+        ot, copy_t = _rows_f64(out_t, r0, r1, True) if ntk else (_NO_T, False)
+        if hermite:
+            _hermite_rows(g, r0, k0_i, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
+                          ok, ot)
+        else:
+            _closed_rows(g, r0, k0_i, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
+                         ok, ot)
+        with np.errstate(over="ignore"):  # float32 storage of a value beyond its range: inf, as in the kernel
+            if copy_k:
+                out_k[..., r0:r1, :] = ok
+            if copy_t:
+                out_t[..., r0:r1, :] = ot
+
+    starts = range(0, m, rows)
+    workers = min(threads(), len(starts))
+    if workers == 1:
+        for r0 in starts:
+            run(r0)
     else:
-        _closed_block(gram, k0_i, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
-                      out_k, out_t)
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, starts))
+
+
+_NO_T = np.empty((1, 1, 1))
 
 
 def dual_points(k, s, ha, hb, family, p0, p1, out_e, out_ed):
@@ -266,14 +308,14 @@ def dual_points(k, s, ha, hb, family, p0, p1, out_e, out_ed):
         _closed_points(k, s, family, p0, p1, out_e, out_ed)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def mirror_upper(a):
     """Copy the upper triangle of each square ``a[d]`` into its lower triangle, in cache blocks."""
     n = a.shape[-1]
     bs = 64
     nb = (n + bs - 1) // bs
     for d in range(a.shape[0]):
-        for bi in prange(nb):
+        for bi in range(nb):
             for bj in range(bi + 1):
                 for i in range(bi * bs, min((bi + 1) * bs, n)):
                     for j in range(bj * bs, min((bj + 1) * bs, i)):

@@ -30,7 +30,7 @@ from .pagecache import DropBehind, check_policy, wants_drop
 from .runtime import client_for
 from .sources import ArraySource, as_source, open_source
 from .store import (ATTR, FORMAT_VERSION, KernelStore, StoreIdentity, StoreMismatchError, _normalise_url,
-                    local_chunk_file, open_group, remove_interrupted_writes, store_lock)
+                    array_codecs, format_message, open_group, remove_interrupted_writes, store_lock, tile_io)
 from .tiling import DEFAULT_TILE, TileGrid
 
 __all__ = ["build_kernel", "BuildError", "PreparedInputs", "prepare_inputs"]
@@ -123,11 +123,7 @@ def _tile_task(url: str, options: str, token: str, part: str, i: int, j: int, ar
     t1 = time.perf_counter()
     values = tile_fn(arch, xr, xc, dr, dc, kind=kind, dtype=dtype, symmetric=symmetric)
     t2 = time.perf_counter()
-    arr = _array(url, options, token, f"kernel/{part}")
-    # a tile is never all fill value (NaN): skip zarr's check for "empty" chunks, a pass over the tile
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        arr[i * tile: i * tile + values.shape[0], j * tile: j * tile + values.shape[1]] = values
-    path = local_chunk_file(url, arr, (i, j))
+    path = tile_io(url, options, token, part).write(i, j, values)  # with its CRC32C
     if path is not None and wants_drop(page_cache, stored_bytes):
         _DROP_BEHIND.written(path)
     # after the write returned: the record never runs ahead of the data
@@ -183,7 +179,8 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
     # a half-written store is recognisably ours, so a re-run may recreate it
     g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "ingesting": True}
     t, depth = ident.tile, arch.depth
-    kw = dict(compressors=None, overwrite=True)
+    kw = dict(overwrite=True, **array_codecs())  # every data chunk ends with its CRC32C
+    flags = dict(compressors=None, overwrite=True)  # completion records: a lost or garbled one means "rebuild"
     parts = [("train", train)] + ([("test", test)] if test else [])
     for name, prep in parts:
         x = g.create_array(f"inputs/x_{name}", shape=(prep.n, prep.d), chunks=(t, prep.d), dtype="float64", **kw)
@@ -200,12 +197,12 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
                     dt[:, start:stop] = diagonals(arch, block, kind="ntk")
     n, grid = train.n, TileGrid(train.n, train.n, t)
     g.create_array("kernel/train_train", shape=(n, n), chunks=(t, t), dtype=ident.dtype, fill_value=np.nan, **kw)
-    g.create_array("done/train_train", shape=grid.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **kw)
+    g.create_array("done/train_train", shape=grid.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **flags)
     if test:
         tg = TileGrid(test.n, n, t)
         g.create_array("kernel/test_train", shape=(test.n, n), chunks=(t, t), dtype=ident.dtype,
                        fill_value=np.nan, **kw)
-        g.create_array("done/test_train", shape=tg.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **kw)
+        g.create_array("done/test_train", shape=tg.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **flags)
         prior = g.create_array("kernel/test_prior", shape=(test.n,), chunks=(max(t, 1),), dtype="float64", **kw)
         key = "diagonals/test_ntk" if ident.kind == "ntk" else "diagonals/test"
         prior[:] = g[key][depth]
@@ -316,6 +313,12 @@ def build_kernel(
                         f"store: {url!r} holds other Zarr data, not an nngp-dask kernel; expected an empty "
                         "location (or overwrite=True to replace it)")
                 fresh = True
+            elif meta.get("format") != FORMAT_VERSION:  # e.g. format 1: no tile checksums
+                if not overwrite:
+                    raise StoreMismatchError(format_message(url, meta.get("format")))
+                log.warning("rebuilding store %s: format %r, this version writes format %d (tile checksums)", url,
+                            meta.get("format"), FORMAT_VERSION)
+                fresh = True
             else:
                 stored = StoreIdentity(**meta["identity"])
                 diffs = stored.differences(ident)
@@ -336,6 +339,8 @@ def build_kernel(
                 log.info("removed %d file(s) of writes a killed build left unfinished", removed)
         stats.ingest_s = time.perf_counter() - t0
         ks = KernelStore(url, opts)
+        if not fresh:
+            _forget_damaged(ks)
         todo = _missing(ks)
         stats.tiles_total = sum(1 for _ in ks.grid.upper_tiles()) + (
             ks.test_grid.shape[0] * ks.test_grid.shape[1] if ks.test_grid else 0)
@@ -398,6 +403,19 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
              "%.1f s writing, %.1f s reading inputs", stats.tiles_computed, elapsed,
              stats.tiles_computed / max(elapsed, 1e-9), stats.bytes_written / 1e9 / max(elapsed, 1e-9),
              stats.compute_s, stats.write_s, stats.read_s)
+
+
+def _forget_damaged(ks: KernelStore) -> None:
+    """Clear the records of tiles whose chunk is missing or of the wrong size, so they are
+    rebuilt. One ``stat`` per recorded tile; a tile whose bytes were changed in place is caught
+    by its checksum when it is read (which clears its record too)."""
+    for part in ("train_train", "test_train"):
+        damaged = ks.check_tiles(part)
+        if damaged:
+            shown = ", ".join(f"({i}, {j}) {what}" for i, j, what in damaged[:4]) + (" ..." if len(damaged) > 4 else "")
+            log.warning("kernel/%s of %s: %d recorded tile(s) damaged, rebuilding them: %s", part, ks.url,
+                        len(damaged), shown)
+            ks.forget_tiles(part, [(i, j) for i, j, _ in damaged])
 
 
 def _missing(ks: KernelStore) -> list[tuple[str, int, int]]:

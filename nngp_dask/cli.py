@@ -1,7 +1,11 @@
 """The ``nngp-dask`` command line.
 
-Exit codes: 0 success, 2 bad input or configuration (one line on stderr naming the field, the
-value and what was expected), 1 any other failure (one line; ``--debug`` for the traceback).
+Exit codes (:data:`EXIT_CODES`; also in ``--help`` and the README): 0 success; 1 an unexpected
+failure (one line; ``--debug`` for the traceback); 2 bad input, configuration or store (one line
+on stderr naming the field, the value and what was expected); 3 CG did not converge (the run is
+complete and its report written; ``solver.allow_unconverged = true`` makes it 0); 75 the output
+is locked by another run (EX_TEMPFAIL: try again later); 130 interrupted (SIGINT), 143
+terminated (SIGTERM): locks are released and a re-run resumes.
 """
 
 from __future__ import annotations
@@ -9,11 +13,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["EXIT_CODES", "main"]
+
+#: What each exit status of ``nngp-dask`` means.
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected failure (one line; --debug shows the traceback)",
+    2: "bad input, configuration or kernel store (one line naming what to fix)",
+    3: "CG did not converge to solver.tol (the run completed and wrote its report; "
+       "--set solver.allow_unconverged=true exits 0)",
+    75: "the output or store is locked by another live run (EX_TEMPFAIL: try again later)",
+    130: "interrupted (SIGINT); re-run the same command to resume",
+    143: "terminated (SIGTERM); locks released, re-run the same command to resume",
+}
 
 log = logging.getLogger("nngp_dask")
 
@@ -53,8 +70,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
+    epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
     parser = argparse.ArgumentParser(prog="nngp-dask", description="NNGP/NTK Gaussian-process inference at any "
-                                     "scale: tiled kernels in Zarr, built by Dask, solved out of core.")
+                                     "scale: tiled kernels in Zarr, built by Dask, solved out of core.",
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nngp-dask {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
@@ -130,11 +149,27 @@ def _run(args: argparse.Namespace) -> int:
     report = run_pipeline(cfg, until=_UNTIL[args.command], plots=False if args.no_plots else None,
                           progress=not args.no_progress)
     print(_summary(report))
+    solve = report["stages"].get("solve", {}).get("detail")
+    if solve and not solve["converged"] and not cfg["solver"]["allow_unconverged"]:
+        print(f"nngp-dask: not converged: CG stopped after {solve['iterations']} iterations above solver.tol="
+              f"{cfg['solver']['tol']:g} (worst relative residual {max(solve['final_residuals']):.3g}); the run is "
+              "complete and its report written. Raise solver.maxiter or solver.noise, or a stronger preconditioner; "
+              "--set solver.allow_unconverged=true accepts it (exit 0)", file=sys.stderr)
+        return 3
     return 0
 
 
 class _Usage(ValueError):
     pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the CLI's handler so that every ``with`` block
+    (locks, clusters, log files) exits as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,9 +179,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .build import BuildError
     from .store import StoreLockedError
 
+    # SIGTERM (kill, systemd, batch schedulers) unwinds like Ctrl-C; the caller's handler is put
+    # back on return, so main() called as a function leaves the process as it found it
+    previous, installed = signal.getsignal(signal.SIGTERM), True
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        installed = False
     try:
         return _run(args)
-    except (ValueError, TypeError, FileNotFoundError, StoreLockedError) as exc:
+    except StoreLockedError as exc:
+        if args.debug:
+            raise
+        print(f"nngp-dask: locked: {exc}", file=sys.stderr)
+        return 75
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         # bad input or configuration: the message names the field, the value and what was expected
         if args.debug:
             raise
@@ -157,9 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"nngp-dask: failed: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("nngp-dask: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"nngp-dask: {what}; re-run the same command to resume", file=sys.stderr)
+        return code
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover

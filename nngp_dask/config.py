@@ -113,6 +113,8 @@ SCHEMA: dict[str, dict[str, _F]] = {
         "method": _F(str, "auto", "auto (Cholesky up to 5000 points, CG above), cg or cholesky",
                      choices=("auto", "cg", "cholesky")),
         "checkpoint_every": _F(int, 5, "CG iterations between checkpoints", minimum=1),
+        "allow_unconverged": _F(bool, False, "finish with exit code 0 when CG stops before tol (default: the run "
+                                "completes, then the CLI exits 3)"),
     },
     "predict": {
         "variance": _F(str, "auto", "predictive variance: none, auto, exact or lowrank",

@@ -379,9 +379,8 @@ def predict(
                                       n=ks.shape[0])
             solve_block = lambda rhs: batched_cg(op.matmat, rhs, tol=result.tol, preconditioner=pre).x  # noqa: E731
         var = np.empty(m)
-        arr = ks.array("kernel/test_train")
         for start in range(0, m, batch):
             stop = min(start + batch, m)
-            kstar = np.asarray(arr[start:stop, :], dtype=np.float64).T  # (n, b)
+            kstar = np.asarray(ks.read_rows("test_train", slice(start, stop)), dtype=np.float64).T  # (n, b), verified
             var[start:stop] = prior[start:stop] - np.einsum("ij,ij->j", kstar, solve_block(kstar))
         return mean, np.maximum(var, 0.0)

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._products import tile_matmat_t
-from .store import KernelStore, open_group
+from .store import KernelStore, tile_io
 
 __all__ = ["StoredKernelOperator", "dense_matmat"]
 
@@ -50,37 +50,38 @@ def _retrying(what: str, fn: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _train_tiles_task(url: str, options: str, tiles: Sequence[tuple[int, int]], v_t: NDArray,
+def _train_tiles_task(url: str, options: str, token: str, tiles: Sequence[tuple[int, int]], v_t: NDArray,
                       tile: int) -> tuple[int, NDArray[np.float64]]:
     """``K V`` restricted to a run of upper tiles, transposed: ``(start, out_t[:, start:])``.
 
     A row-major run of upper tiles touches no row above its first tile's, so only the columns
-    from there on come back.
+    from there on come back. Each tile is verified as it is read (:class:`~nngp_dask.store.TileIO`).
     """
-    arr = open_group(url, json.loads(options) or None)["kernel/train_train"]
+    io = tile_io(url, options, token, "train_train")
+    buf = np.empty(io.nbytes, dtype=np.uint8)  # one read buffer for the whole run
     start = min(i for i, _ in tiles) * tile
     out_t = np.zeros_like(v_t)
     for i, j in tiles:
         # float64 accumulation even for float32 tiles: rounding V to float32 makes the operator
         # nonlinear, and unpreconditioned CG on MNIST then diverges (benchmarks/RESULTS.md)
-        tile_matmat_t(arr[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile], v_t, out_t, i * tile, j * tile,
-                      transpose_too=i != j)
+        tile_matmat_t(io.read(i, j, buf), v_t, out_t, i * tile, j * tile, transpose_too=i != j)
     return start, out_t[:, start:]
 
 
-def _test_rows_task(url: str, options: str, i: int, tile: int, alpha_t: NDArray | None,
+def _test_rows_task(url: str, options: str, token: str, i: int, tile: int, alpha_t: NDArray | None,
                     factor: NDArray | None) -> tuple[int, NDArray | None, NDArray | None, NDArray | None]:
     """One row band of K(X*, X): its mean block, and for the low-rank variance the squared row
     norms and the projections onto ``factor``. ``alpha_t`` is alpha transposed, (k, n)."""
-    arr = open_group(url, json.loads(options) or None)["kernel/test_train"]
-    m, n = arr.shape
+    io = tile_io(url, options, token, "test_train")
+    buf = np.empty(io.nbytes, dtype=np.uint8)
+    m, n = io.shape
     rows = slice(i * tile, min((i + 1) * tile, m))
     mean_t = np.zeros((alpha_t.shape[0], rows.stop - rows.start)) if alpha_t is not None else None
     sq = np.zeros(rows.stop - rows.start) if factor is not None else None
     proj = np.zeros((rows.stop - rows.start, factor.shape[1])) if factor is not None else None
     for j in range(-(-n // tile)):
         cols = slice(j * tile, min((j + 1) * tile, n))
-        k = arr[rows, cols]
+        k = io.read(i, j, buf)
         if mean_t is not None:
             tile_matmat_t(k, alpha_t, mean_t, 0, cols.start, transpose_too=False)
         if factor is not None:
@@ -132,6 +133,7 @@ class StoredKernelOperator:
         self.client = client
         self.n = store.shape[0]
         self._options = json.dumps(store.storage_options or {}, sort_keys=True)
+        self._token = store.identity.token()
         threads = sum(client.nthreads().values()) or 1
         self._groups = _balanced_groups(list(store.grid.upper_tiles()), tasks_per_worker_thread * threads)
         self.calls = 0
@@ -149,7 +151,7 @@ class StoredKernelOperator:
 
         def product() -> NDArray[np.float64]:
             vf = self.client.scatter(v_t, hash=False)  # no broadcast: see _RETRYABLE
-            futures = [self.client.submit(_train_tiles_task, self.store.url, self._options, grp, vf,
+            futures = [self.client.submit(_train_tiles_task, self.store.url, self._options, self._token, grp, vf,
                                           self.store.tile, pure=False, **where)
                        for grp, where in zip(self._groups, _placement(self.client, len(self._groups)))]
             out_t = self.noise * v_t
@@ -176,7 +178,7 @@ class StoredKernelOperator:
             af = self.client.scatter(np.ascontiguousarray(np.asarray(alpha, dtype=np.float64).T), hash=False) \
                 if alpha is not None else None
             ff = self.client.scatter(factor, hash=False) if factor is not None else None
-            futures = [self.client.submit(_test_rows_task, self.store.url, self._options, i, tile, af, ff,
+            futures = [self.client.submit(_test_rows_task, self.store.url, self._options, self._token, i, tile, af, ff,
                                           pure=False, **where)
                        for i, where in zip(range(grid.shape[0]), _placement(self.client, grid.shape[0]))]
             return self.client.gather(futures)

@@ -30,7 +30,7 @@ from .datasets import Dataset, load_dataset, one_hot_targets
 from .gp import SolveResult, predict, solve
 from .monitor import PeakRSS
 from .runtime import client_for
-from .store import KernelStore, store_lock
+from .store import CorruptTileError, KernelStore, store_lock
 
 __all__ = ["STAGES", "Pipeline", "run_pipeline"]
 
@@ -196,9 +196,17 @@ class Pipeline:
             arch = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"])
             with client_for(self._cluster(), **self._local_kwargs()) as client:
                 log.info("Dask dashboard: %s", client.dashboard_link)
-                ks = self._kernel(arch, ds, client)
-                result = self._solve(ks, targets, client) if stop >= STAGES.index("solve") else None
-                pred = self._predict(ks, result, client) if stop >= STAGES.index("predict") else None
+                for attempt in (1, 2):
+                    try:
+                        ks = self._kernel(arch, ds, client)
+                        result = self._solve(ks, targets, client) if stop >= STAGES.index("solve") else None
+                        pred = self._predict(ks, result, client) if stop >= STAGES.index("predict") else None
+                        break
+                    except CorruptTileError as exc:
+                        # its record is cleared: the kernel stage rebuilds the tile, the solve resumes
+                        if attempt == 2:
+                            raise
+                        log.warning("%s; rebuilding it and carrying on", exc)
             metrics = None
             if stop >= STAGES.index("evaluate") and pred is not None:
                 with self._stage("evaluate") as rec:

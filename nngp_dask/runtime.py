@@ -55,16 +55,16 @@ class ClusterConfigError(ConfigError):
 
 
 def local_cluster_kwargs(n_workers: int | None = None, threads_per_worker: int = 1,
-                         memory_limit: str | None = None) -> dict:
-    """Settings of the embedded cluster: loopback only, one single-threaded process per core."""
-    cores = os.cpu_count() or 1
-    kwargs = dict(
-        n_workers=n_workers or cores,
+                         memory_limit: str | None = None, secure: bool = True) -> dict:
+    """Settings of the embedded cluster: loopback only, one single-threaded process per core
+    (``dask.system.CPU_COUNT``, which honours CPU affinity and cgroup quotas), mutual TLS."""
+    import dask.system
+
+    kwargs: dict[str, Any] = dict(
+        n_workers=n_workers or dask.system.CPU_COUNT,
         threads_per_worker=threads_per_worker,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
         env=_WORKER_ENV if threads_per_worker == 1 else {},
+        secure=secure,
     )
     if memory_limit:
         kwargs["memory_limit"] = memory_limit
@@ -72,22 +72,12 @@ def local_cluster_kwargs(n_workers: int | None = None, threads_per_worker: int =
 
 
 def local_cluster(**kwargs: Any) -> Any:
-    """A ``distributed.LocalCluster`` whose worker processes start with ``env`` already set.
+    """The embedded cluster (:class:`nngp_dask.embedded.EmbeddedCluster`; ``kwargs`` from
+    :func:`local_cluster_kwargs`): a scheduler in this process, worker processes of their own, on
+    127.0.0.1 with mutual TLS; the caller's environment is never changed."""
+    from .embedded import EmbeddedCluster
 
-    ``kwargs`` as for ``LocalCluster`` (see :func:`local_cluster_kwargs`). ``LocalCluster``'s own
-    ``env`` is applied inside the worker after Numba was imported, so ``NUMBA_NUM_THREADS=1`` was
-    ignored and each single-threaded worker ran its kernels on every core (2 workers x 2 Numba
-    threads on 2 cores). Here ``env`` goes into the nannies' pre-spawn environment instead, which
-    they read when the cluster starts its workers, with glibc's allocator thresholds (see
-    ``_MALLOC_ENV``).
-    """
-    import dask
-    from distributed import LocalCluster
-
-    env = kwargs.pop("env", None) or {}
-    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_MALLOC_ENV, **env}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
-        return LocalCluster(**kwargs)
+    return EmbeddedCluster(**kwargs)
 
 
 # --- cluster files ------------------------------------------------------------------------

@@ -501,16 +501,68 @@ def test_embedded_workers_start_single_threaded_with_tile_sized_heap(cluster_cli
 
 
 # --- secure defaults -------------------------------------------------------------------------
-def test_embedded_cluster_listens_on_loopback_only(tmp_path):
-    kw = local_cluster_kwargs()
-    assert kw["host"] == "127.0.0.1" and kw["dashboard_address"].startswith("127.0.0.1:")
+def test_embedded_cluster_listens_on_loopback_only_with_mutual_tls(tmp_path):
+    from distributed import Client
+
     one = tmp_path / "one.toml"
     one.write_text('type = "local"\nn_workers = 1\n')
     with client_for(one) as c:
-        assert c.scheduler.address.startswith("tcp://127.0.0.1:")
+        address = c.scheduler.address
+        assert address.startswith("tls://127.0.0.1:")
         assert c.dashboard_link.startswith("http://127.0.0.1:")
-        assert all(addr.startswith("tcp://127.0.0.1:") for addr in c.nthreads())
+        assert all(addr.startswith("tls://127.0.0.1:") for addr in c.nthreads())
         assert c.submit(sum, [1, 2]).result() == 3
+        # another local process without the cluster's in-memory certificate cannot connect
+        with pytest.raises((OSError, TimeoutError)):
+            Client(address.replace("tls://", "tcp://"), timeout=3, set_as_default=False)
+        with pytest.raises((OSError, TimeoutError, TypeError, ValueError)):
+            Client(address, timeout=3, set_as_default=False)
+
+
+_DRIVER_STATE = """
+import os, sys, numba, numpy as np
+import nngp_dask as nd
+from nngp_dask.config import load_config
+from nngp_dask.pipeline import run_pipeline
+
+@numba.njit(parallel=True)
+def launch(a):
+    s = 0.0
+    for i in numba.prange(a.size):
+        s += a[i]
+    return s
+
+launch(np.ones(1000))  # this driver's Numba threads are running from here on
+env, threads = dict(os.environ), numba.get_num_threads()
+x = np.random.default_rng(0).standard_normal((300, 4))
+ks = nd.build_kernel(nd.Architecture(2), x, sys.argv[1] + "/k.zarr", tile=128, progress=False)
+assert dict(os.environ) == env, sorted(set(os.environ.items()) ^ set(env.items()))
+nd.solve(ks, x[:, :1], noise=0.1, method="cg", progress=False)
+cfg = load_config(sys.argv[2], {"run.output": sys.argv[1] + "/run", "data.n_train": 300, "data.n_test": 50,
+                                "kernel.tile": 128, "solver.rank": 16})
+run_pipeline(cfg, plots=False, progress=False)
+assert dict(os.environ) == env, sorted(set(os.environ.items()) ^ set(env.items()))
+assert numba.get_num_threads() == threads, (numba.get_num_threads(), threads)
+
+@numba.njit(parallel=True)
+def compiled_after(a):  # compiling re-reads the environment: raised when a cluster had changed it
+    return a.sum()
+
+compiled_after(np.ones(10))
+print("driver state unchanged")
+"""
+
+
+def test_clusters_leave_the_driver_environment_and_threads_alone(tmp_path):
+    """distributed's in-process nannies set their pre-spawn environment in the driver for good, and
+    Numba then refused to compile in it (the suite failed by test order). A fresh driver here:
+    this process's default client would otherwise be used instead of an embedded cluster."""
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER_STATE)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), str(QUICK)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "driver state unchanged" in out.stdout
 
 
 def test_tls_cluster_requires_certificates(tmp_path, certs):

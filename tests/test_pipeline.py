@@ -123,7 +123,7 @@ def test_resume_after_sigkill_in_kernel_and_solve(tmp_path):
 def test_concurrent_run_refused(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     with store_lock(str(tmp_path / "run" / "pipeline")):
-        assert main(["run", str(QUICK), *SMALL, *_out(tmp_path)]) == 2
+        assert main(["run", str(QUICK), *SMALL, *_out(tmp_path)]) == 75  # EX_TEMPFAIL: try again later
     assert "locked by pid" in capsys.readouterr().err
 
 
