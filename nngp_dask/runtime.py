@@ -21,13 +21,13 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, _expand, _F
 
-__all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "client_for", "load_cluster_file", "local_cluster",
+__all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "LazyClient", "client_for", "load_cluster_file", "local_cluster",
            "local_cluster_kwargs", "jobqueue_kwargs", "kubernetes_kwargs", "is_cluster_file"]
 
 log = logging.getLogger("nngp_dask")
@@ -382,6 +382,35 @@ def _client_from_spec(spec: Mapping[str, Any]) -> Iterator[Any]:
         yield c
 
 
+class LazyClient:
+    """A client whose cluster starts on first use (:func:`client_for` of ``client`` and
+    ``local``), and closes with this context: a pipeline whose stages are all up to date starts
+    no cluster at all."""
+
+    def __init__(self, client: Any = None, **local: object) -> None:
+        self._client, self._local = client, local
+        self._stack = ExitStack()
+        self._open: Any = None
+
+    @property
+    def started(self) -> bool:
+        return self._open is not None
+
+    def get(self) -> Any:
+        """The client, starting or connecting to its cluster the first time."""
+        if self._open is None:
+            self._open = self._stack.enter_context(client_for(self._client, **self._local))
+            log.info("Dask dashboard: %s", self._open.dashboard_link)
+        return self._open
+
+    def __enter__(self) -> "LazyClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._open = None
+        self._stack.close()
+
+
 @contextmanager
 def client_for(client: Any = None, **local: object) -> Iterator[Any]:
     """Yield a client: the one given, one for a cluster file (``*.toml``, see
@@ -391,6 +420,9 @@ def client_for(client: Any = None, **local: object) -> Iterator[Any]:
 
     if isinstance(client, Client):
         yield client
+        return
+    if isinstance(client, LazyClient):
+        yield client.get()
         return
     if is_cluster_file(client):
         with _client_from_spec(load_cluster_file(client)) as c:
