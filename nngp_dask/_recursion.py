@@ -26,10 +26,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import os
 from concurrent.futures import ThreadPoolExecutor
 
-from numba import config, njit
+import numba
+from numba import njit
 
 from .activations import FAMILY_ERF, FAMILY_HERMITE, FAMILY_STEP, FAMILY_TWO_SLOPE
 
@@ -227,9 +227,9 @@ _CHUNK_BYTES = 1 << 20  # float64 rows converted at a time: stays in L2
 
 
 def threads() -> int:
-    """Threads of the in-process recursion: ``NUMBA_NUM_THREADS`` (default: every core), read
-    without starting Numba's thread pool (1 in the embedded cluster's workers)."""
-    return max(1, int(config.NUMBA_NUM_THREADS))
+    """Threads of the in-process recursion: Numba's setting (``NUMBA_NUM_THREADS``, default every
+    core; ``numba.set_num_threads`` lowers it), 1 in the embedded cluster's workers."""
+    return max(1, numba.get_num_threads())
 
 
 def _rows_f64(a, r0, r1, writable):

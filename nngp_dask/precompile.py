@@ -1,0 +1,80 @@
+"""Compile a run's Numba kernels once, in the driver, while its cluster starts.
+
+A process that finds a kernel in Numba's on-disk cache loads it in milliseconds; one that does not
+compiles it (several seconds on 2 cores). Started before the cluster, the driver's compile runs
+while the worker processes start, and the workers then load what it wrote instead of each
+compiling the same functions at the same time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from ._products import tile_matmat_t
+from .architecture import Architecture
+from .kernel import check_dtype, kernel
+
+__all__ = ["precompile"]
+
+log = logging.getLogger("nngp_dask")
+
+_lock = threading.Lock()
+_started: dict[tuple[int, str], Future] = {}
+# a compile that outlasts this is announced (loading from the cache takes well under it)
+_ANNOUNCE_AFTER_S = 1.0
+
+
+def _compile(arch: Architecture, dtype: np.dtype) -> float:
+    t0 = time.perf_counter()
+    x = np.linspace(0.1, 1.0, 24).reshape(6, 4)  # nothing overflows, nothing is degenerate
+    kernel(arch, x, dtype=dtype)  # per-point diagonals, a symmetric block, its mirror
+    kernel(arch, x, x[:3], dtype=dtype)
+    tile_matmat_t(np.ones((3, 3), dtype), np.ones((1, 6)), np.zeros((1, 6)), 0, 3, transpose_too=True)
+    return time.perf_counter() - t0
+
+
+def precompile(arch: Architecture, dtype: DTypeLike = np.float32) -> Future:
+    """Start compiling (or loading from Numba's cache) the kernels that tiles of ``arch`` stored
+    in ``dtype`` and the solver's products run; returns a future of the seconds it took.
+
+    Runs in a background thread of this process, once per activation family and dtype; a
+    compile that takes longer than a second says so in the log.
+    """
+    dt = check_dtype(dtype)
+    key = (arch.activation.family, dt.name)
+    with _lock:
+        fut = _started.get(key)
+        if fut is not None:
+            return fut
+        fut = _started[key] = Future()
+
+    def run() -> None:
+        done = threading.Event()
+
+        def announce() -> None:
+            if not done.wait(_ANNOUNCE_AFTER_S):
+                log.info("compiling the NNGP kernels once (about 10 s on 2 cores; later runs load them from "
+                         "Numba's cache)")
+
+        threading.Thread(target=announce, daemon=True).start()
+        try:
+            seconds = _compile(arch, dt)
+        except BaseException as exc:  # reported where the result is waited for
+            with _lock:
+                _started.pop(key, None)
+            fut.set_exception(exc)
+            return
+        finally:
+            done.set()
+        if seconds > _ANNOUNCE_AFTER_S:
+            log.info("compiled the NNGP kernels in %.1f s", seconds)
+        fut.set_result(seconds)
+
+    threading.Thread(target=run, name="nngp-dask-precompile", daemon=True).start()
+    return fut
