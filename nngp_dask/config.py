@@ -8,6 +8,7 @@ types, allowed values and the one-line documentation printed by ``nngp-dask vali
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import tomllib
@@ -43,6 +44,8 @@ class _F:
             raise ConfigError(f"{dotted}: expected {self._type_name()}, got {value!r}")
         if not isinstance(value, self.types):
             raise ConfigError(f"{dotted}: expected {self._type_name()}, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # NaN would pass every bound below
+            raise ConfigError(f"{dotted}: expected a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"{dotted}: expected one of {list(self.choices)}, got {value!r}")
         if self.minimum is not None and (value < self.minimum or (self.exclusive_minimum and value == self.minimum)):
@@ -204,11 +207,28 @@ def resolve(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, 
         from .runtime import load_cluster_file
 
         load_cluster_file(out["cluster"]["address"])
+    _check_tls_address(out["cluster"]["address"])
     if out["data"]["source"] != "synthetic" and not out["data"]["path"]:
         raise ConfigError(f"data.path: expected a file or directory for source {out['data']['source']!r}, got ''")
     if out["data"]["test_fraction"] >= 1:
         raise ConfigError(f"data.test_fraction: expected a number in (0, 1), got {out['data']['test_fraction']}")
     return out
+
+
+def _check_tls_address(address: str) -> None:
+    """A bare ``tls://`` scheduler address works only if Dask's own configuration holds the client
+    certificates; otherwise it needs a cluster file with a ``[tls]`` table (checked before any
+    cluster is contacted, instead of an ssl_context error from deep inside distributed)."""
+    if not address.startswith("tls://"):
+        return
+    import dask.config
+
+    tls = "distributed.comm.tls."
+    if dask.config.get(tls + "ca-file", None) and dask.config.get(tls + "client.cert", None):
+        return
+    raise ConfigError(f"cluster.address: {address!r} is a tls:// address, which needs TLS certificates; expected a "
+                      "cluster file with a [tls] table (ca_file, cert, key), e.g. --cluster "
+                      "cluster/scheduler-tls.toml, or Dask's distributed.comm.tls settings")
 
 
 def _check_store(store: str) -> None:
