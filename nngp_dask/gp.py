@@ -108,6 +108,15 @@ def _check_solve_args(ks: KernelStore, y: ArrayLike, noise: Any, tol: Any, preco
     return np.asarray(arr, dtype=np.float64).reshape(arr.shape[0], -1), squeeze, float(noise), float(tol)
 
 
+def _open(store: Any) -> KernelStore:
+    """``store`` as a :class:`KernelStore`: itself, or opened from a path or URL."""
+    if isinstance(store, KernelStore):
+        return store
+    if not isinstance(store, (str, os.PathLike)):
+        raise TypeError(f"store: expected a KernelStore or a store path/URL, got {type(store).__name__}")
+    return open_kernel(store)
+
+
 def _column_fn(ks: KernelStore):
     """``idx -> K[:, idx]`` computed from the stored inputs with the tile function (no pass over
     the stored kernel). Inputs are read once and kept (n x d float64)."""
@@ -217,7 +226,14 @@ def solve(
         Bad noise, tol, y or names; ``IncompleteKernelError`` (a ValueError) when tiles are
         missing, naming them. All before any work.
     """
-    ks = store if isinstance(store, KernelStore) else open_kernel(store)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) \
+            or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every: expected an integer >= 1 (CG iterations between checkpoints), "
+                         f"got {checkpoint_every!r}")
+    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer))
+                                or maxiter < 1):
+        raise ValueError(f"maxiter: expected None or an integer >= 1, got {maxiter!r}")
+    ks = _open(store)
     y2, squeeze, noise, tol = _check_solve_args(ks, y, noise, tol, preconditioner, method)
     ks.require_complete("train_train")
     n = ks.shape[0]
@@ -328,7 +344,10 @@ def predict(
     mean : ndarray, shape (m, k) (or (m,) when y was 1-D)
     var : ndarray, shape (m,), when ``variance`` is requested
     """
-    ks = store if isinstance(store, KernelStore) else open_kernel(store)
+    if not isinstance(result, SolveResult):
+        raise TypeError(f"result: expected the SolveResult of nngp_dask.solve on this store, got "
+                        f"{type(result).__name__}")
+    ks = _open(store)
     if variance not in (False, True, "exact", "lowrank", "auto"):
         raise ValueError(f"variance: expected False, True, 'exact', 'lowrank' or 'auto', got {variance!r}")
     if not ks.n_test:
