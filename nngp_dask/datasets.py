@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .inputs import InputError
+from .inputs import InputError, nonfinite_message
 from .sources import ArraySource, as_source, open_source, read_all, read_csv
 
 __all__ = ["Dataset", "synthetic", "load_dataset", "one_hot_targets"]
@@ -73,6 +73,9 @@ def load_dataset(data: dict[str, Any], *, task: str, seed: int = 0) -> Dataset:
                          seed=seed, task=task)
     if src == "csv":
         table = read_csv(path)
+        bad = nonfinite_message(table, f"data.path: {os.path.basename(path)}")  # rows and columns of the file
+        if bad is not None:
+            raise InputError(bad)
         col = data["target"] % table.shape[1]
         x, y = np.delete(table, col, axis=1), table[:, col]
         if data["test_mask"]:
@@ -90,8 +93,9 @@ def load_dataset(data: dict[str, Any], *, task: str, seed: int = 0) -> Dataset:
         xtr, ytr, xte, yte = x[~mask], y[~mask], x[mask], y[mask]
         xtr, ytr = (xtr[:lt], ytr[:lt]) if lt else (xtr, ytr)
         xte, yte = (xte[:le], yte[:le]) if le else (xte, yte)
-        return Dataset(as_source(xtr), ytr, as_source(xte), yte,
-                       f"{os.path.basename(path)}: {len(ytr)} train / {len(yte)} test rows, {x.shape[1]} features")
+        return _checked(Dataset(as_source(xtr), ytr, as_source(xte), yte,
+                                f"{os.path.basename(path)}: {len(ytr)} train / {len(yte)} test rows, "
+                                f"{x.shape[1]} features"))
     if src == "npz":
         def part(key: str) -> ArraySource:
             return open_source(path, key=data[key])
@@ -104,8 +108,25 @@ def load_dataset(data: dict[str, Any], *, task: str, seed: int = 0) -> Dataset:
     if xtr.shape[0] != len(ytr) or xte.shape[0] != len(yte):
         raise InputError(f"data: {xtr.shape[0]} training inputs but {len(ytr)} targets, {xte.shape[0]} test "
                          f"inputs but {len(yte)} targets; expected equal counts")
-    return Dataset(xtr, ytr, xte, yte, f"{os.path.basename(path.rstrip('/'))}: {xtr.shape[0]} train / "
-                   f"{xte.shape[0]} test points")
+    return _checked(Dataset(xtr, ytr, xte, yte, f"{os.path.basename(path.rstrip('/'))}: {xtr.shape[0]} train / "
+                            f"{xte.shape[0]} test points"))
+
+
+def _checked(ds: Dataset) -> Dataset:
+    """Refuse empty splits and non-finite targets before anything is computed from them (their
+    mean and scale would turn one NaN into a NaN everywhere, reported at row 0). Inputs are
+    checked as they are ingested, before normalising, with their rows and columns."""
+    for name, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        if x.shape[0] == 0:
+            raise InputError(f"data: the {name} split is empty (x_{name} has shape {tuple(x.shape)}); expected at "
+                             "least one row")
+        y_arr = np.asarray(y)
+        if y_arr.dtype.kind not in "biuf":
+            raise InputError(f"y_{name}: expected numeric targets, got dtype {y_arr.dtype}")
+        bad = nonfinite_message(y_arr, f"y_{name}", what="targets")
+        if bad is not None:
+            raise InputError(bad)
+    return ds
 
 
 def one_hot_targets(labels: NDArray, classes: NDArray) -> NDArray:

@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["NORMALIZATIONS", "check_inputs", "normalize", "first_nonfinite_row", "InputError"]
+__all__ = ["NORMALIZATIONS", "check_inputs", "normalize", "first_nonfinite_row", "nonfinite_message", "InputError"]
 
 Normalization = Literal["none", "unit_norm", "standardize"]
 NORMALIZATIONS: tuple[str, ...] = ("none", "unit_norm", "standardize")
@@ -21,6 +21,18 @@ def first_nonfinite_row(x: NDArray) -> int | None:
     """Index of the first row holding NaN or Inf, or None."""
     bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
     return int(np.argmax(bad)) if bad.any() else None
+
+
+def nonfinite_message(x: NDArray, name: str, *, row_offset: int = 0, what: str = "values") -> str | None:
+    """``"x: row 17 holds NaN or Inf (nan at column 2); expected finite values"`` for the first
+    non-finite entry of ``x`` (rows counted from ``row_offset``), or None when all are finite."""
+    row = first_nonfinite_row(x)
+    if row is None:
+        return None
+    flat = np.asarray(x[row]).ravel()
+    col = int(np.argmax(~np.isfinite(flat)))
+    at = f" at column {col}" if np.ndim(x) > 1 else ""
+    return f"{name}: row {row + row_offset} holds NaN or Inf ({float(flat[col])!r}{at}); expected finite {what}"
 
 
 def check_inputs(x: ArrayLike, name: str = "x", *, features: int | None = None, row_offset: int = 0) -> NDArray:
@@ -57,9 +69,9 @@ def check_inputs(x: ArrayLike, name: str = "x", *, features: int | None = None, 
         raise InputError(f"{name}: expected {features} features (as the training inputs), got {arr.shape[1]}")
     if arr.dtype.kind != "f":
         arr = arr.astype(np.float64)
-    row = first_nonfinite_row(arr)
-    if row is not None:
-        raise InputError(f"{name}: row {row + row_offset} holds NaN or Inf; expected finite values")
+    bad = nonfinite_message(arr, name, row_offset=row_offset)
+    if bad is not None:
+        raise InputError(bad)
     return arr
 
 
@@ -75,12 +87,19 @@ def normalize(x: NDArray, method: Normalization | str = "none") -> NDArray:
     ``"standardize"``
         each example shifted to mean 0 and scaled to variance 1 (so also ``<x, x> / d = 1``).
         Constant rows become zero.
+
+    Raises :class:`InputError` naming the row and column of the first NaN or Inf (checked before
+    normalising, which would otherwise hide it in a row of zeros).
     """
     if method not in NORMALIZATIONS:
         raise InputError(f"normalization: expected one of {list(NORMALIZATIONS)}, got {method!r}")
     if method == "none":
         return x
     x = np.asarray(x, dtype=np.float64)
+    # before normalising: a NaN or Inf would otherwise turn its whole row into zeros, silently
+    bad = nonfinite_message(x, "x")
+    if bad is not None:
+        raise InputError(bad)
     if method == "standardize":
         x = x - x.mean(axis=1, keepdims=True)
     norm = np.sqrt((x * x).mean(axis=1, keepdims=True))

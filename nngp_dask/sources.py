@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -86,8 +88,29 @@ def _flatten(arr: Any) -> Any:
     return arr
 
 
+#: what reading a damaged file raises: a truncated or non-gzip .gz (EOFError, gzip.BadGzipFile, zlib.error), a
+#: truncated .npz (zipfile.BadZipFile, EOFError), a truncated .npy (ValueError), undecodable text
+_DAMAGED = (OSError, EOFError, ValueError, zlib.error, zipfile.BadZipFile, UnicodeDecodeError)
+
+
+def _unreadable(path: str, exc: BaseException) -> InputError:
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return InputError(f"path: {path!r} cannot be read ({what}); expected a complete, readable file "
+                      "(truncated or damaged?)")
+
+
 def read_csv(path: str, *, delimiter: str | None = None) -> NDArray:
-    """A numeric CSV (optionally gzip'd) with an optional header row, as float64."""
+    """A numeric CSV (optionally gzip'd) with an optional header row, as float64; a damaged or
+    truncated file is one :class:`~nngp_dask.InputError` naming it."""
+    try:
+        return _read_csv(path, delimiter)
+    except InputError:
+        raise
+    except _DAMAGED as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _read_csv(path: str, delimiter: str | None) -> NDArray:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         first = f.readline()
@@ -116,11 +139,28 @@ def open_source(path: str | os.PathLike, *, key: str | None = None) -> ArraySour
         or a Zarr array (directory or URL; ``key`` selects an array inside a group).
     key : str, optional
         Member of an ``.npz`` archive or array inside a Zarr group.
+
+    Raises
+    ------
+    InputError
+        One line naming the file: missing, of an unsupported format, or damaged (a truncated
+        ``.npz``/``.npy``/``.gz``, a ``.gz`` that is not gzip).
     """
     p = os.fspath(path)
-    lower = p.lower()
-    if "://" not in p and not os.path.exists(p):
+    if "://" in p:
+        return _open_source(p, key)
+    if not os.path.exists(p):
         raise InputError(f"path: {p!r} does not exist; expected an input file")
+    try:
+        return _open_source(p, key)
+    except InputError:
+        raise
+    except _DAMAGED as exc:
+        raise _unreadable(p, exc) from exc
+
+
+def _open_source(p: str, key: str | None) -> ArraySource:
+    lower = p.lower()
     if lower.endswith(".npy"):
         return _Sliceable(_flatten(np.load(p, mmap_mode="r", allow_pickle=False)))
     if lower.endswith(".npz"):
