@@ -7,8 +7,9 @@ from .build import BuildError, build_kernel
 from .cg import CGResult, ConvergenceWarning, batched_cg
 from .gp import SolveResult, predict, solve
 from .inputs import InputError, normalize
-from .kernel import diagonals, kernel, tile
-from .store import IncompleteKernelError, KernelStore, StoreLockedError, StoreMismatchError, open_kernel
+from .kernel import KernelOverflowError, diagonals, kernel, tile
+from .store import (IncompleteKernelError, KernelStore, NotAKernelStoreError, StoreLockedError, StoreMismatchError,
+                    open_kernel)
 
 __all__ = [
     "__version__",
@@ -22,7 +23,9 @@ __all__ = [
     "Erf",
     "IncompleteKernelError",
     "InputError",
+    "KernelOverflowError",
     "KernelStore",
+    "NotAKernelStoreError",
     "SolveResult",
     "Step",
     "StoreLockedError",

@@ -24,13 +24,15 @@ from numpy.typing import ArrayLike, DTypeLike
 from ._version import __version__
 from .architecture import Architecture
 from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
-from .kernel import check_dtype, check_kind, diagonals, tile as tile_fn
+from .kernel import (KernelOverflowError, all_finite, check_dtype, check_kind, check_range, diagonals,
+                     diagonals_from_norms, overflow_reason, tile as tile_fn)
 from .monitor import Heartbeat
 from .pagecache import DropBehind, check_policy, wants_drop
 from .runtime import client_for
 from .sources import ArraySource, as_source, open_source
-from .store import (ATTR, FORMAT_VERSION, KernelStore, StoreIdentity, StoreMismatchError, _normalise_url,
-                    array_codecs, format_message, open_group, remove_interrupted_writes, store_lock, tile_io)
+from .store import (ATTR, FORMAT_VERSION, KernelStore, NotAKernelStoreError, StoreIdentity, StoreMismatchError,
+                    _normalise_url, array_codecs, format_message, open_group, remove_interrupted_writes,
+                    store_contents, store_lock, tile_io)
 from .tiling import DEFAULT_TILE, TileGrid
 
 __all__ = ["build_kernel", "BuildError", "PreparedInputs", "prepare_inputs"]
@@ -54,12 +56,16 @@ class PreparedInputs:
     n: int
     d: int
     fingerprint: str
+    name: str = "x"
+    #: smallest and largest squared norm of the normalised rows (they bound the kernel's diagonals)
+    sqnorm_range: tuple[float, float] = (0.0, 0.0)
 
     def chunks(self, rows: int = _STREAM_ROWS):
-        """Yield ``(start, block)`` of normalised float64 rows."""
+        """Yield ``(start, block)`` of normalised float64 rows. Each raw block is checked before it
+        is normalised (a NaN would become a row of zeros), naming the row and column of the input."""
         for start in range(0, self.n, rows):
             block = self.source.read(start, min(start + rows, self.n))
-            block = block.reshape(block.shape[0], -1)
+            block = check_inputs(block.reshape(block.shape[0], -1), self.name, row_offset=start)
             yield start, normalize_rows(np.asarray(block, dtype=np.float64), self.normalize)
 
 
@@ -67,7 +73,8 @@ def prepare_inputs(x: ArrayLike | ArraySource | str | os.PathLike, *, name: str 
                    normalize: str = "none", features: int | None = None) -> PreparedInputs:
     """Validate and fingerprint inputs in one streaming pass (nothing is written).
 
-    Raises :class:`~nngp_dask.InputError` naming the first row with NaN or Inf.
+    Raises :class:`~nngp_dask.InputError` naming the row and column of the first NaN or Inf of
+    the raw inputs (before they are normalised).
     """
     if normalize not in NORMALIZATIONS:
         raise InputError(f"normalize: expected one of {list(NORMALIZATIONS)}, got {normalize!r}")
@@ -84,11 +91,14 @@ def prepare_inputs(x: ArrayLike | ArraySource | str | os.PathLike, *, name: str 
         raise InputError(f"{name}: expected a numeric array, got dtype {src.dtype}")
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{n}x{d}:{normalize}".encode())
-    prepared = PreparedInputs(src, normalize, n, d, "")
-    for start, block in prepared.chunks():
-        check_inputs(block, name, row_offset=start)
+    prepared = PreparedInputs(src, normalize, n, d, "", name)
+    low, high = np.inf, 0.0
+    for _, block in prepared.chunks():
         h.update(np.ascontiguousarray(block).tobytes())
-    return PreparedInputs(src, normalize, n, d, h.hexdigest())
+        with np.errstate(over="ignore"):  # an overflow shows as inf, which build_kernel names
+            sq = np.einsum("ij,ij->i", block, block)
+        low, high = min(low, float(sq.min())), max(high, float(sq.max()))
+    return PreparedInputs(src, normalize, n, d, h.hexdigest(), name, (low, high))
 
 
 # --- worker side ------------------------------------------------------------------------
@@ -122,6 +132,9 @@ def _tile_task(url: str, options: str, token: str, part: str, i: int, j: int, ar
     symmetric = part == "train_train" and i == j
     t1 = time.perf_counter()
     values = tile_fn(arch, xr, xc, dr, dc, kind=kind, dtype=dtype, symmetric=symmetric)
+    if not all_finite(values):  # neither written nor recorded: the build stops and names the setting
+        raise KernelOverflowError(f"kernel/{part} tile ({i}, {j}) has non-finite values: "
+                                  + _overflow_why(arch, dtype, dr, dc))
     t2 = time.perf_counter()
     path = tile_io(url, options, token, part).write(i, j, values)  # with its CRC32C
     if path is not None and wants_drop(page_cache, stored_bytes):
@@ -129,6 +142,15 @@ def _tile_task(url: str, options: str, token: str, part: str, i: int, j: int, ar
     # after the write returned: the record never runs ahead of the data
     _array(url, options, token, f"done/{part}")[i, j] = 1
     return part, i, j, t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+def _overflow_why(arch: Architecture, dtype: str, *diags: np.ndarray) -> str:
+    for d in diags:
+        reason = overflow_reason(arch, d, dtype=dtype)
+        if reason:
+            return reason
+    return (f"the recursion overflows with depth={arch.depth}, weight_var={arch.weight_var}; lower depth or "
+            "weight_var, use dtype='float64', or scale the inputs")
 
 
 #: this worker process's recently written tiles (see :mod:`nngp_dask.pagecache`)
@@ -192,9 +214,12 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
             for start, block in prep.chunks(t):
                 stop = start + block.shape[0]
                 x[start:stop] = block
-                dg[:, start:stop] = diagonals(arch, block)
+                kd = [diagonals(arch, block)] + ([diagonals(arch, block, kind="ntk")] if dt is not None else [])
+                # exact, where build_kernel's check saw only the extreme norms (left as a store still ingesting)
+                check_range(arch, kd, dtype=ident.dtype, where=f"the kernel of {prep.name}[{start}:{stop}]")
+                dg[:, start:stop] = kd[0]
                 if dt is not None:
-                    dt[:, start:stop] = diagonals(arch, block, kind="ntk")
+                    dt[:, start:stop] = kd[1]
     n, grid = train.n, TileGrid(train.n, train.n, t)
     g.create_array("kernel/train_train", shape=(n, n), chunks=(t, t), dtype=ident.dtype, fill_value=np.nan, **kw)
     g.create_array("done/train_train", shape=grid.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **flags)
@@ -210,18 +235,17 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
                      "normalize": train.normalize}
 
 
-def _existing(url: str, options: dict | None) -> dict | None:
-    """The nngp-dask attributes of whatever is at ``url`` (None if nothing is there)."""
-    try:
-        g = zarr.open_group(url, mode="r", storage_options=options if "://" in url else None)
-    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-        return None
-    meta = g.attrs.get(ATTR)
-    if meta is None:
-        if any(True for _ in g.keys()):
-            return {"foreign": True}
-        return None
-    return dict(meta)
+
+def _refuse_overflow(arch: Architecture, kind: str, dt: np.dtype, prep: PreparedInputs) -> None:
+    """:class:`KernelOverflowError` before anything is written, when the kernel of these inputs
+    would overflow. The diagonals at the smallest and largest norm bound every diagonal (the
+    activations that can overflow grow with the norm), and the diagonals bound the kernel; the
+    exact diagonals are checked again as they are ingested."""
+    sq = np.array(prep.sqnorm_range, dtype=np.float64)
+    used = [diagonals_from_norms(arch, sq, prep.d)]
+    if kind == "ntk":
+        used.append(diagonals_from_norms(arch, sq, prep.d, kind="ntk"))
+    check_range(arch, used, dtype=dt, sqnorm_max=float(sq[1]), where=f"the kernel of {prep.name}")
 
 
 def build_kernel(
@@ -259,7 +283,8 @@ def build_kernel(
     normalize : {"none", "unit_norm", "standardize"}
         Per-example normalisation applied at ingest.
     overwrite : bool
-        Replace a store built for other inputs or settings instead of refusing it.
+        Replace a kernel store built for other inputs or settings instead of refusing it. Only
+        ever a kernel store: anything else at ``store`` is refused, never replaced.
     client : distributed.Client or str, optional
         Defaults to the current client, else an embedded LocalCluster for this call.
     storage_options : dict, optional
@@ -282,6 +307,12 @@ def build_kernel(
     StoreMismatchError
         The store holds a kernel of other inputs or settings (each difference named); the
         store is left untouched.
+    NotAKernelStoreError
+        ``store`` is a file, a non-empty folder that is not a kernel store, other Zarr data or
+        an unreadable store (a StoreMismatchError); nothing there is written or deleted.
+    KernelOverflowError
+        The kernel would hold non-finite values (naming the setting that overflows): refused
+        before anything is written, or, if a tile still overflows, before that tile is stored.
     InputError, ValueError
         Bad inputs or settings, before any work starts.
     """
@@ -297,31 +328,39 @@ def build_kernel(
         tile = min(DEFAULT_TILE, train.n)
     if not isinstance(tile, (int, np.integer)) or isinstance(tile, bool) or tile < 1:
         raise ValueError(f"tile: expected a positive integer, got {tile!r}")
+    if tile > train.n:  # a tile never needs more rows than there are: one tile (not a chunk of tile x tile)
+        log.info("tile %d is larger than the %d training inputs: the kernel is one tile of %d", tile, train.n, train.n)
+        tile = train.n
     tile = int(tile)
+    for prep in (train, test):
+        if prep is not None:
+            _refuse_overflow(arch, kind, dt, prep)
     ident = _identity(arch, kind, tile, dt, train, test)
     url = _normalise_url(store)
     opts = storage_options or None
     stats = BuildStats()
+    # whatever is at the store path and not a kernel store (a file, a folder of other files, other
+    # Zarr data) is refused, never replaced, even with overwrite: checked before taking the lock, and
+    # again under it
+    store_contents(url, opts)
 
     with store_lock(url, opts):
-        meta = _existing(url, opts)
+        meta = store_contents(url, opts)
         fresh = meta is None or (meta.get("ingesting") and "identity" not in meta)
         if meta is not None and not fresh:
-            if meta.get("foreign"):
-                if not overwrite:
-                    raise StoreMismatchError(
-                        f"store: {url!r} holds other Zarr data, not an nngp-dask kernel; expected an empty "
-                        "location (or overwrite=True to replace it)")
-                fresh = True
-            elif meta.get("format") != FORMAT_VERSION:  # e.g. format 1: no tile checksums
+            if meta.get("format") != FORMAT_VERSION:  # e.g. format 1: no tile checksums
                 if not overwrite:
                     raise StoreMismatchError(format_message(url, meta.get("format")))
                 log.warning("rebuilding store %s: format %r, this version writes format %d (tile checksums)", url,
                             meta.get("format"), FORMAT_VERSION)
                 fresh = True
             else:
-                stored = StoreIdentity(**meta["identity"])
-                diffs = stored.differences(ident)
+                try:
+                    diffs = StoreIdentity.from_meta(meta, url).differences(ident)
+                except NotAKernelStoreError as exc:  # our attributes, another version's identity fields
+                    if not overwrite:
+                        raise
+                    diffs = [str(exc)]
                 if diffs:
                     if not overwrite:
                         raise StoreMismatchError(
@@ -351,6 +390,10 @@ def build_kernel(
         stats.wall_s = time.perf_counter() - t0
         ks.last_build = stats  # type: ignore[attr-defined]
         if stats.failed:
+            overflow = next((f[3] for f in stats.failed if isinstance(f[3], KernelOverflowError)), None)
+            if overflow is not None:  # a setting to change, not a fault to resume from
+                raise KernelOverflowError(f"{overflow} ({len(stats.failed)} of {len(todo)} tile(s) were not written; "
+                                          "no non-finite value was stored)") from None
             first = stats.failed[0]
             raise BuildError(
                 f"{len(stats.failed)} of {len(todo)} tile(s) failed (first: {first[0]} tile {first[1:3]}: "

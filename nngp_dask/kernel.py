@@ -18,10 +18,69 @@ from .activations import FAMILY_HERMITE, Elementwise
 from .architecture import Architecture
 from .inputs import check_inputs
 
-__all__ = ["KINDS", "diagonals", "tile", "tile_from_gram", "kernel", "check_kind", "check_dtype"]
+__all__ = ["KINDS", "KernelOverflowError", "diagonals", "tile", "tile_from_gram", "kernel", "check_kind", "check_dtype",
+           "check_architecture", "check_range", "overflow_reason", "all_finite", "diagonals_from_norms"]
 
 Kind = Literal["nngp", "ntk", "both"]
 KINDS: tuple[str, ...] = ("nngp", "ntk")
+
+
+class KernelOverflowError(ValueError):
+    """The kernel's values overflow: too many layers or too large a weight variance for the
+    storage dtype, or inputs too large to square. Raised before a non-finite value is stored."""
+
+
+def check_architecture(arch: object) -> Architecture:
+    """``arch`` itself, or TypeError naming what was expected."""
+    if not isinstance(arch, Architecture):
+        raise TypeError(f"arch: expected an Architecture (e.g. Architecture(depth=3, activation='relu')), "
+                        f"got {type(arch).__name__} {arch!r:.60}")
+    return arch
+
+
+def all_finite(values: NDArray) -> bool:
+    """Whether every entry is finite, in one pass without a temporary for the usual case: a
+    finite sum proves it (a NaN or Inf always makes the sum non-finite); only a sum that
+    overflowed is looked at entry by entry."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(values.sum())) or bool(np.isfinite(values).all())
+
+
+def overflow_reason(arch: Architecture, diags: NDArray, *, dtype: DTypeLike = np.float32,
+                    sqnorm_max: float | None = None, all_depths: bool = False) -> str | None:
+    """Why kernel values built on the per-layer diagonals ``diags`` (L + 1, n) overflow, or None.
+
+    Every kernel here is positive semi-definite, so ``|K^L(x, x')| <= max_x K^L(x, x)``: the
+    diagonals bound the whole kernel. The recursion runs in float64 and only the last layer is
+    stored in ``dtype`` (every layer with ``all_depths``); the Gram block is computed in
+    ``dtype`` from inputs of squared norm at most ``sqnorm_max``.
+    """
+    limit = float(np.finfo(check_dtype(dtype)).max)
+    name = np.dtype(dtype).name
+    with np.errstate(invalid="ignore"):
+        peak = np.max(np.where(np.isfinite(diags), np.abs(diags), np.inf), axis=1)
+    if sqnorm_max is not None and not sqnorm_max <= limit:
+        return (f"the inputs are too large: their largest squared norm is {sqnorm_max:.3g}, beyond {name}'s range "
+                f"({limit:.3g}); scale the inputs (e.g. normalize='unit_norm')")
+    if not np.isfinite(peak[0]) or ((arch.depth == 0 or all_depths) and peak[0] > limit):
+        return (f"the input layer overflows: bias_var + weight_var |x|^2 / d reaches {peak[0]:.3g} with "
+                f"weight_var={arch.weight_var}; scale the inputs (e.g. normalize='unit_norm') or lower weight_var")
+    if np.all(np.isfinite(peak)) and np.all(peak[0 if all_depths else -1:] <= limit):
+        return None
+    bad = int(np.argmax(~np.isfinite(peak) | (peak > limit)))
+    return (f"the recursion overflows {name} ({limit:.3g}) at layer {bad} of depth={arch.depth} with "
+            f"weight_var={arch.weight_var}, bias_var={arch.bias_var}, activation {arch.activation.name!r}; "
+            "lower depth or weight_var, use dtype='float64', or scale the inputs")
+
+
+def check_range(arch: Architecture, diags: NDArray | list[NDArray], *, dtype: DTypeLike = np.float32,
+                sqnorm_max: float | None = None, all_depths: bool = False, where: str = "kernel") -> None:
+    """Raise :class:`KernelOverflowError` (``where`` names the kernel) when the kernel built on
+    these per-layer diagonals (NNGP, and NTK when used) would hold non-finite values."""
+    for d in diags if isinstance(diags, list) else [diags]:
+        reason = overflow_reason(arch, d, dtype=dtype, sqnorm_max=sqnorm_max, all_depths=all_depths)
+        if reason:
+            raise KernelOverflowError(f"{where} would hold non-finite values: {reason}")
 
 
 def check_kind(kind: str, arch: Architecture, *, allow_both: bool = False) -> None:
@@ -102,11 +161,26 @@ def diagonals(arch: Architecture, x: ArrayLike, *, kind: str = "nngp") -> NDArra
     -------
     ndarray, shape (L + 1, n), float64
     """
-    check_kind(kind, arch)
+    check_kind(kind, check_architecture(arch))
     x = check_inputs(x, "x")
-    sqnorm = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    with np.errstate(over="ignore"):  # overflow shows as inf, which check_range names
+        sqnorm = np.einsum("ij,ij->i", x, x, dtype=np.float64)
     k, t = _point_recursion(arch, sqnorm, x.shape[1], ntk=kind == "ntk")
     return k if t is None else t
+
+
+def diagonals_from_norms(arch: Architecture, sqnorm: ArrayLike, features: int, *, kind: str = "nngp") -> NDArray:
+    """:func:`diagonals` of points given by their squared norms ``sqnorm`` (n,) in ``features``
+    dimensions (the diagonal depends on nothing else): (L + 1, n) float64, inf where it overflows."""
+    check_kind(kind, check_architecture(arch))
+    with np.errstate(all="ignore"):
+        k, t = _point_recursion(arch, np.asarray(sqnorm, dtype=np.float64), features, ntk=kind == "ntk")
+    return k if t is None else t
+
+
+def _sqnorm_max(x: NDArray) -> float:
+    with np.errstate(over="ignore"):
+        return float(np.max(np.einsum("ij,ij->i", x, x, dtype=np.float64)))
 
 
 def _layer_roots(diag: NDArray, depth: int) -> tuple[NDArray, NDArray]:
@@ -268,11 +342,23 @@ def kernel(
            [0.212, 0.667, 0.212],
            [0.212, 0.212, 0.667]])
     """
-    check_kind(kind, arch, allow_both=True)
+    check_kind(kind, check_architecture(arch), allow_both=True)
     dt = check_dtype(dtype)
     a = check_inputs(x1, "x1")
+    b = a if x2 is None else check_inputs(x2, "x2", features=a.shape[1])
     diag_a = diagonals(arch, a)
+    diag_b = diag_a if x2 is None else diagonals(arch, b)
+    # overflow is refused before any tile work: the diagonals bound every entry
+    for name, x, d in (("x1", a, diag_a), ("x2", b, diag_b)) if x2 is not None else (("x1", a, diag_a),):
+        used = [d] + ([diagonals(arch, x, kind="ntk")] if kind != "nngp" else [])
+        check_range(arch, used, dtype=dt, sqnorm_max=_sqnorm_max(x), all_depths=all_depths,
+                    where=f"kernel of {name}")
     if x2 is None:
-        return tile(arch, a, a, diag_a, diag_a, kind=kind, dtype=dt, all_depths=all_depths, symmetric=True)
-    b = check_inputs(x2, "x2", features=a.shape[1])
-    return tile(arch, a, b, diag_a, diagonals(arch, b), kind=kind, dtype=dt, all_depths=all_depths)
+        out = tile(arch, a, a, diag_a, diag_a, kind=kind, dtype=dt, all_depths=all_depths, symmetric=True)
+    else:
+        out = tile(arch, a, b, diag_a, diag_b, kind=kind, dtype=dt, all_depths=all_depths)
+    for values in out if isinstance(out, tuple) else (out,):
+        if not all_finite(values):  # not expected after check_range; never returned silently
+            raise KernelOverflowError(f"kernel: the result holds non-finite values with {arch}; lower depth or "
+                                      "weight_var, or scale the inputs")
+    return out

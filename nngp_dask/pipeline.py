@@ -26,11 +26,12 @@ import numpy as np
 from . import __version__
 from .architecture import Architecture
 from .build import build_kernel
+from .config import ConfigError
 from .datasets import Dataset, load_dataset, one_hot_targets
 from .gp import SolveResult, predict, solve
 from .monitor import PeakRSS
 from .runtime import client_for
-from .store import CorruptTileError, KernelStore, store_lock
+from .store import CorruptTileError, KernelStore, store_contents, store_lock
 
 __all__ = ["STAGES", "Pipeline", "run_pipeline"]
 
@@ -173,6 +174,17 @@ class Pipeline:
         return {"n_workers": c["n_workers"] or None, "threads_per_worker": c["threads_per_worker"],
                 "memory_limit": c["memory_limit"] or None}
 
+    def _check_locations(self) -> None:
+        """Before any work (and before a cluster starts): the output is, or can become, a folder,
+        and the store is absent, empty or a kernel store; anything else there is never touched."""
+        above = self.out
+        while not above.exists() and above.parent != above:
+            above = above.parent
+        if not above.is_dir():
+            what = "is a file" if above == self.out else f"cannot be created: {str(above)!r} is a file"
+            raise ConfigError(f"run.output: {str(self.out)!r} {what}; expected a folder (new or existing)")
+        store_contents(self.store_url)
+
     # --- the run ----------------------------------------------------------------------------
     def run(self, until: str = "report") -> dict[str, Any]:
         """Run the stages up to and including ``until``; returns the report (as a dict)."""
@@ -181,6 +193,7 @@ class Pipeline:
         stop = STAGES.index(until)
         cfg = self.cfg
         started = time.time()
+        self._check_locations()
         self.out.mkdir(parents=True, exist_ok=True)
         with store_lock(str(self.out / "pipeline"), name=f"pipeline {cfg['run']['name']}"), self._log_file(), \
                 PeakRSS() as peak:

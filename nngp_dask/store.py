@@ -50,6 +50,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
+from ._version import __version__
 from .architecture import Architecture
 from .tiling import TileGrid
 
@@ -58,6 +59,8 @@ __all__ = [
     "KernelStore",
     "StoreIdentity",
     "StoreMismatchError",
+    "NotAKernelStoreError",
+    "store_contents",
     "StoreLockedError",
     "IncompleteKernelError",
     "CorruptTileError",
@@ -78,6 +81,12 @@ _CHECKSUMS = True
 
 class StoreMismatchError(ValueError):
     """The store was built for other inputs, another architecture or other settings."""
+
+
+class NotAKernelStoreError(StoreMismatchError):
+    """The path holds something nngp-dask did not write (a file, a folder of other files, other
+    Zarr data) or a store it cannot read (a damaged ``zarr.json``, an identity of another
+    version). nngp-dask never writes into it, and never deletes it, even with ``overwrite=True``."""
 
 
 class StoreLockedError(RuntimeError):
@@ -127,6 +136,24 @@ class StoreIdentity:
                 out.append(f"{field}: store has {mine!r}, requested {theirs!r}")
         return out
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], url: str) -> "StoreIdentity":
+        """The identity recorded in a store's attributes; :class:`NotAKernelStoreError` when its
+        fields are not the ones this version writes."""
+        data, names = meta.get("identity"), set(cls.__dataclass_fields__)
+        if isinstance(data, dict) and set(data) == names:
+            return cls(**data)
+        if isinstance(data, dict):
+            what = "; ".join(part for part in (
+                f"unexpected field(s) {sorted(set(data) - names)}" if set(data) - names else "",
+                f"missing field(s) {sorted(names - set(data))}" if names - set(data) else "") if part)
+        else:
+            what = f"no table of fields (got {type(data).__name__}, expected {sorted(names)})"
+        raise NotAKernelStoreError(
+            f"store: {url!r} is not a valid nngp-dask kernel store for this version: its identity has {what} "
+            f"(written by nngp-dask {meta.get('version', 'unknown')}, this is {__version__}); rebuild it with "
+            "overwrite=True or use a new store path")
+
 
 def format_message(url: str, found: Any) -> str:
     """Why a store of another format is refused, and what to do."""
@@ -156,6 +183,96 @@ def open_group(url: str, storage_options: dict | None = None, *, mode: str = "r+
     return _cached_group(url, json.dumps(storage_options or {}, sort_keys=True), mode)
 
 
+#: what the root group of something that is not a readable Zarr group raises when opened
+_UNREADABLE = (ValueError, KeyError, TypeError, zarr.errors.BaseZarrError)
+_VERSIONS_NOTED: set[tuple[str, str | None]] = set()
+
+
+def _note_version(url: str, written: str | None) -> None:
+    """Log once per process and store that it was written by another package version (the
+    format number, checked separately, is what decides whether it can be read)."""
+    if written != __version__ and (url, written) not in _VERSIONS_NOTED:
+        _VERSIONS_NOTED.add((url, written))
+        log.warning(
+            "store %s was written by nngp-dask %s; this is nngp-dask %s (same format %d, so it is used as it is)",
+            url, written or "of unknown version", __version__, FORMAT_VERSION)
+
+
+def _not_ours(url: str, held: list[str]) -> NotAKernelStoreError:
+    shown = ", ".join(repr(h) for h in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+    return NotAKernelStoreError(
+        f"store: {url!r} is a non-empty folder that is not an nngp-dask kernel store (it holds {shown}); nngp-dask "
+        "never writes into or deletes what it did not write: expected a new or empty folder, or a kernel store")
+
+
+def store_contents(url: str, storage_options: dict | None = None) -> dict[str, Any] | None:
+    """What is at a store location, read before anything is written there.
+
+    Returns
+    -------
+    None
+        Nothing: no such path, or an empty folder (a store may be created there).
+    dict
+        The ``nngp_dask`` attributes of the kernel store there (complete, or one whose ingestion
+        did not finish: ``{"ingesting": True, ...}``).
+
+    Raises
+    ------
+    NotAKernelStoreError
+        Anything else, named: a file, a folder of other files, other Zarr data, an unreadable
+        ``zarr.json``.
+    """
+    url = _normalise_url(url)
+    if "://" not in url:
+        above = url
+        while not os.path.exists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if above != url:
+            if not os.path.isdir(above):
+                raise NotAKernelStoreError(f"store: {url!r} cannot be created: {above!r} is a file; expected a path "
+                                           "whose parent folders are folders")
+            return None
+        if not os.path.isdir(url):
+            raise NotAKernelStoreError(f"store: {url!r} is a file, not a kernel store; expected a new or empty "
+                                       "folder, or a kernel store")
+        held = sorted(os.listdir(url))
+        if not held:
+            return None
+        if "zarr.json" not in held:
+            raise _not_ours(url, held)
+    try:
+        g = zarr.open_group(url, mode="r", storage_options=storage_options if "://" in url else None)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        if "://" in url:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            try:
+                held = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+            except (FileNotFoundError, NotADirectoryError):
+                held = []
+            if held:
+                raise _not_ours(url, held) from None
+        return None
+    except zarr.errors.ContainsArrayError:
+        raise NotAKernelStoreError(f"store: {url!r} holds a Zarr array, not an nngp-dask kernel store; expected a "
+                                   "new or empty folder, or a kernel store") from None
+    except _UNREADABLE as exc:
+        raise NotAKernelStoreError(f"store: {url!r} is not a valid nngp-dask kernel store: its zarr.json cannot be "
+                                   f"read ({type(exc).__name__}: {exc}); it is damaged or was not written by nngp-dask. "
+                                   "Move it away or choose another store path") from None
+    meta = g.attrs.get(ATTR)
+    if meta is None and not dict(g.attrs) and not any(True for _ in g.keys()):
+        return None  # an empty Zarr group holds nothing to lose
+    if meta is None:
+        raise NotAKernelStoreError(f"store: {url!r} holds other Zarr data, not an nngp-dask kernel store; nngp-dask "
+                                   "never replaces what it did not write: expected a new or empty location")
+    if not isinstance(meta, dict):
+        raise NotAKernelStoreError(f"store: {url!r} is not a valid nngp-dask kernel store: attribute {ATTR!r} is "
+                                   f"{type(meta).__name__}, expected a table; choose another store path")
+    return dict(meta)
+
+
 class KernelStore:
     """A kernel store on disk or object storage: what was built, and lazy views of it.
 
@@ -165,17 +282,28 @@ class KernelStore:
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self.url = _normalise_url(url)
         self.storage_options = storage_options or None
+        if "://" not in self.url and os.path.exists(self.url) and not os.path.isdir(self.url):
+            raise NotAKernelStoreError(f"store: {self.url!r} is a file, not a kernel store; expected the folder of "
+                                       "a kernel store")
         try:
             self.group = zarr.open_group(self.url, mode="r+", storage_options=self._opts())
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise FileNotFoundError(f"store: no kernel store at {self.url!r}") from exc
+        except _UNREADABLE as exc:
+            raise NotAKernelStoreError(f"store: {self.url!r} is not a valid nngp-dask kernel store: its zarr.json "
+                                       f"cannot be read as a group ({type(exc).__name__}: {exc})") from None
         meta = self.group.attrs.get(ATTR)
+        if isinstance(meta, dict) and meta.get("ingesting") and "identity" not in meta:
+            raise IncompleteKernelError(f"store: {self.url!r} is a kernel store whose ingestion did not finish (its "
+                                        "build was interrupted); run build_kernel (or `nngp-dask kernel`) on it again")
         if not isinstance(meta, dict) or "identity" not in meta:
-            raise StoreMismatchError(f"store: {self.url!r} is not an nngp-dask kernel store (no {ATTR!r} attributes)")
+            raise NotAKernelStoreError(f"store: {self.url!r} is not an nngp-dask kernel store (no {ATTR!r} "
+                                       "attributes)")
         if meta.get("format") != FORMAT_VERSION:
             raise StoreMismatchError(format_message(self.url, meta.get("format")))
         self.meta = meta
-        self.identity = StoreIdentity(**meta["identity"])
+        self.identity = StoreIdentity.from_meta(meta, self.url)
+        _note_version(self.url, meta.get("version"))
         if _CHECKSUMS:
             for part in ("train_train", "test_train"):
                 if f"kernel/{part}" in self.group and not _has_checksum(self.group[f"kernel/{part}"]):
