@@ -28,6 +28,7 @@ from .kernel import (KernelOverflowError, all_finite, check_dtype, check_kind, c
                      diagonals_from_norms, overflow_reason, tile as tile_fn)
 from .monitor import Heartbeat
 from .pagecache import DropBehind, check_policy, wants_drop
+from .precompile import precompile
 from .runtime import client_for
 from .sources import ArraySource, as_source, open_source
 from .store import (ATTR, FORMAT_VERSION, KernelStore, NotAKernelStoreError, StoreIdentity, StoreMismatchError,
@@ -408,7 +409,9 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
 
     options = json.dumps(ks.storage_options or {}, sort_keys=True)
     t_start = time.perf_counter()
+    compiled = precompile(arch, dt)  # while the cluster starts; its workers then load the cache
     with client_for(client) as c:
+        compiled.result()
         stats.dashboard = c.dashboard_link
         stored = ks.nbytes_total()
         cache = "none (object store)" if "://" in ks.url else (

@@ -30,7 +30,8 @@ from .config import ConfigError
 from .datasets import Dataset, load_dataset, one_hot_targets
 from .gp import SolveResult, predict, solve
 from .monitor import PeakRSS
-from .runtime import client_for
+from .precompile import precompile
+from .runtime import LazyClient
 from .store import CorruptTileError, KernelStore, store_contents, store_lock
 
 __all__ = ["STAGES", "Pipeline", "run_pipeline"]
@@ -207,8 +208,9 @@ class Pipeline:
                 log.info("data: %s", ds.description)
             a = cfg["architecture"]
             arch = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"])
-            with client_for(self._cluster(), **self._local_kwargs()) as client:
-                log.info("Dask dashboard: %s", client.dashboard_link)
+            precompile(arch, cfg["kernel"]["dtype"])  # in the background; the kernel stage waits for it
+            # the cluster starts only for a stage with work to do
+            with LazyClient(self._cluster(), **self._local_kwargs()) as client:
                 for attempt in (1, 2):
                     try:
                         ks = self._kernel(arch, ds, client)
@@ -287,9 +289,14 @@ class Pipeline:
         figures: list[str] = []
         if write:
             with self._stage("report") as rec:
-                if self.plots and metrics is not None:
-                    figures = self._figures(ks, result, pred, ds, targets)
-                rec.did_work = True
+                # figures are redrawn only when what they show changed
+                rec.fingerprint = _hash([r.fingerprint for r in self.records.values()], metrics,
+                                        self.cfg["report"], bool(self.plots))
+                figures = self._previous_figures(rec.fingerprint)
+                if figures is None:
+                    figures = self._figures(ks, result, pred, ds, targets) if self.plots and metrics is not None \
+                        else []
+                    rec.did_work = True
         report = {
             "name": self.cfg["run"]["name"],
             "task": self.cfg["run"]["task"],
@@ -312,6 +319,17 @@ class Pipeline:
         if write:
             _atomic_write(self.out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
         return report
+
+    def _previous_figures(self, fingerprint: str) -> list[str] | None:
+        """The figures of the last report when it had this fingerprint and they are all there."""
+        try:
+            last = json.loads((self.out / "report.json").read_text())
+            if last["stages"]["report"]["fingerprint"] != fingerprint:
+                return None
+            figures = list(last["figures"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return figures if all((self.out / f).is_file() for f in figures) else None
 
     def _figures(self, ks: KernelStore, result: SolveResult | None, pred: dict | None, ds: Dataset,
                  targets: Targets) -> list[str]:
