@@ -25,8 +25,8 @@ EXIT_CODES = {
     0: "success",
     1: "unexpected failure (one line; --debug shows the traceback)",
     2: "bad input, configuration or kernel store (one line naming what to fix)",
-    3: "CG did not converge to solver.tol (the run completed and wrote its report; "
-       "--set solver.allow_unconverged=true exits 0)",
+    3: "CG did not converge to solver.tol (run complete, report written); "
+       "solver.allow_unconverged=true makes it 0",
     75: "the output or store is locked by another live run (EX_TEMPFAIL: try again later)",
     130: "interrupted (SIGINT); re-run the same command to resume",
     143: "terminated (SIGTERM); locks released, re-run the same command to resume",

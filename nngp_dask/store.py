@@ -525,8 +525,8 @@ def local_chunk_file(url: str, array: zarr.Array, coords: tuple[int, ...]) -> st
 
 # --- verified tiles -------------------------------------------------------------------------
 #: Local chunk files whose CRC32C this process has checked: path -> (stat signature, when).
-#: A CG solve reads every tile once per iteration; the checksum costs about a quarter of a
-#: cached pass (benchmarks/RESULTS.md), so a file verified in the last VERIFIED_TTL_S seconds
+#: A CG solve reads every tile once per iteration; checking the checksum costs 18-36 % of the CPU
+#: of a cached pass (benchmarks/RESULTS.md section 9), so a file verified in the last VERIFIED_TTL_S seconds
 #: is not checked again while its device, inode, size, mtime and ctime are unchanged (any
 #: write, truncation or replacement of the file changes them; a deleted file fails to open).
 _VERIFIED: dict[str, tuple[tuple[int, ...], float]] = {}
