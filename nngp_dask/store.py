@@ -442,7 +442,8 @@ class KernelStore:
         CRC32C, which reads every recorded tile), as ``(i, j, what is wrong)``.
 
         The size check costs one ``stat`` per tile on a local disk (one listing on object
-        storage); the full check reads the whole kernel once.
+        storage); the full check reads the whole kernel once, and clears the record of a tile that
+        fails its checksum (as any read of it does), so that the next build rewrites it.
         """
         if f"kernel/{part}" not in self.group:
             return []
