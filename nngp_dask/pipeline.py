@@ -173,7 +173,7 @@ class Pipeline:
     def _local_kwargs(self) -> dict:
         c = self.cfg["cluster"]
         return {"n_workers": c["n_workers"] or None, "threads_per_worker": c["threads_per_worker"],
-                "memory_limit": c["memory_limit"] or None}
+                "memory_limit": c["memory_limit"] or None, "secure": c["secure"]}
 
     def _check_locations(self) -> None:
         """Before any work (and before a cluster starts): the output is, or can become, a folder,

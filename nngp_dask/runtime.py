@@ -9,8 +9,8 @@ key is validated against :data:`CLUSTER_SCHEMA`, and errors name the file and th
 (``cluster/slurm.toml: cores: expected an integer, got str '16'``). ``${VAR}`` in string values
 is taken from the environment; relative paths resolve against the file's directory.
 
-Secure defaults: the embedded cluster, its workers and its dashboard listen on 127.0.0.1 only;
-a remote scheduler is reached with TLS client certificates when the file has a ``[tls]`` table
+Secure defaults: the embedded cluster, its workers and its dashboard listen on 127.0.0.1 only,
+and speak mutual TLS with a temporary in-memory certificate (``secure = false`` turns it off); a remote scheduler is reached with TLS client certificates when the file has a ``[tls]`` table
 (``require_encryption``, so a plain ``tcp://`` address is refused); SLURM and PBS clusters use
 TLS with temporary certificates unless ``tls = false``, and their dashboards bind to loopback.
 """
@@ -115,6 +115,7 @@ CLUSTER_SCHEMA: dict[str, dict[str, _F]] = {
         "n_workers": _F(int, 0, "worker processes (0: one per core)", minimum=0),
         "threads_per_worker": _F(int, 1, "threads per worker process", minimum=1),
         "memory_limit": _F(str, "", "memory limit per worker, e.g. '8GiB' (empty: automatic)"),
+        "secure": _F(bool, True, "mutual TLS between driver and workers (false: plain TCP on 127.0.0.1)"),
         **_WAIT,
     },
     "scheduler": {
@@ -329,9 +330,10 @@ def _client_from_spec(spec: Mapping[str, Any]) -> Iterator[Any]:
 
     kind = spec["type"]
     if kind == "local":
-        kw = local_cluster_kwargs(spec["n_workers"] or None, spec["threads_per_worker"], spec["memory_limit"] or None)
+        kw = local_cluster_kwargs(spec["n_workers"] or None, spec["threads_per_worker"], spec["memory_limit"] or None,
+                                  spec["secure"])
         with local_cluster(**kw) as cluster, Client(cluster) as c:
-            log.info("LocalCluster from %s: %d workers; dashboard %s", spec["_file"], len(cluster.workers),
+            log.info("embedded cluster from %s: %d workers; dashboard %s", spec["_file"], len(cluster.workers),
                      c.dashboard_link)
             _wait(c, spec)
             yield c
@@ -443,5 +445,6 @@ def client_for(client: Any = None, **local: object) -> Iterator[Any]:
         yield current
         return
     with local_cluster(**local_cluster_kwargs(**local)) as cluster, Client(cluster) as c:  # type: ignore[arg-type]
-        log.info("embedded LocalCluster: %d workers; dashboard %s", len(cluster.workers), c.dashboard_link)
+        log.info("embedded cluster: %d workers%s; dashboard %s", len(cluster.workers),
+                 ", mutual TLS" if cluster.security.require_encryption else "", c.dashboard_link)
         yield c
