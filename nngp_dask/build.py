@@ -333,9 +333,6 @@ def build_kernel(
         log.info("tile %d is larger than the %d training inputs: the kernel is one tile of %d", tile, train.n, train.n)
         tile = train.n
     tile = int(tile)
-    for prep in (train, test):
-        if prep is not None:
-            _refuse_overflow(arch, kind, dt, prep)
     ident = _identity(arch, kind, tile, dt, train, test)
     url = _normalise_url(store)
     opts = storage_options or None
@@ -370,6 +367,10 @@ def build_kernel(
                     log.warning("overwriting store %s (%s)", url, "; ".join(diffs))
                     fresh = True
         if fresh:
+            # before anything is written; a store that exists for these inputs passed this when it was made
+            for prep in (train, test):
+                if prep is not None:
+                    _refuse_overflow(arch, kind, dt, prep)
             log.info("ingesting %d x %d training%s inputs into %s", train.n, train.d,
                      f" and {test.n} test" if test else "", url)
             _write_layout(url, opts, ident, arch, train, test)

@@ -30,7 +30,6 @@ from .config import ConfigError
 from .datasets import Dataset, load_dataset, one_hot_targets
 from .gp import SolveResult, predict, solve
 from .monitor import PeakRSS
-from .precompile import precompile
 from .runtime import LazyClient
 from .store import CorruptTileError, KernelStore, store_contents, store_lock
 
@@ -208,7 +207,6 @@ class Pipeline:
                 log.info("data: %s", ds.description)
             a = cfg["architecture"]
             arch = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"])
-            precompile(arch, cfg["kernel"]["dtype"])  # in the background; the kernel stage waits for it
             # the cluster starts only for a stage with work to do
             with LazyClient(self._cluster(), **self._local_kwargs()) as client:
                 for attempt in (1, 2):
@@ -280,11 +278,7 @@ class Pipeline:
 
     def _report(self, ks: KernelStore, result: SolveResult | None, pred: dict | None, metrics: dict | None,
                 ds: Dataset, targets: Targets, peak: int, started: float, *, write: bool) -> dict[str, Any]:
-        import dask
-        import distributed
-        import numba
-        import scipy
-        import zarr
+        from importlib.metadata import version
 
         figures: list[str] = []
         if write:
@@ -310,9 +304,9 @@ class Pipeline:
             "wall_s": round(time.time() - started, 3),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "figures": figures,
-            "versions": {"nngp_dask": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                         "scipy": scipy.__version__, "dask": dask.__version__, "distributed": distributed.__version__,
-                         "zarr": zarr.__version__, "numba": numba.__version__},
+            # from the installed metadata: importing distributed only for its version took a second
+            "versions": {"nngp_dask": __version__, "python": platform.python_version(),
+                         **{name: version(name) for name in ("numpy", "scipy", "dask", "distributed", "zarr", "numba")}},
             "config": self.cfg,
         }
         report["kernel"].pop("solves", None)
