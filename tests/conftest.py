@@ -70,3 +70,11 @@ def failing_tiles(monkeypatch):
             monkeypatch.setattr(build_mod, "tile_fn", real)
 
     return inject
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Print pytest-randomly's seed also under ``-q`` (which hides the header that has it), so a
+    failure that depends on the order can be replayed."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.has_plugin("randomly"):
+        terminalreporter.write_line(f"tests ran in a random order: replay it with -p randomly --randomly-seed={seed}")
