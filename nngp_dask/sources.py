@@ -13,6 +13,8 @@ import gzip
 import os
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -102,8 +104,15 @@ def _unreadable(path: str, exc: BaseException) -> InputError:
 def read_csv(path: str, *, delimiter: str | None = None) -> NDArray:
     """A numeric CSV (optionally gzip'd) with an optional header row, as float64; a damaged or
     truncated file is one :class:`~nngp_dask.InputError` naming it."""
-    try:
+    with _damage_named(path):
         return _read_csv(path, delimiter)
+
+
+@contextmanager
+def _damage_named(path: str) -> Iterator[None]:
+    """A damaged file's low-level error (zlib, EOF, a bad zip) as one InputError naming it."""
+    try:
+        yield
     except InputError:
         raise
     except _DAMAGED as exc:
@@ -151,12 +160,8 @@ def open_source(path: str | os.PathLike, *, key: str | None = None) -> ArraySour
         return _open_source(p, key)
     if not os.path.exists(p):
         raise InputError(f"path: {p!r} does not exist; expected an input file")
-    try:
+    with _damage_named(p):
         return _open_source(p, key)
-    except InputError:
-        raise
-    except _DAMAGED as exc:
-        raise _unreadable(p, exc) from exc
 
 
 def _open_source(p: str, key: str | None) -> ArraySource:
