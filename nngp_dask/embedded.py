@@ -112,6 +112,34 @@ def _worker_config(security: Security | None) -> dict[str, Any]:
     return cfg
 
 
+def _serialize(cfg: dict[str, Any]) -> str:
+    """``cfg`` for ``DASK_INTERNAL_INHERIT_CONFIG`` (JSON); values JSON cannot hold (objects a
+    caller put into its configuration) are left out, with a warning naming them."""
+    try:
+        return dask.config.serialize(cfg)
+    except (TypeError, ValueError):
+        kept, dropped = _json_only(cfg, "")
+        log.warning("embedded cluster: the workers do not get these Dask settings, which are not JSON: %s",
+                    ", ".join(dropped))
+        return dask.config.serialize(kept)
+
+
+def _json_only(value: Any, key: str) -> tuple[Any, list[str]]:
+    if isinstance(value, dict):
+        out, dropped = {}, []
+        for k, v in value.items():
+            kept, lost = _json_only(v, f"{key}.{k}" if key else str(k))
+            dropped += lost
+            if not lost or kept is not None:
+                out[k] = kept
+        return out, dropped
+    try:
+        json.dumps(value)
+        return value, []
+    except (TypeError, ValueError):
+        return None, [key]
+
+
 class EmbeddedCluster(SpecCluster):
     """A scheduler in this process and ``n_workers`` worker processes on 127.0.0.1.
 
@@ -144,7 +172,7 @@ class EmbeddedCluster(SpecCluster):
         security = Security.temporary() if secure else None
         tls = {"protocol": "tls"} if secure else {}
         worker_env = {**os.environ, **_MALLOC_ENV, **(env or {}),
-                      "DASK_INTERNAL_INHERIT_CONFIG": dask.config.serialize(_worker_config(security))}
+                      "DASK_INTERNAL_INHERIT_CONFIG": _serialize(_worker_config(security))}
         limit = parse_memory_limit("auto" if memory_limit is None else memory_limit, threads_per_worker,
                                    n_workers, logger=log)
         options = {"host": "127.0.0.1", "nthreads": threads_per_worker, "memory_limit": limit,
