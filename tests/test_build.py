@@ -114,6 +114,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(thread_client, tmp_path, rng):
     x = rng.standard_normal((600, 40))  # 38 x 38 tiles of 16: 741 upper tiles
     np.save(tmp_path / "x.npy", x)

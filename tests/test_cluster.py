@@ -203,6 +203,7 @@ def slowed_remote(remote):
         yield remote
 
 
+@pytest.mark.slow
 def test_killed_driver_and_workers_cost_only_their_work(slowed_remote, tmp_path):
     procs, client = slowed_remote
     rng = np.random.default_rng(11)
@@ -553,6 +554,7 @@ print("driver state unchanged")
 """
 
 
+@pytest.mark.slow
 def test_clusters_leave_the_driver_environment_and_threads_alone(tmp_path):
     """distributed's in-process nannies set their pre-spawn environment in the driver for good, and
     Numba then refused to compile in it (the suite failed by test order). A fresh driver here:

@@ -92,6 +92,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_solve_resumes_after_sigkill(problem, thread_client, tmp_path):
     y = problem["y"][:, :3]
     np.save(tmp_path / "y.npy", y)

@@ -95,6 +95,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_in_kernel_and_solve(tmp_path):
     store = tmp_path / "run" / "kernel.zarr"
     args = ("--set", "data.n_train=1500", "--set", "data.n_test=50", "--set", "kernel.tile=64",

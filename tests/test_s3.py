@@ -81,6 +81,7 @@ def inproc_client():
         yield client
 
 
+@pytest.mark.slow
 def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypatch, failing_tiles):
     # An unreachable endpoint in the environment: any step that dropped storage_options fails.
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
@@ -131,6 +132,7 @@ def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypat
     assert KEY_ID not in attrs and SECRET not in attrs and "endpoint" not in attrs
 
 
+@pytest.mark.slow
 def test_pipeline_on_s3_workers_in_other_processes(s3, tmp_path, monkeypatch, failing_tiles):
     """run.store = s3://...; the endpoint comes from AWS_ENDPOINT_URL (no new config key), which
     the LocalCluster's worker processes inherit with the credentials."""
