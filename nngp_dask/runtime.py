@@ -10,7 +10,8 @@ key is validated against :data:`CLUSTER_SCHEMA`, and errors name the file and th
 is taken from the environment; relative paths resolve against the file's directory.
 
 Secure defaults: the embedded cluster, its workers and its dashboard listen on 127.0.0.1 only,
-and speak mutual TLS with a temporary in-memory certificate (``secure = false`` turns it off); a remote scheduler is reached with TLS client certificates when the file has a ``[tls]`` table
+and speak mutual TLS with a temporary in-memory certificate (``secure = false`` turns it off); a
+remote scheduler is reached with TLS client certificates when the file has a ``[tls]`` table
 (``require_encryption``, so a plain ``tcp://`` address is refused); SLURM and PBS clusters use
 TLS with temporary certificates unless ``tls = false``, and their dashboards bind to loopback.
 """
@@ -393,10 +394,6 @@ class LazyClient:
         self._client, self._local = client, local
         self._stack = ExitStack()
         self._open: Any = None
-
-    @property
-    def started(self) -> bool:
-        return self._open is not None
 
     def get(self) -> Any:
         """The client, starting or connecting to its cluster the first time."""
