@@ -287,7 +287,7 @@ def build_kernel(
         Replace a kernel store built for other inputs or settings instead of refusing it. Only
         ever a kernel store: anything else at ``store`` is refused, never replaced.
     client : distributed.Client or str, optional
-        Defaults to the current client, else an embedded LocalCluster for this call.
+        Defaults to the current client, else an embedded cluster for this call.
     storage_options : dict, optional
         fsspec options for URL stores (credentials come from the environment, never from here
         into the store).

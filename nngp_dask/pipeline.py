@@ -150,7 +150,7 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.out / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        # not on the "distributed" logger: LocalCluster silences that logger's handlers while it runs
+        # not on the "distributed" logger: the cluster silences that logger's handlers while it runs
         logging.getLogger("nngp_dask").addHandler(handler)
         root = logging.getLogger("nngp_dask")
         if root.level == logging.NOTSET or root.level > logging.INFO:

@@ -1,5 +1,5 @@
-"""Where the work runs: the caller's Dask client, an address, a cluster file, or an embedded
-LocalCluster.
+"""Where the work runs: the caller's Dask client, an address, a cluster file, or the embedded
+cluster (:mod:`nngp_dask.embedded`).
 
 A *cluster file* (``cluster/*.toml``, passed as ``--cluster FILE`` or ``cluster.address``)
 describes a deployment separately from the pipeline: the same pipeline runs on a laptop, on a
@@ -414,7 +414,7 @@ class LazyClient:
 def client_for(client: Any = None, **local: object) -> Iterator[Any]:
     """Yield a client: the one given, one for a cluster file (``*.toml``, see
     :func:`load_cluster_file`), one connected to an address, the current default client, or a
-    new embedded LocalCluster (closed on exit; ``local`` are :func:`local_cluster_kwargs`)."""
+    new embedded cluster (closed on exit; ``local`` are :func:`local_cluster_kwargs`)."""
     from distributed import Client
 
     if isinstance(client, Client):
