@@ -234,12 +234,13 @@ def threads() -> int:
 
 def _rows_f64(a, r0, r1, writable):
     """Rows ``r0:r1`` of the last two axes of ``a`` as a C-contiguous float64 array: a view when
-    ``a`` already is one, else a copy (then ``writable`` copies are not initialised from ``a``)."""
+    ``a`` already is one, else a copy (``writable`` copies start as zeros: an ``upper`` block
+    leaves the entries below its diagonal unwritten, and they are copied back too)."""
     view = a[..., r0:r1, :]
     if view.dtype == np.float64 and view.flags.c_contiguous:
         return view, False
     if writable:
-        return np.empty(view.shape), True
+        return np.zeros(view.shape), True
     return np.ascontiguousarray(view, dtype=np.float64), True
 
 
