@@ -15,7 +15,9 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 __all__ = ["EXIT_CODES", "main"]
@@ -99,18 +101,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
+@contextmanager
+def _logging_configured(args: argparse.Namespace) -> Iterator[None]:
+    """Log to stderr at the level the flags ask for; on exit, put the loggers back as they were.
+
+    ``main()`` may be called as a function (tests, notebooks, other tools): a handler left on a
+    stream that the caller later closes, or a logger left detached from the root, would break
+    the caller's own logging.
+    """
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-    for old in [h for h in log.handlers if h.get_name() == "nngp-dask-cli"]:
-        log.removeHandler(old)  # main() called again in one process (tests, notebooks)
+    dist = logging.getLogger("distributed")
+    saved = log.level, log.propagate, dist.level
     handler = logging.StreamHandler(sys.stderr)
-    handler.set_name("nngp-dask-cli")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     handler.setLevel(level)
     log.addHandler(handler)
     log.setLevel(min(level, logging.INFO))  # the run's log file always gets INFO
     log.propagate = False
-    logging.getLogger("distributed").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    dist.setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        dist.setLevel(saved[2])
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -172,22 +187,51 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+@contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated`, and an interrupt is never lost; both put back on exit.
+
+    Python drops an exception raised inside a callback from C (Numba's compiler calls back into
+    Python through ctypes) with an "Exception ignored" message, so a SIGTERM or Ctrl-C landing
+    there would let the run carry on. The unraisable hook sends such a signal again, until it is
+    raised in Python code outside the callback.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals belong to the main thread: leave them alone
+        return
+    previous_handler, previous_hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+
+    def redeliver(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            which = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+            # from another thread: sent from here, it would be raised (and dropped) in this hook
+            threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, which)).start()
+        else:
+            previous_hook(unraisable)
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    sys.unraisablehook = redeliver
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nngp-dask`` console script."""
     args = _parser().parse_args(argv)
-    _configure_logging(args)
+    with _logging_configured(args):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     from .build import BuildError
     from .store import StoreLockedError
 
-    # SIGTERM (kill, systemd, batch schedulers) unwinds like Ctrl-C; the caller's handler is put
-    # back on return, so main() called as a function leaves the process as it found it
-    previous, installed = signal.getsignal(signal.SIGTERM), True
     try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: leave signals alone
-        installed = False
-    try:
-        return _run(args)
+        with _signals_unwind():  # SIGTERM (kill, systemd, batch schedulers) unwinds like Ctrl-C
+            return _run(args)
     except StoreLockedError as exc:
         if args.debug:
             raise
@@ -208,9 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
         print(f"nngp-dask: {what}; re-run the same command to resume", file=sys.stderr)
         return code
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover

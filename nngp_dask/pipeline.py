@@ -151,14 +151,16 @@ class Pipeline:
         handler = logging.FileHandler(self.out / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         # not on the "distributed" logger: the cluster silences that logger's handlers while it runs
-        logging.getLogger("nngp_dask").addHandler(handler)
-        root = logging.getLogger("nngp_dask")
-        if root.level == logging.NOTSET or root.level > logging.INFO:
-            root.setLevel(logging.INFO)
+        pkg = logging.getLogger("nngp_dask")
+        level = pkg.level
+        pkg.addHandler(handler)
+        if level == logging.NOTSET or level > logging.INFO:
+            pkg.setLevel(logging.INFO)
         try:
             yield
         finally:
-            logging.getLogger("nngp_dask").removeHandler(handler)
+            pkg.removeHandler(handler)
+            pkg.setLevel(level)
             handler.close()
 
     def _cluster(self) -> Any:

@@ -347,6 +347,39 @@ def test_main_leaves_the_callers_signal_handlers_alone(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_sigterm_inside_a_callback_from_c_is_not_lost():
+    # Numba's compiler calls back into Python through ctypes; Python drops an exception raised
+    # there ("Exception ignored ..."), and a SIGTERM landing in one let the run carry on (CI, once)
+    import ctypes
+
+    from nngp_dask.cli import Terminated, _signals_unwind
+
+    landed = []
+
+    @ctypes.CFUNCTYPE(None)
+    def callback() -> None:
+        landed.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs, and raises, in here
+        time.sleep(0.01)
+
+    before = sys.unraisablehook, signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), _signals_unwind():
+        callback()
+        for _ in range(100):  # raised at the next line of Python outside the callback
+            time.sleep(0.01)
+    assert landed and (sys.unraisablehook, signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_main_leaves_the_callers_logging_alone(capsys):
+    # a handler left on pytest's captured stderr, or a logger left detached from the root, broke
+    # the log assertions of whichever test ran next (CI, random order)
+    pkg, dist = logging.getLogger("nngp_dask"), logging.getLogger("distributed")
+    before = list(pkg.handlers), pkg.level, pkg.propagate, dist.level
+    assert main(["validate", str(QUICK)]) == 0
+    assert main(["--debug", "validate", str(QUICK)]) == 0
+    assert (list(pkg.handlers), pkg.level, pkg.propagate, dist.level) == before
+
+
 # --- 6. exit codes -----------------------------------------------------------------------------------
 def test_locked_output_exits_75(tmp_path, capsys):
     (tmp_path / "run").mkdir()
