@@ -2,9 +2,9 @@
 
 Each upper tile K_IJ is read once per product and used twice (``K_IJ V_J`` into block I and
 ``K_IJ^T V_I`` into block J) by one compiled pass that accumulates in float64 (``_products``).
-The tile products run as Dask tasks next to the store, grouped so every worker streams a
-contiguous run of tiles; the vectors go out once per product and each group sends back only
-the rows its tiles touch.
+The tile products run as Dask tasks next to the store: every worker streams a contiguous run
+of tiles, gets only the rows of V that run touches and sends back one sum of its products over
+those rows (what travels matters: over TLS it costs about 5 ms per MB, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -51,21 +51,29 @@ def _retrying(what: str, fn: Callable[[], Any]) -> Any:
 
 
 def _train_tiles_task(url: str, options: str, token: str, tiles: Sequence[tuple[int, int]], v_t: NDArray,
-                      tile: int) -> tuple[int, NDArray[np.float64]]:
-    """``K V`` restricted to a run of upper tiles, transposed: ``(start, out_t[:, start:])``.
+                      start: int, tile: int) -> NDArray[np.float64]:
+    """``K V`` restricted to a run of upper tiles, transposed, from row ``start`` on.
 
-    A row-major run of upper tiles touches no row above its first tile's, so only the columns
-    from there on come back. Each tile is verified as it is read (:class:`~nngp_dask.store.TileIO`).
+    ``v_t`` holds rows ``start:`` of V transposed: a row-major run of upper tiles touches no row
+    above its first tile's, so no more goes out and no more comes back. Each tile is verified as
+    it is read (:class:`~nngp_dask.store.TileIO`).
     """
     io = tile_io(url, options, token, "train_train")
     buf = np.empty(io.nbytes, dtype=np.uint8)  # one read buffer for the whole run
-    start = min(i for i, _ in tiles) * tile
     out_t = np.zeros_like(v_t)
     for i, j in tiles:
         # float64 accumulation even for float32 tiles: rounding V to float32 makes the operator
         # nonlinear, and unpreconditioned CG on MNIST then diverges (benchmarks/RESULTS.md)
-        tile_matmat_t(io.read(i, j, buf), v_t, out_t, i * tile, j * tile, transpose_too=i != j)
-    return start, out_t[:, start:]
+        tile_matmat_t(io.read(i, j, buf), v_t, out_t, i * tile - start, j * tile - start, transpose_too=i != j)
+    return out_t
+
+
+def _sum(parts: Sequence[NDArray[np.float64]]) -> NDArray[np.float64]:
+    """One worker's partial products, summed where they were made: one array goes back."""
+    total = parts[0].copy()  # task results are shared: never updated in place
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 def _test_rows_task(url: str, options: str, token: str, i: int, tile: int, alpha_t: NDArray | None,
@@ -94,10 +102,9 @@ def _test_rows_task(url: str, options: str, token: str, i: int, tile: int, alpha
 def _placement(client: Any, count: int) -> list[dict[str, Any]]:
     """Submit options spreading ``count`` tasks round-robin over the worker threads.
 
-    Left to itself the scheduler may run every group on the worker holding the scattered
-    vectors (locality), one worker busy and the other idle (measured: 0.39 s against 0.23 s per
-    pass at n = 20,000). ``allow_other_workers`` keeps this a preference, so a dead worker's
-    groups still run elsewhere.
+    Left to itself the scheduler may run every task on the worker holding the scattered inputs
+    (locality), one worker busy and the other idle. ``allow_other_workers`` keeps this a
+    preference, so a dead worker's tasks still run elsewhere.
     """
     slots = [w for w, threads in sorted(client.nthreads().items()) for _ in range(threads)]
     if not slots:
@@ -110,6 +117,22 @@ def _balanced_groups(tiles: list[tuple[int, int]], groups: int) -> list[list[tup
     groups = max(1, min(groups, len(tiles)))
     bounds = np.linspace(0, len(tiles), groups + 1).round().astype(int)
     return [tiles[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _worker_runs(nthreads: dict[str, int], tiles: list[tuple[int, int]], per_thread: int
+                 ) -> list[tuple[str | None, list[list[tuple[int, int]]]]]:
+    """Split the upper tiles into a contiguous run per worker, in proportion to its threads,
+    and each run into ``per_thread`` groups per thread (the tasks; they balance the load).
+
+    Contiguous runs are what keeps a pass's traffic small: the worker whose run starts at tile
+    row I needs, and returns, only rows ``I * tile:`` of V; a worker holding the bottom rows
+    gets a fraction of V. ``None`` stands for "any worker" while none has joined.
+    """
+    workers = sorted(nthreads.items()) or [(None, 1)]
+    groups = _balanced_groups(tiles, per_thread * sum(max(t, 1) for _, t in workers))
+    bounds = np.cumsum([0] + [per_thread * max(t, 1) for _, t in workers])
+    runs = [(w, groups[a:b]) for (w, _), a, b in zip(workers, bounds[:-1], bounds[1:])]
+    return [(w, grp) for w, grp in runs if grp]
 
 
 class StoredKernelOperator:
@@ -134,8 +157,8 @@ class StoredKernelOperator:
         self.n = store.shape[0]
         self._options = json.dumps(store.storage_options or {}, sort_keys=True)
         self._token = store.identity.token()
-        threads = sum(client.nthreads().values()) or 1
-        self._groups = _balanced_groups(list(store.grid.upper_tiles()), tasks_per_worker_thread * threads)
+        self._tiles = list(store.grid.upper_tiles())
+        self._per_thread = tasks_per_worker_thread
         self.calls = 0
         self.seconds = 0.0
 
@@ -150,12 +173,19 @@ class StoredKernelOperator:
         v_t = np.ascontiguousarray((v[:, None] if squeeze else v).T)
 
         def product() -> NDArray[np.float64]:
-            vf = self.client.scatter(v_t, hash=False)  # no broadcast: see _RETRYABLE
-            futures = [self.client.submit(_train_tiles_task, self.store.url, self._options, self._token, grp, vf,
-                                          self.store.tile, pure=False, **where)
-                       for grp, where in zip(self._groups, _placement(self.client, len(self._groups)))]
+            # the worker set is read afresh on each attempt: a retry follows a lost worker
+            parts = []
+            for worker, groups in _worker_runs(self.client.nthreads(), self._tiles, self._per_thread):
+                start = groups[0][0][0] * self.store.tile
+                where = {"workers": [worker], "allow_other_workers": True} if worker else {}
+                # to this worker only, not broadcast (see _RETRYABLE)
+                vf = self.client.scatter(np.ascontiguousarray(v_t[:, start:]), hash=False,
+                                         workers=[worker] if worker else None)
+                sums = [self.client.submit(_train_tiles_task, self.store.url, self._options, self._token, grp, vf,
+                                           start, self.store.tile, pure=False, **where) for grp in groups]
+                parts.append((start, self.client.submit(_sum, sums, pure=False, **where)))
             out_t = self.noise * v_t
-            for start, part in self.client.gather(futures):
+            for (start, _), part in zip(parts, self.client.gather([f for _, f in parts])):
                 out_t[:, start:] += part
             return out_t
 

@@ -69,3 +69,19 @@ def test_stored_operator_equals_dense_products(tmp_path, cluster_client, rng, dt
     np.testing.assert_allclose(mean, ks_ @ v, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sq, (ks_ ** 2).sum(1), rtol=1e-12)
     np.testing.assert_allclose(proj, ks_ @ factor, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("nthreads", [{}, {"a": 1}, {"a": 1, "b": 1}, {"a": 2, "b": 1, "c": 1}])
+def test_worker_runs_cover_the_upper_tiles_once_in_contiguous_runs(nthreads):
+    from nngp_dask.operator import _worker_runs
+    from nngp_dask.tiling import TileGrid
+
+    tiles = list(TileGrid(1000, 1000, 64).upper_tiles())  # 16 x 16 tiles, the last ragged
+    runs = _worker_runs(nthreads, tiles, 2)
+    assert [w for w, _ in runs] == (sorted(nthreads) or [None])
+    assert [t for _, groups in runs for grp in groups for t in grp] == tiles  # in order, each once
+    for (w, groups) in runs:
+        assert len(groups) == 2 * nthreads.get(w, 1)
+    if len(runs) > 1:  # a later run starts lower down, so it is sent only the rows below its start
+        starts = [groups[0][0][0] for _, groups in runs]
+        assert starts == sorted(starts) and starts[0] == 0 and starts[-1] > 0
