@@ -8,8 +8,8 @@ from .cg import CGResult, ConvergenceWarning, batched_cg
 from .gp import SolveResult, predict, solve
 from .inputs import InputError, normalize
 from .kernel import KernelOverflowError, diagonals, kernel, tile
-from .store import (IncompleteKernelError, KernelStore, NotAKernelStoreError, StoreLockedError, StoreMismatchError,
-                    open_kernel)
+from .store import (CorruptTileError, IncompleteKernelError, KernelStore, NotAKernelStoreError, StoreLockedError,
+                    StoreMismatchError, open_kernel)
 
 __all__ = [
     "__version__",
@@ -19,6 +19,7 @@ __all__ = [
     "BuildError",
     "CGResult",
     "ConvergenceWarning",
+    "CorruptTileError",
     "Elementwise",
     "Erf",
     "IncompleteKernelError",
