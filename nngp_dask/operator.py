@@ -13,14 +13,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ._products import tile_matmat_t
-from .store import KernelStore, tile_io
+from .store import KernelStore, TileIO, tile_io
 
 __all__ = ["StoredKernelOperator", "dense_matmat"]
 
@@ -50,15 +50,9 @@ def _retrying(what: str, fn: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _train_tiles_task(url: str, options: str, token: str, tiles: Sequence[tuple[int, int]], v_t: NDArray,
-                      start: int, tile: int) -> NDArray[np.float64]:
-    """``K V`` restricted to a run of upper tiles, transposed, from row ``start`` on.
-
-    ``v_t`` holds rows ``start:`` of V transposed: a row-major run of upper tiles touches no row
-    above its first tile's, so no more goes out and no more comes back. Each tile is verified as
-    it is read (:class:`~nngp_dask.store.TileIO`).
-    """
-    io = tile_io(url, options, token, "train_train")
+def _run_products(io: TileIO, tiles: Sequence[tuple[int, int]], v_t: NDArray, start: int, tile: int
+                  ) -> NDArray[np.float64]:
+    """``K V`` over a row-major run of upper tiles, transposed, for rows ``start:`` of V."""
     buf = np.empty(io.nbytes, dtype=np.uint8)  # one read buffer for the whole run
     out_t = np.zeros_like(v_t)
     for i, j in tiles:
@@ -68,9 +62,21 @@ def _train_tiles_task(url: str, options: str, token: str, tiles: Sequence[tuple[
     return out_t
 
 
-def _sum(parts: Sequence[NDArray[np.float64]]) -> NDArray[np.float64]:
-    """One worker's partial products, summed where they were made: one array goes back."""
-    total = parts[0].copy()  # task results are shared: never updated in place
+def _train_tiles_task(url: str, options: str, token: str, groups: Sequence[Sequence[tuple[int, int]]],
+                      v_t: NDArray, start: int, tile: int) -> NDArray[np.float64]:
+    """One worker's share of ``K V``, transposed: the sum over its ``groups`` (one per thread of
+    the worker, run side by side: tile reads and products release the GIL).
+
+    ``v_t`` holds rows ``start:`` of V transposed: a row-major run of upper tiles touches no row
+    above its first tile's, so no more goes out and no more comes back. Each tile is verified as
+    it is read (:class:`~nngp_dask.store.TileIO`).
+    """
+    io = tile_io(url, options, token, "train_train")
+    if len(groups) == 1:
+        return _run_products(io, groups[0], v_t, start, tile)
+    with ThreadPoolExecutor(len(groups)) as pool:
+        parts = list(pool.map(lambda grp: _run_products(io, grp, v_t, start, tile), groups))
+    total = parts[0]
     for part in parts[1:]:
         total += part
     return total
@@ -119,18 +125,18 @@ def _balanced_groups(tiles: list[tuple[int, int]], groups: int) -> list[list[tup
     return [tiles[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _worker_runs(nthreads: dict[str, int], tiles: list[tuple[int, int]], per_thread: int
+def _worker_runs(nthreads: dict[str, int], tiles: list[tuple[int, int]]
                  ) -> list[tuple[str | None, list[list[tuple[int, int]]]]]:
     """Split the upper tiles into a contiguous run per worker, in proportion to its threads,
-    and each run into ``per_thread`` groups per thread (the tasks; they balance the load).
+    and each run into one group per thread.
 
     Contiguous runs are what keeps a pass's traffic small: the worker whose run starts at tile
     row I needs, and returns, only rows ``I * tile:`` of V; a worker holding the bottom rows
     gets a fraction of V. ``None`` stands for "any worker" while none has joined.
     """
     workers = sorted(nthreads.items()) or [(None, 1)]
-    groups = _balanced_groups(tiles, per_thread * sum(max(t, 1) for _, t in workers))
-    bounds = np.cumsum([0] + [per_thread * max(t, 1) for _, t in workers])
+    groups = _balanced_groups(tiles, sum(max(t, 1) for _, t in workers))
+    bounds = np.cumsum([0] + [max(t, 1) for _, t in workers])
     runs = [(w, groups[a:b]) for (w, _), a, b in zip(workers, bounds[:-1], bounds[1:])]
     return [(w, grp) for w, grp in runs if grp]
 
@@ -144,12 +150,11 @@ class StoredKernelOperator:
     noise : float
         Added to the diagonal (``noise I``).
     client : distributed.Client
-        Runs the tile products; the vectors stay in this process.
-    tasks_per_worker_thread : int
-        Tile groups per product per worker thread (load balance vs task overhead).
+        Runs the tile products (one task per worker and product); the vectors stay in this
+        process.
     """
 
-    def __init__(self, store: KernelStore, noise: float, client: Any, *, tasks_per_worker_thread: int = 2) -> None:
+    def __init__(self, store: KernelStore, noise: float, client: Any) -> None:
         store.require_complete("train_train")
         self.store = store
         self.noise = float(noise)
@@ -158,7 +163,6 @@ class StoredKernelOperator:
         self._options = json.dumps(store.storage_options or {}, sort_keys=True)
         self._token = store.identity.token()
         self._tiles = list(store.grid.upper_tiles())
-        self._per_thread = tasks_per_worker_thread
         self.calls = 0
         self.seconds = 0.0
 
@@ -175,15 +179,14 @@ class StoredKernelOperator:
         def product() -> NDArray[np.float64]:
             # the worker set is read afresh on each attempt: a retry follows a lost worker
             parts = []
-            for worker, groups in _worker_runs(self.client.nthreads(), self._tiles, self._per_thread):
+            for worker, groups in _worker_runs(self.client.nthreads(), self._tiles):
                 start = groups[0][0][0] * self.store.tile
                 where = {"workers": [worker], "allow_other_workers": True} if worker else {}
                 # to this worker only, not broadcast (see _RETRYABLE)
                 vf = self.client.scatter(np.ascontiguousarray(v_t[:, start:]), hash=False,
                                          workers=[worker] if worker else None)
-                sums = [self.client.submit(_train_tiles_task, self.store.url, self._options, self._token, grp, vf,
-                                           start, self.store.tile, pure=False, **where) for grp in groups]
-                parts.append((start, self.client.submit(_sum, sums, pure=False, **where)))
+                parts.append((start, self.client.submit(_train_tiles_task, self.store.url, self._options, self._token,
+                                                        groups, vf, start, self.store.tile, pure=False, **where)))
             out_t = self.noise * v_t
             for (start, _), part in zip(parts, self.client.gather([f for _, f in parts])):
                 out_t[:, start:] += part

@@ -53,6 +53,18 @@ def test_tile_products_refuse_strided_vectors(rng):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_stored_operator_on_a_two_threaded_worker(tmp_path, thread_client, rng, dtype):
+    # one worker, two threads: its run is split in two groups, computed side by side and summed
+    arch = Architecture(2, "relu", 1.6, 0.1)
+    x = rng.standard_normal((107, 5))
+    ks = build_kernel(arch, x, tmp_path / "k.zarr", tile=16, dtype=dtype, client=thread_client, progress=False)
+    k = kernel(arch, x, dtype=dtype).astype(np.float64)
+    v = rng.standard_normal((107, 3))
+    got = StoredKernelOperator(ks, 0.25, thread_client).matmat(v)
+    np.testing.assert_allclose(got, k @ v + 0.25 * v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_stored_operator_equals_dense_products(tmp_path, cluster_client, rng, dtype):
     arch = Architecture(2, "relu", 1.6, 0.1)
     x, xt = rng.standard_normal((107, 5)), rng.standard_normal((31, 5))  # ragged against tile 16
@@ -77,11 +89,11 @@ def test_worker_runs_cover_the_upper_tiles_once_in_contiguous_runs(nthreads):
     from nngp_dask.tiling import TileGrid
 
     tiles = list(TileGrid(1000, 1000, 64).upper_tiles())  # 16 x 16 tiles, the last ragged
-    runs = _worker_runs(nthreads, tiles, 2)
+    runs = _worker_runs(nthreads, tiles)
     assert [w for w, _ in runs] == (sorted(nthreads) or [None])
     assert [t for _, groups in runs for grp in groups for t in grp] == tiles  # in order, each once
     for (w, groups) in runs:
-        assert len(groups) == 2 * nthreads.get(w, 1)
+        assert len(groups) == nthreads.get(w, 1)  # one per thread
     if len(runs) > 1:  # a later run starts lower down, so it is sent only the rows below its start
         starts = [groups[0][0][0] for _, groups in runs]
         assert starts == sorted(starts) and starts[0] == 0 and starts[-1] > 0
