@@ -46,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("nngp_dask.estimators needs scikit-learn: pip install 'nngp-dask[sklearn]'") from exc
 
 from .architecture import Architecture
+from .cg import cholesky_factor
 from .inputs import NORMALIZATIONS, normalize as normalize_rows
 from .kernel import check_dtype, check_kind, diagonals, kernel, tile as tile_fn
 from .sweep import TARGETS, one_hot_targets
@@ -186,12 +187,6 @@ class _NNGPBase(BaseEstimator):
             raise ValueError(f"store: expected None or a path/URL, got {self.store!r}")
         return arch, float(noise), dt
 
-    def _linalg_error(self, exc: Exception, noise: float) -> np.linalg.LinAlgError:
-        return np.linalg.LinAlgError(
-            f"{type(self).__name__}: the Cholesky factorisation of K + noise I failed with noise={noise:g}; "
-            f"increase the `noise` parameter (e.g. noise={max(noise * 10, 1e-6):g}) or use dtype='float64'. "
-            f"Details: {exc}")
-
     # --- fitting --------------------------------------------------------------------------
     def _fit_targets(self, X: NDArray, Y: NDArray) -> None:
         """Solve ``(K + noise I) alpha = Y`` for validated float64 ``X`` (n, d) and ``Y`` (n, c)."""
@@ -202,14 +197,8 @@ class _NNGPBase(BaseEstimator):
         self.out_of_core_ = bool(ooc)
         if not ooc:
             xn = np.ascontiguousarray(normalize_rows(X, self.normalize), dtype=np.float64)
-            # one float64 copy, factorised in place (peak: the kernel plus one n x n float64)
-            # (K is symmetric, so the transpose of a C-ordered copy is the Fortran-ordered one LAPACK wants)
-            a = np.array(kernel(arch, xn, kind=self.kind, dtype=dt), dtype=np.float64).T
-            a[np.diag_indices_from(a)] += noise
-            try:
-                factor = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
-            except np.linalg.LinAlgError as exc:
-                raise self._linalg_error(exc, noise) from exc
+            # raises numpy.linalg.LinAlgError with the advice when K + noise I is not positive definite
+            factor = cholesky_factor(kernel(arch, xn, kind=self.kind, dtype=dt), noise)
             self.alpha_ = scipy.linalg.cho_solve(factor, Y, check_finite=False)
             self.cholesky_ = factor[0]  # lower triangle: L with L L^T = K + noise I (the rest is unused)
             self.X_fit_ = xn
@@ -234,10 +223,7 @@ class _NNGPBase(BaseEstimator):
                 raise  # other data at that path is not ours to replace
             # a kernel store of other data or settings (an earlier fit): a refit replaces it
             ks = build_kernel(arch, X, path, overwrite=True, **kw)
-        try:
-            res = solve(ks, Y, noise=noise, progress=False)
-        except np.linalg.LinAlgError as exc:
-            raise self._linalg_error(exc, noise) from exc
+        res = solve(ks, Y, noise=noise, progress=False)
         self.alpha_ = np.asarray(res.alpha, dtype=np.float64).reshape(n, -1)
         self.store_ = ks.url
         self.store_token_ = ks.identity.token()

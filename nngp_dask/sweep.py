@@ -57,7 +57,7 @@ import scipy.linalg
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from .architecture import Architecture
-from .cg import ConvergenceWarning, batched_cg, cholesky_factor
+from .cg import ConvergenceWarning, batched_cg, cholesky_factor, positive_definite_advice
 from .gp import DIRECT_MAX_N
 from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
 from .kernel import _gram, _point_recursion, check_dtype, check_kind, tile_from_gram
@@ -344,26 +344,16 @@ def _cg_preconditioner(k: NDArray, noise: float):
                                noise=max(noise, 1e-12), rank=min(n, AUTO_RANK))
 
 
-class _Fail(Exception):
-    """A candidate that cannot be evaluated (recorded in its row, the sweep goes on)."""
-
-
-def _pd_advice(noise: float, what: str) -> str:
-    return (f"K + noise I is not positive definite with noise={noise:g} ({what}); increase the noise "
-            "(grid key 'noise', or relative_noise=True) or use dtype='float64'")
-
-
 def _solve_exact_cholesky(k: NDArray, y: NDArray, noise: float):
-    """Factorise ``K + noise I`` in one float64 copy (the kernel may be a float32 view)."""
-    a = np.array(k, dtype=np.float64).T  # K is symmetric: its transpose is the Fortran-ordered copy LAPACK wants
-    a[np.diag_indices_from(a)] += noise
-    try:
-        factor = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError as exc:
-        raise _Fail(_pd_advice(noise, f"Cholesky: {exc}")) from exc
+    """``(factor, alpha, log det(K + noise I))`` from the one dense Cholesky."""
+    factor = cholesky_factor(k, noise)
     alpha = scipy.linalg.cho_solve(factor, y, check_finite=False)
     logdet = float(2.0 * np.sum(np.log(np.diag(factor[0]))))
     return factor, alpha, logdet
+
+
+def _mean_diag(k: NDArray) -> float:
+    return float(np.mean(np.diagonal(k), dtype=np.float64))
 
 
 def marginal_likelihood(
@@ -469,7 +459,8 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
         for noise in noises:
             shifted = lam + noise
             if shifted.min() <= 0:
-                rows.append({"error": _pd_advice(noise, f"smallest eigenvalue {float(lam.min()):.3g}")})
+                rows.append({"error": positive_definite_advice(
+                    noise, f"the smallest eigenvalue of k is {float(lam.min()):.3g}", mean_diag=_mean_diag(k_ff))})
                 continue
             w = 1.0 / shifted
             alpha = u @ (w[:, None] * uty)
@@ -485,7 +476,7 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
         for noise in noises:
             try:
                 factor, alpha, logdet = _solve_exact_cholesky(k_ff, y, noise)
-            except _Fail as exc:
+            except ValueError as exc:  # numpy.linalg.LinAlgError with the advice, or a non-finite kernel
                 rows.append({"error": str(exc)})
                 continue
             row = {"log_marginal_likelihood": log_marginal_likelihood(y, alpha, logdet), "lml_stderr": 0.0,
@@ -531,7 +522,7 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
                             "ij,ij->j", kb, sol)
                 row.update(_metrics(pred, var, noise, prob))
         except ValueError as exc:  # SLQ / preconditioner: not positive definite
-            row = {"error": _pd_advice(noise, str(exc))}
+            row = {"error": positive_definite_advice(noise, f"CG or SLQ failed ({exc})", mean_diag=_mean_diag(k_ff))}
         rows.append(row)
     return rows
 
