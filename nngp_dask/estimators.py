@@ -49,7 +49,8 @@ from .architecture import Architecture
 from .cg import cholesky_factor
 from .inputs import NORMALIZATIONS, normalize as normalize_rows
 from .kernel import check_dtype, check_kind, diagonals, kernel, tile as tile_fn
-from .sweep import TARGETS, one_hot_targets
+from .posterior import posterior_mean, variance_from_cholesky, variance_from_solve
+from .targets import TARGETS, one_hot_targets, predict_labels
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _sk_validate_data
@@ -269,7 +270,7 @@ class _NNGPBase(BaseEstimator):
             a = self.alpha_[rows]
             for start in range(0, xs.shape[0], _PREDICT_ROWS):
                 sl = slice(start, start + _PREDICT_ROWS)
-                mean[sl] += self._cross(xs[sl], ds[:, sl], xc, dc) @ a
+                mean[sl] += posterior_mean(self._cross(xs[sl], ds[:, sl], xc, dc), a)
         return mean
 
     def _posterior_mean_var(self, xs: NDArray) -> tuple[NDArray, NDArray]:
@@ -285,18 +286,16 @@ class _NNGPBase(BaseEstimator):
             sl = slice(start, min(start + batch, m))
             kstar = np.concatenate([self._cross(xs[sl], ds[:, sl], xc, dc) for _, xc, dc in self._train_chunks()],
                                    axis=1)  # (b, n)
-            mean[sl] = kstar @ self.alpha_
+            mean[sl] = posterior_mean(kstar, self.alpha_)
             if ks is None:
-                v = scipy.linalg.solve_triangular(self.cholesky_, kstar.T, lower=True, check_finite=False)
-                reduction = np.einsum("ij,ij->j", v, v)
+                var[sl] = variance_from_cholesky(prior[sl], kstar.T, self.cholesky_)
             else:
                 from .gp import solve
 
                 sol = np.asarray(solve(ks, kstar.T, noise=float(self.noise), progress=False).alpha).reshape(
                     kstar.shape[1], -1)
-                reduction = np.einsum("ij,ji->i", kstar, sol)
-            var[sl] = prior[sl] - reduction
-        return mean, np.maximum(var, 0.0)
+                var[sl] = variance_from_solve(prior[sl], kstar.T, sol)
+        return mean, var
 
 
 class NNGPRegressor(RegressorMixin, _NNGPBase):
@@ -491,4 +490,4 @@ class NNGPClassifier(ClassifierMixin, _NNGPBase):
             return self.classes_[(scores > 0).astype(np.intp)]
         if self.classes_.size == 1:
             return np.repeat(self.classes_, scores.shape[0])
-        return self.classes_[np.argmax(scores, axis=1)]
+        return predict_labels(scores, self.classes_)

@@ -62,21 +62,22 @@ from .gp import DIRECT_MAX_N
 from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
 from .kernel import _gram, _point_recursion, check_dtype, check_kind, tile_from_gram
 from .preconditioners import AUTO_RANK, make_preconditioner
+from .metrics import accuracy, nlpd, rmse
+from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve
 from .slq import log_marginal_likelihood, slq_logdet
+from .targets import TARGETS, encode_labels, one_hot_targets
 
 __all__ = [
     "CRITERIA",
     "EIGH_MIN_NOISES",
     "GRID_KEYS",
     "SOLVERS",
-    "TARGETS",
     "TASKS",
     "GramBlock",
     "MarginalLikelihood",
     "SweepResult",
     "gram_block",
     "marginal_likelihood",
-    "one_hot_targets",
     "recurse_gram",
     "run_sweep",
     "sweep_kernels",
@@ -87,7 +88,6 @@ TASKS: tuple[str, ...] = ("classification", "regression")
 #: criterion -> True when larger is better
 CRITERIA: dict[str, bool] = {"accuracy": True, "rmse": False, "nlpd": False, "marginal_likelihood": True}
 SOLVERS: tuple[str, ...] = ("auto", "cholesky", "eigh", "cg")
-TARGETS: tuple[str, ...] = ("centered", "onehot")
 GRID_KEYS: tuple[str, ...] = ("weight_var", "bias_var", "depth", "noise")
 #: defaults of grid keys left out (those of the pipeline schema)
 GRID_DEFAULTS: dict[str, tuple] = {"weight_var": (1.6,), "bias_var": (0.1,), "depth": (3,), "noise": (1e-2,)}
@@ -240,25 +240,8 @@ def sweep_kernels(
 
 
 # ---------------------------------------------------------------------------------------------
-# targets, grid
+# the grid
 # ---------------------------------------------------------------------------------------------
-
-
-def one_hot_targets(index: NDArray[np.intp], n_classes: int, targets: str = "centered") -> NDArray[np.float64]:
-    """Regression targets of a classification, shape (n, n_classes).
-
-    ``"centered"``: ``1 - 1/C`` for the true class and ``-1/C`` for the others, zero-mean
-    rows (Lee et al. 2018 used -0.1 / 0.9 for the C = 10 classes of MNIST and CIFAR-10);
-    ``"onehot"``: 1 / 0. The shift is the same for every class, so the argmax of the posterior
-    mean, and hence the accuracy, is the same for both; RMSE, NLPD and the marginal
-    likelihood differ.
-    """
-    if targets not in TARGETS:
-        raise ValueError(f"targets: expected one of {list(TARGETS)}, got {targets!r}")
-    hi, lo = (1.0 - 1.0 / n_classes, -1.0 / n_classes) if targets == "centered" else (1.0, 0.0)
-    y = np.full((index.shape[0], n_classes), lo)
-    y[np.arange(index.shape[0]), index] = hi
-    return y
 
 
 def _as_values(key: str, value: Any) -> tuple:
@@ -433,13 +416,10 @@ def _metrics(pred: NDArray | None, var_f: NDArray | None, noise: float, prob: _P
     if pred is None or prob.y_val is None:
         return out
     if prob.labels_val is not None:
-        out["accuracy"] = float(np.mean(np.argmax(pred, axis=1) == prob.labels_val))
-    err = pred - prob.y_val
-    out["rmse"] = float(np.sqrt(np.mean(err * err)))
+        out["accuracy"] = accuracy(prob.labels_val, np.argmax(pred, axis=1))
+    out["rmse"] = rmse(prob.y_val, pred)
     if var_f is not None:
-        s2 = np.maximum(var_f, 0.0)[:, None] + noise
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out["nlpd"] = float(np.mean(0.5 * np.log(2.0 * math.pi * s2) + err * err / (2.0 * s2)))
+        out["nlpd"] = nlpd(prob.y_val, pred, var_f[:, None] + noise)
     return out
 
 
@@ -467,8 +447,8 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
             row = {"log_marginal_likelihood": log_marginal_likelihood(y, alpha, float(np.sum(np.log(shifted)))),
                    "lml_stderr": 0.0, "lml_method": "exact"}
             if kvu is not None:
-                pred = kvu @ (w[:, None] * uty)
-                var = prior_v - (kvu * kvu) @ w if prob.need_var else None
+                pred = posterior_mean(kvu, w[:, None] * uty)  # K(X*, X) U diag(w) U^T y = K(X*, X) alpha
+                var = variance_from_eigh(prior_v, kvu, w) if prob.need_var else None
                 row.update(_metrics(pred, var, noise, prob))
             rows.append(row)
         return rows
@@ -483,11 +463,8 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
                    "lml_method": "exact"}
             if k_vf is not None:
                 kv = _float64(k_vf)
-                pred = kv @ alpha
-                var = None
-                if prob.need_var:
-                    v = scipy.linalg.solve_triangular(factor[0], kv.T, lower=True, check_finite=False)
-                    var = prior_v - np.einsum("ij,ij->j", v, v)
+                pred = posterior_mean(kv, alpha)
+                var = variance_from_cholesky(prior_v, kv.T, factor[0]) if prob.need_var else None
                 row.update(_metrics(pred, var, noise, prob))
             rows.append(row)
         return rows
@@ -509,7 +486,7 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
                 row.update(log_marginal_likelihood=log_marginal_likelihood(y, res.x, est.logdet),
                            lml_stderr=0.5 * c * est.stderr, lml_method="slq")
             if k_vf is not None:
-                pred = k_vf @ res.x if k_vf.dtype == np.float64 else _float64(k_vf) @ res.x
+                pred = posterior_mean(k_vf, res.x)
                 var = None
                 if prob.need_var:
                     var = np.empty(k_vf.shape[0])
@@ -518,8 +495,8 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore", ConvergenceWarning)
                             sol = batched_cg(matmat, kb, tol=prob.tol, preconditioner=pre).x
-                        var[start:start + _VAR_BATCH] = prior_v[start:start + _VAR_BATCH] - np.einsum(
-                            "ij,ij->j", kb, sol)
+                        var[start:start + _VAR_BATCH] = variance_from_solve(prior_v[start:start + _VAR_BATCH], kb,
+                                                                            sol)
                 row.update(_metrics(pred, var, noise, prob))
         except ValueError as exc:  # SLQ / preconditioner: not positive definite
             row = {"error": positive_definite_advice(noise, f"CG or SLQ failed ({exc})", mean_diag=_mean_diag(k_ff))}
@@ -841,7 +818,7 @@ def run_sweep(
         Grid noises are relative to the mean kernel diagonal of each candidate (``noise_abs =
         noise * mean diag K``): comparable across weight/bias variances and depths.
     targets : {"centered", "onehot"}
-        Classification targets (:func:`one_hot_targets`).
+        Classification targets (:func:`nngp_dask.targets.one_hot_targets`).
     dtype : {"float32", "float64"}
         Kernel precision (solves are float64; CG multiplies a float32 kernel in float32).
     solver : {"auto", "cholesky", "eigh", "cg"}
@@ -928,11 +905,7 @@ def run_sweep(
         classes, idx = np.unique(yf, return_inverse=True)
         y_fit = one_hot_targets(idx, classes.size, targets)
         if yv is not None:
-            pos = np.searchsorted(classes, yv)
-            pos = np.clip(pos, 0, classes.size - 1)
-            labels_val = np.where(classes[pos] == yv, pos, -1)
-            y_val_enc = one_hot_targets(np.maximum(labels_val, 0), classes.size, targets)
-            y_val_enc[labels_val < 0] = -1.0 / classes.size if targets == "centered" else 0.0  # unseen class
+            labels_val, y_val_enc = encode_labels(yv, classes, targets)
         else:
             y_val_enc = None
     else:

@@ -11,8 +11,9 @@ import pytest
 from nngp_dask import Architecture, kernel
 from nngp_dask.cg import dense_solve
 from nngp_dask.slq import logdet_dense
-from nngp_dask.sweep import (EIGH_MIN_NOISES, gram_block, marginal_likelihood, one_hot_targets, recurse_gram,
+from nngp_dask.sweep import (EIGH_MIN_NOISES, gram_block, marginal_likelihood, recurse_gram,
                              run_sweep, sweep_kernels, toml_text)
+from nngp_dask.targets import one_hot_targets
 
 
 pytestmark = pytest.mark.usefixtures("single_threaded_blas")
