@@ -20,8 +20,9 @@ from .activations import ACTIVATIONS
 from .inputs import NORMALIZATIONS
 from .pagecache import POLICIES as PAGE_CACHE_POLICIES
 from .preconditioners import PRECONDITIONERS
+from .tomlfile import read_toml, to_toml
 
-__all__ = ["ConfigError", "SCHEMA", "load_config", "parse_overrides", "resolve", "schema_text"]
+__all__ = ["ConfigError", "SCHEMA", "load_config", "parse_overrides", "resolve", "schema_text", "to_toml"]
 
 
 class ConfigError(ValueError):
@@ -248,17 +249,6 @@ def _check_store(store: str) -> None:
                           f"got {store!r}")
 
 
-def read_toml(path: str | Path, what: str, error: type[ValueError] = ValueError) -> dict[str, Any]:
-    """A TOML file as a dict; a missing or malformed file is one ``error`` naming ``what``."""
-    p = Path(path)
-    try:
-        return tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise error(f"{what}: file {str(p)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise error(f"{what}: {p} is not valid TOML ({exc})") from None
-
-
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Read and validate a pipeline file (relative paths resolve against the current directory)."""
     return resolve(read_toml(path, "pipeline", ConfigError), overrides)
@@ -274,22 +264,5 @@ def schema_text() -> str:
             shown = f'"{default}"' if isinstance(default, str) else str(default).lower() if isinstance(default, bool) \
                 else repr(default)
             lines.append(f"{key} = {shown:<14} # {spec.doc}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def to_toml(cfg: Mapping[str, Mapping[str, Any]]) -> str:
-    """Flat two-level TOML writer (the resolved configuration, or a best sweep candidate)."""
-    lines = []
-    for section, fields in cfg.items():
-        lines.append(f"[{section}]")
-        for key, value in fields.items():
-            if isinstance(value, bool):
-                text = str(value).lower()
-            elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            else:
-                text = repr(value)
-            lines.append(f"{key} = {text}")
         lines.append("")
     return "\n".join(lines)

@@ -171,7 +171,7 @@ def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
     ClusterConfigError
         Naming the file and the dotted key, the value and what was expected.
     """
-    from .config import read_toml
+    from .tomlfile import read_toml
 
     p = Path(path)
     return resolve_cluster(read_toml(p, "cluster", ClusterConfigError), base_dir=p.resolve().parent, name=str(p))

@@ -42,9 +42,7 @@ Examples
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,11 +59,12 @@ from .cg import ConvergenceWarning, batched_cg, cholesky_factor, positive_defini
 from .gp import DIRECT_MAX_N
 from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
 from .kernel import _gram, _point_recursion, check_dtype, check_kind, tile_from_gram
-from .preconditioners import AUTO_RANK, make_preconditioner
 from .metrics import accuracy, nlpd, rmse
 from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve
+from .preconditioners import AUTO_RANK, make_preconditioner
 from .slq import log_marginal_likelihood, slq_logdet
 from .targets import TARGETS, encode_labels, one_hot_targets
+from .tomlfile import to_toml
 
 __all__ = [
     "CRITERIA",
@@ -81,7 +80,6 @@ __all__ = [
     "recurse_gram",
     "run_sweep",
     "sweep_kernels",
-    "toml_text",
 ]
 
 TASKS: tuple[str, ...] = ("classification", "regression")
@@ -525,56 +523,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else json.dumps(key)
-
-
-def _toml_value(dotted: str, value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)  # always has '.' or 'e': a TOML float
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string (\" \\ \n \uXXXX escapes)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(dotted, v) for v in value) + "]"
-    raise TypeError(f"{dotted}: expected a string, number, boolean or list for a flat TOML section, "
-                    f"got {type(value).__name__} {value!r}")
-
-
-def toml_text(data: Mapping[str, Any]) -> str:
-    """A minimal TOML writer for flat sections: ``{section: {key: scalar or list}}``.
-
-    Top-level scalars come first, then one ``[section]`` table per mapping (nested
-    mappings are refused: the pipeline schema has none).
-    """
-    lines: list[str] = []
-    for key, value in data.items():
-        if not isinstance(value, Mapping):
-            lines.append(f"{_toml_key(key)} = {_toml_value(key, value)}")
-    for section, table in data.items():
-        if not isinstance(table, Mapping):
-            continue
-        if lines:
-            lines.append("")
-        lines.append(f"[{_toml_key(section)}]")
-        for key, value in table.items():
-            if isinstance(value, Mapping):
-                raise TypeError(f"{section}.{key}: expected a scalar or list (flat sections only), got a table")
-            lines.append(f"{_toml_key(key)} = {_toml_value(f'{section}.{key}', value)}")
-    return "\n".join(lines) + "\n"
-
-
 @dataclass(frozen=True)
 class SweepResult:
     """The outcome of :func:`run_sweep`: one row per candidate and the chosen one.
@@ -733,7 +681,7 @@ class SweepResult:
         data.setdefault("solver", {})["noise"] = float(b["noise_abs"])
         data.setdefault("data", {})["normalize"] = self.settings["normalize"]
         data.setdefault("kernel", {})["kind"] = self.settings["kind"]
-        return toml_text(data)
+        return to_toml(data)
 
 
 # ---------------------------------------------------------------------------------------------
