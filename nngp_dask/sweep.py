@@ -58,7 +58,7 @@ from .architecture import Architecture
 from .cg import ConvergenceWarning, batched_cg, cholesky_factor, positive_definite_advice
 from .gp import DIRECT_MAX_N
 from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
-from .kernel import _gram, _point_recursion, check_dtype, check_kind, tile_from_gram
+from .kernel import check_dtype, check_kind, diagonals_from_norms, input_gram, tile_from_gram
 from .metrics import accuracy, nlpd, rmse
 from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve
 from .preconditioners import AUTO_RANK, make_preconditioner
@@ -158,15 +158,15 @@ def gram_block(x_rows: ArrayLike, x_cols: ArrayLike | None = None, *, dtype: DTy
     a = check_inputs(x_rows, "x_rows")
     if x_cols is None:
         s = _sqnorm(a)
-        return GramBlock(_gram(a, a, dt, True), s, s, a.shape[1], True)
+        return GramBlock(input_gram(a, a, dt, True), s, s, a.shape[1], True)
     b = check_inputs(x_cols, "x_cols", features=a.shape[1])
-    return GramBlock(_gram(a, b, dt, False), _sqnorm(a), _sqnorm(b), a.shape[1], False)
+    return GramBlock(input_gram(a, b, dt, False), _sqnorm(a), _sqnorm(b), a.shape[1], False)
 
 
 def _point_diagonals(arch: Architecture, sqnorm: NDArray, d: int, kind: str) -> tuple[NDArray, NDArray]:
     """(NNGP diagonals (L + 1, n) that the recursion needs, prior diagonals of ``kind``)."""
-    k, t = _point_recursion(arch, sqnorm, d, ntk=kind == "ntk")
-    return k, (k if t is None else t)
+    k = diagonals_from_norms(arch, sqnorm, d)
+    return k, (k if kind == "nngp" else diagonals_from_norms(arch, sqnorm, d, kind=kind))
 
 
 def recurse_gram(arch: Architecture, block: GramBlock, *, kind: str = "nngp", all_depths: bool = False) -> NDArray:
@@ -630,12 +630,12 @@ class SweepResult:
 
         Returns the PNG's path.
         """
-        from .plots import _figure, _save
+        from .plots import figure, save_figure
 
         col = self.criterion_column
         larger = CRITERIA[self.criterion]
         bvs, wvs, depths = self.grid["bias_var"], sorted(self.grid["weight_var"]), sorted(self.grid["depth"])
-        fig = _figure((3.6 * len(bvs) + 0.8, 3.8))
+        fig = figure((3.6 * len(bvs) + 0.8, 3.8))
         axes = fig.subplots(1, len(bvs), sharey=True, squeeze=False)[0]
         best = self.rows[self.best_index] if self.best_index is not None else None
         for ax, bv in zip(axes, bvs):
@@ -657,7 +657,7 @@ class SweepResult:
         axes[-1].legend(fontsize=8)
         fig.suptitle(title or f"{self.settings.get('activation_name', '')} sweep: {self.criterion}")
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
 
     def best_pipeline_toml(self, template: Mapping[str, Any] | None = None) -> str:
         """A pipeline file (TOML text) with the chosen hyperparameters.
