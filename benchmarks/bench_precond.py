@@ -24,7 +24,7 @@ import numpy as np
 
 from nngp_dask import Architecture, batched_cg, kernel, normalize, open_kernel, tile
 from nngp_dask.build import prepare_inputs
-from nngp_dask.datasets import one_hot_targets
+from nngp_dask.targets import encode_labels
 from nngp_dask.kernel import diagonals
 from nngp_dask.operator import StoredKernelOperator
 from nngp_dask.preconditioners import make_preconditioner
@@ -52,7 +52,7 @@ def main() -> None:
             arch, args.n = ks.architecture, ks.shape[0]
             with np.load(args.data, allow_pickle=False) as f:
                 mnist = prepare_inputs(f["x_train"][: args.n], normalize=ks.group.attrs["nngp_dask"]["normalize"])
-                y = one_hot_targets(f["y_train"][: args.n].astype(np.int64), np.arange(10))
+                y = encode_labels(f["y_train"][: args.n].astype(np.int64), np.arange(10))[1]
             if mnist.fingerprint != ks.identity.x_train:
                 raise SystemExit(f"--store: {args.store} was not built from the first {args.n} MNIST images")
             x, dx, diag = ks.group["inputs/x_train"][...], ks.group["diagonals/train"][...], ks.diagonal()
@@ -60,7 +60,7 @@ def main() -> None:
         else:
             with np.load(args.data, allow_pickle=False) as f:
                 x = normalize(f["x_train"][: args.n].reshape(args.n, -1).astype(np.float64), "standardize")
-                y = one_hot_targets(f["y_train"][: args.n].astype(np.int64), np.arange(10))
+                y = encode_labels(f["y_train"][: args.n].astype(np.int64), np.arange(10))[1]
             arch = Architecture(args.depth, "relu", args.weight_var, args.bias_var)
             k64 = kernel(arch, x).astype(np.float64)  # stored float32; float64 products, as the operator
             diag = np.diag(k64).copy()

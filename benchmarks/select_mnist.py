@@ -19,7 +19,7 @@ import numpy as np
 import scipy.linalg
 
 from nngp_dask import Architecture, kernel, normalize
-from nngp_dask.datasets import one_hot_targets
+from nngp_dask.targets import encode_labels
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     xva = normalize(x[-args.n_val:].astype(np.float64), args.normalize)
     ytr, yva = y[: args.n_train], y[-args.n_val:]
     classes = np.arange(10)
-    targets = one_hot_targets(ytr, classes)
+    targets = encode_labels(ytr, classes)[1]
     depths = [int(v) for v in args.depths.split(",")]
     rows = []
     t0 = time.perf_counter()

@@ -19,8 +19,8 @@ positive semi-definite kernel (a sum of Schur powers of a correlation matrix), a
 its truncation error is bounded per point by the tail ``sum_{k > K} a_k(s)^2``,
 which :meth:`Elementwise.truncation_error` reports. This replaces the
 interpolation table of Lee et al. (2018): it is exact up to a computable bound,
-needs no 2-D table and handles unequal variances. Per-entry 2-D Gauss-Hermite
-quadrature is available as the reference (:func:`gauss_hermite_dual`).
+needs no 2-D table and handles unequal variances. The tests check it against per-entry
+2-D Gauss-Hermite quadrature (``tests/oracles.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ __all__ = [
     "Elementwise",
     "get_activation",
     "ACTIVATIONS",
-    "gauss_hermite_dual",
 ]
 
 # Integer family codes shared with the compiled recursion (`_recursion.py`).
@@ -377,41 +376,3 @@ def get_activation(spec: str | Mapping[str, Any] | Activation) -> Activation:
     if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ValueError(f"activation.name: expected one of {list(ACTIVATIONS)}, got {name!r}")
     return _build(name, options)
-
-
-def gauss_hermite_dual(
-    fn: Callable[[NDArray], NDArray],
-    k11: ArrayLike,
-    k22: ArrayLike,
-    k12: ArrayLike,
-    *,
-    degree: int = 64,
-) -> NDArray:
-    """``E[fn(u) fn(v)]`` by 2-D Gauss-Hermite quadrature of ``degree**2`` nodes per entry.
-
-    The per-entry reference method (independent of the series and the closed forms):
-    exact for polynomials of degree ``2 degree - 1`` in each variable; for smooth
-    ``fn`` the error falls geometrically with ``degree``, for kinked ones like
-    ``O(degree**-1.5)``. Cost is ``degree**2`` evaluations of ``fn`` per entry.
-
-    Parameters
-    ----------
-    fn : callable
-        Vectorised function.
-    k11, k22, k12 : array_like
-        Variances and covariance (broadcast together).
-    degree : int
-        Nodes per dimension.
-    """
-    k11, k22, k12 = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (k11, k22, k12)))
-    z, w = np.polynomial.hermite_e.hermegauss(degree)
-    w = w / math.sqrt(2.0 * math.pi)
-    s1 = np.sqrt(np.maximum(k11, 0.0))
-    s2 = np.sqrt(np.maximum(k22, 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = np.where(s1 * s2 > 0, k12 / (s1 * s2), 0.0)
-    c = np.clip(c, -1.0, 1.0)
-    r = np.sqrt(1.0 - c * c)
-    u = s1[..., None, None] * z[:, None]
-    v = s2[..., None, None] * (c[..., None, None] * z[:, None] + r[..., None, None] * z[None, :])
-    return np.einsum("...ij,i,j->...", fn(u) * fn(v), w, w)

@@ -32,7 +32,7 @@ from .precompile import precompile
 from .runtime import client_for
 from .sources import ArraySource, as_source, open_source
 from .store import (ATTR, FORMAT_VERSION, KernelStore, NotAKernelStoreError, StoreIdentity, StoreMismatchError,
-                    _normalise_url, array_codecs, format_message, open_group, remove_interrupted_writes,
+                    array_codecs, format_message, normalise_url, open_group, remove_interrupted_writes,
                     store_contents, store_lock, tile_io)
 from .tiling import DEFAULT_TILE, TileGrid
 
@@ -334,7 +334,7 @@ def build_kernel(
         tile = train.n
     tile = int(tile)
     ident = _identity(arch, kind, tile, dt, train, test)
-    url = _normalise_url(store)
+    url = normalise_url(store)
     opts = storage_options or None
     stats = BuildStats()
     # whatever is at the store path and not a kernel store (a file, a folder of other files, other

@@ -36,8 +36,11 @@ __all__ = [
     "CGState",
     "CGResult",
     "batched_cg",
+    "check_rhs",
+    "cholesky_factor",
     "dense_solve",
     "default_maxiter",
+    "positive_definite_advice",
 ]
 
 Matmat = Callable[[NDArray[np.float64]], ArrayLike]
@@ -235,7 +238,25 @@ class CGResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_rhs(b: ArrayLike, name: str = "b") -> NDArray[np.float64]:
+def check_rhs(b: ArrayLike, name: str = "b") -> NDArray[np.float64]:
+    """``b`` as a float64 array of right-hand sides, checked once at the solver's boundary.
+
+    Parameters
+    ----------
+    b : array_like, shape (n,) or (n, k)
+        Real, finite, at least one row.
+    name : str
+        Names the argument in errors.
+
+    Returns
+    -------
+    ndarray, float64, the shape of ``b``
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, what was expected and what was received.
+    """
     arr = np.asarray(b)
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name}: expected a real numeric array, got dtype {arr.dtype}")
@@ -443,7 +464,7 @@ def batched_cg(
     >>> np.allclose(a @ res.x, [1.0, 2.0]), res.converged
     (True, True)
     """
-    b_arr = _check_rhs(b)
+    b_arr = check_rhs(b)
     one_d = b_arr.ndim == 1
     b2 = b_arr[:, None] if one_d else b_arr
     n, k = b2.shape
@@ -472,7 +493,7 @@ def batched_cg(
     else:
         x0_arr = None
         if x0 is not None:
-            x0_arr = _check_rhs(x0, "x0")
+            x0_arr = check_rhs(x0, "x0")
             if x0_arr.shape != b_arr.shape:
                 raise ValueError(f"x0: expected shape {b_arr.shape} (that of b), got {x0_arr.shape}")
             x0_arr = x0_arr[:, None] if one_d else x0_arr
@@ -522,37 +543,82 @@ def _check_noise(noise: Any) -> float:
     return noise
 
 
-def _check_square(k: ArrayLike, name: str = "k") -> NDArray[np.float64]:
+def _check_square(k: ArrayLike, name: str = "k") -> NDArray:
     arr = np.asarray(k)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty square 2-D array (n, n), got shape {arr.shape}")
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name}: expected a real numeric array, got dtype {arr.dtype}")
-    arr = np.asarray(arr, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}: expected finite values, got NaN or Inf")
     return arr
+
+
+def positive_definite_advice(noise: float, detail: str, *, mean_diag: float | None = None) -> str:
+    """The one message for a ``K + noise I`` that is not positive definite.
+
+    Every dense path (Cholesky, eigendecomposition) and every caller (solve, the sweep, the
+    estimators, SLQ) reports the failure with this text, so the fix reads the same everywhere.
+
+    Parameters
+    ----------
+    noise : float
+        The noise that failed.
+    detail : str
+        What failed, e.g. the factorisation's own message or the smallest eigenvalue.
+    mean_diag : float, optional
+        Mean of the kernel diagonal: the suggested noise is at least ``1e-6`` of it.
+
+    Returns
+    -------
+    str
+    """
+    floor = (1e-6 * mean_diag if mean_diag is not None else 0.0) or 1e-6
+    return (f"k + noise I: expected a positive definite matrix, {detail} with noise={noise:g}. Increase noise "
+            f"(the jitter added to the kernel diagonal), e.g. to {max(noise * 10, floor):.3g}, or build the "
+            "kernel in float64.")
 
 
 def cholesky_factor(k: ArrayLike, noise: float) -> tuple[NDArray[np.float64], bool]:
     """Cholesky factor of ``k + noise I`` in float64, as :func:`scipy.linalg.cho_factor` returns it.
 
+    The one dense factorisation of the package (solve, predict, the sweep, the estimators, SLQ's
+    exact twin all call it).
+
+    Parameters
+    ----------
+    k : array_like, shape (n, n)
+        Symmetric kernel matrix, float32 or float64; not modified (its upper triangle is read).
+    noise : float
+        ``>= 0``, added to the diagonal.
+
+    Returns
+    -------
+    (c, lower) : (ndarray, shape (n, n), bool)
+        ``lower`` is True: the lower triangle of ``c`` holds ``L`` with ``L L^T = k + noise I``
+        (the rest of ``c`` is unused).
+
     Raises
     ------
     numpy.linalg.LinAlgError
-        (a ValueError) when ``k + noise I`` is not positive definite, with the fix.
+        (a ValueError) when ``k + noise I`` is not positive definite, with the fix
+        (:func:`positive_definite_advice`).
+    ValueError
+        When ``k`` is not square, not real or not finite, or ``noise`` is not a number >= 0.
     """
     k_arr = _check_square(k)
+    # One float64 copy, factorised in place: peak memory is k plus one n x n float64. k is
+    # symmetric, so the transpose of the C-ordered copy is the Fortran-ordered one LAPACK wants
+    # (a transposing copy took ten times as long).
+    a = np.array(k_arr, dtype=np.float64).T
+    if not np.all(np.isfinite(a)):
+        raise ValueError("k: expected finite values, got NaN or Inf")
     noise = _check_noise(noise)
-    a = k_arr.copy()
     a[np.diag_indices_from(a)] += noise
     try:
         return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError as exc:
+        mean_diag = float(np.mean(np.diagonal(k_arr), dtype=np.float64))
         raise np.linalg.LinAlgError(
-            f"k + noise I: expected a positive definite matrix, the Cholesky factorisation failed with "
-            f"noise={noise:g} ({exc}). Increase noise (the jitter added to the diagonal), e.g. to "
-            f"{max(noise * 10, 1e-6 * float(np.mean(np.diag(k_arr))) or 1e-6):.3g}, or build the kernel in float64."
+            positive_definite_advice(noise, f"the Cholesky factorisation failed ({exc})", mean_diag=mean_diag)
         ) from exc
 
 
@@ -563,7 +629,7 @@ def dense_solve(k: ArrayLike, b: ArrayLike, noise: float, *, return_logdet: bool
     Parameters
     ----------
     k : array_like, shape (n, n)
-        Symmetric kernel matrix (only the lower triangle is read).
+        Symmetric kernel matrix (its upper triangle is read).
     b : array_like, shape (n,) or (n, m)
     noise : float
         ``>= 0``, added to the diagonal.
@@ -581,7 +647,7 @@ def dense_solve(k: ArrayLike, b: ArrayLike, noise: float, *, return_logdet: bool
         (a ValueError) when the factorisation fails, advising to increase ``noise``.
     """
     factor = cholesky_factor(k, noise)
-    b_arr = _check_rhs(b)
+    b_arr = check_rhs(b)
     n = factor[0].shape[0]
     if b_arr.shape[0] != n:
         raise ValueError(f"b: expected {n} rows (the size of k), got shape {b_arr.shape}")

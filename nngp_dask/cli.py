@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a kernel store: architecture, shape, tiles done, size, solves")
     p.add_argument("store", help="store path or URL")
     p.add_argument("--json", action="store_true", help="print JSON")
-    from .validation import add_arguments
+    from .validate_cli import add_arguments
 
     add_arguments(sub.add_parser("validate-kernel", help="compare finite-width networks with the NNGP kernel",
                                  description="Sample random networks at widths 4 .. max and measure how their "
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{k:>18}: {v}")
         return 0
     if args.command == "validate-kernel":
-        from .validation import run_from_args
+        from .validate_cli import run_from_args
 
         return run_from_args(args)
     overrides = parse_overrides(args.overrides)

@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from .inputs import InputError, nonfinite_message
 from .sources import ArraySource, as_source, open_source, read_all, read_csv
 
-__all__ = ["Dataset", "synthetic", "load_dataset", "one_hot_targets"]
+__all__ = ["Dataset", "synthetic", "load_dataset"]
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,3 @@ def _checked(ds: Dataset) -> Dataset:
         if bad is not None:
             raise InputError(bad)
     return ds
-
-
-def one_hot_targets(labels: NDArray, classes: NDArray) -> NDArray:
-    """Zero-mean one-hot regression targets (0.9 for the class, -0.1 elsewhere), as Lee et al. 2018."""
-    index = np.searchsorted(classes, labels)
-    y = np.full((labels.shape[0], classes.shape[0]), -0.1)
-    y[np.arange(labels.shape[0]), index] = 0.9
-    return y

@@ -35,6 +35,8 @@ from distributed.deploy.spec import ProcessInterface
 from distributed.security import Security
 from distributed.worker_memory import parse_memory_limit
 
+from .workerenv import MALLOC_ENV
+
 __all__ = ["EmbeddedCluster"]
 
 log = logging.getLogger("nngp_dask")
@@ -167,11 +169,9 @@ class EmbeddedCluster(SpecCluster):
     def __init__(self, *, n_workers: int, threads_per_worker: int = 1, memory_limit: str | int | None = None,
                  env: Mapping[str, str] | None = None, secure: bool = True,
                  dashboard_address: str = "127.0.0.1:0", start_timeout: float = 120.0) -> None:
-        from .runtime import _MALLOC_ENV
-
         security = Security.temporary() if secure else None
         tls = {"protocol": "tls"} if secure else {}
-        worker_env = {**os.environ, **_MALLOC_ENV, **(env or {}),
+        worker_env = {**os.environ, **MALLOC_ENV, **(env or {}),
                       "DASK_INTERNAL_INHERIT_CONFIG": _serialize(_worker_config(security))}
         limit = parse_memory_limit("auto" if memory_limit is None else memory_limit, threads_per_worker,
                                    n_workers, logger=log)

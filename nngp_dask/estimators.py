@@ -46,9 +46,11 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("nngp_dask.estimators needs scikit-learn: pip install 'nngp-dask[sklearn]'") from exc
 
 from .architecture import Architecture
+from .cg import cholesky_factor
 from .inputs import NORMALIZATIONS, normalize as normalize_rows
 from .kernel import check_dtype, check_kind, diagonals, kernel, tile as tile_fn
-from .sweep import TARGETS, one_hot_targets
+from .posterior import posterior_mean, variance_from_cholesky, variance_from_solve
+from .targets import TARGETS, one_hot_targets, predict_labels
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _sk_validate_data
@@ -186,12 +188,6 @@ class _NNGPBase(BaseEstimator):
             raise ValueError(f"store: expected None or a path/URL, got {self.store!r}")
         return arch, float(noise), dt
 
-    def _linalg_error(self, exc: Exception, noise: float) -> np.linalg.LinAlgError:
-        return np.linalg.LinAlgError(
-            f"{type(self).__name__}: the Cholesky factorisation of K + noise I failed with noise={noise:g}; "
-            f"increase the `noise` parameter (e.g. noise={max(noise * 10, 1e-6):g}) or use dtype='float64'. "
-            f"Details: {exc}")
-
     # --- fitting --------------------------------------------------------------------------
     def _fit_targets(self, X: NDArray, Y: NDArray) -> None:
         """Solve ``(K + noise I) alpha = Y`` for validated float64 ``X`` (n, d) and ``Y`` (n, c)."""
@@ -202,14 +198,8 @@ class _NNGPBase(BaseEstimator):
         self.out_of_core_ = bool(ooc)
         if not ooc:
             xn = np.ascontiguousarray(normalize_rows(X, self.normalize), dtype=np.float64)
-            # one float64 copy, factorised in place (peak: the kernel plus one n x n float64)
-            # (K is symmetric, so the transpose of a C-ordered copy is the Fortran-ordered one LAPACK wants)
-            a = np.array(kernel(arch, xn, kind=self.kind, dtype=dt), dtype=np.float64).T
-            a[np.diag_indices_from(a)] += noise
-            try:
-                factor = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
-            except np.linalg.LinAlgError as exc:
-                raise self._linalg_error(exc, noise) from exc
+            # raises numpy.linalg.LinAlgError with the advice when K + noise I is not positive definite
+            factor = cholesky_factor(kernel(arch, xn, kind=self.kind, dtype=dt), noise)
             self.alpha_ = scipy.linalg.cho_solve(factor, Y, check_finite=False)
             self.cholesky_ = factor[0]  # lower triangle: L with L L^T = K + noise I (the rest is unused)
             self.X_fit_ = xn
@@ -234,10 +224,7 @@ class _NNGPBase(BaseEstimator):
                 raise  # other data at that path is not ours to replace
             # a kernel store of other data or settings (an earlier fit): a refit replaces it
             ks = build_kernel(arch, X, path, overwrite=True, **kw)
-        try:
-            res = solve(ks, Y, noise=noise, progress=False)
-        except np.linalg.LinAlgError as exc:
-            raise self._linalg_error(exc, noise) from exc
+        res = solve(ks, Y, noise=noise, progress=False)
         self.alpha_ = np.asarray(res.alpha, dtype=np.float64).reshape(n, -1)
         self.store_ = ks.url
         self.store_token_ = ks.identity.token()
@@ -283,7 +270,7 @@ class _NNGPBase(BaseEstimator):
             a = self.alpha_[rows]
             for start in range(0, xs.shape[0], _PREDICT_ROWS):
                 sl = slice(start, start + _PREDICT_ROWS)
-                mean[sl] += self._cross(xs[sl], ds[:, sl], xc, dc) @ a
+                mean[sl] += posterior_mean(self._cross(xs[sl], ds[:, sl], xc, dc), a)
         return mean
 
     def _posterior_mean_var(self, xs: NDArray) -> tuple[NDArray, NDArray]:
@@ -299,18 +286,16 @@ class _NNGPBase(BaseEstimator):
             sl = slice(start, min(start + batch, m))
             kstar = np.concatenate([self._cross(xs[sl], ds[:, sl], xc, dc) for _, xc, dc in self._train_chunks()],
                                    axis=1)  # (b, n)
-            mean[sl] = kstar @ self.alpha_
+            mean[sl] = posterior_mean(kstar, self.alpha_)
             if ks is None:
-                v = scipy.linalg.solve_triangular(self.cholesky_, kstar.T, lower=True, check_finite=False)
-                reduction = np.einsum("ij,ij->j", v, v)
+                var[sl] = variance_from_cholesky(prior[sl], kstar.T, self.cholesky_)
             else:
                 from .gp import solve
 
                 sol = np.asarray(solve(ks, kstar.T, noise=float(self.noise), progress=False).alpha).reshape(
                     kstar.shape[1], -1)
-                reduction = np.einsum("ij,ji->i", kstar, sol)
-            var[sl] = prior[sl] - reduction
-        return mean, np.maximum(var, 0.0)
+                var[sl] = variance_from_solve(prior[sl], kstar.T, sol)
+        return mean, var
 
 
 class NNGPRegressor(RegressorMixin, _NNGPBase):
@@ -505,4 +490,4 @@ class NNGPClassifier(ClassifierMixin, _NNGPBase):
             return self.classes_[(scores > 0).astype(np.intp)]
         if self.classes_.size == 1:
             return np.repeat(self.classes_, scores.shape[0])
-        return self.classes_[np.argmax(scores, axis=1)]
+        return predict_labels(scores, self.classes_)

@@ -31,7 +31,8 @@ from .activations import TwoSlope
 from .architecture import Architecture
 from .inputs import check_inputs
 
-__all__ = ["sample_outputs", "sample_kernels", "empirical_covariance", "average_kernels", "SAMPLING_METHODS"]
+__all__ = ["sample_outputs", "sample_kernels", "simulate", "empirical_covariance", "average_kernels",
+           "SAMPLING_METHODS"]
 
 #: Accepted values of ``method`` in :func:`sample_outputs`.
 SAMPLING_METHODS: tuple[str, ...] = ("auto", "projected", "dense")
@@ -111,10 +112,28 @@ def _activate(phi, z: NDArray, dt: np.dtype) -> NDArray:
     return np.asarray(phi(z), dtype=dt)
 
 
-def _simulate(arch, x, *, width, networks, seed, batch, dtype, method, outputs: bool, kernels: str | None):
-    """Run the networks; the hidden layers feed the readout draw and/or the per-network kernels.
+def simulate(arch: Architecture, x: ArrayLike, *, width: int, networks: int, seed: int, batch: int | None,
+             dtype: DTypeLike, method: str, outputs: bool, kernels: str | None
+             ) -> tuple[NDArray | None, NDArray | None]:
+    """Run the networks once; the hidden layers feed the readout draw and/or the per-network kernels.
 
-    ``kernels``: None, "last" (shape (networks, n, n)) or "all" (shape (networks, L + 1, n, n)).
+    One pass serves both :func:`sample_outputs` and :func:`sample_kernels` (and the validation,
+    which needs both from the same networks).
+
+    Parameters
+    ----------
+    arch, x, width, networks, seed, batch, dtype, method
+        As :func:`sample_outputs`.
+    outputs : bool
+        Draw each network's readout ``f(x)``.
+    kernels : {None, "last", "all"}
+        Per-network empirical kernels of the last hidden layer (shape (networks, n, n)) or of
+        every layer (shape (networks, L + 1, n, n)).
+
+    Returns
+    -------
+    outputs : ndarray, shape (networks, n), or None
+    kernels : ndarray or None
     """
     x, dt, networks, seed, plan, batch = _prepare(arch, x, width, networks, seed, batch, dtype, method)
     n, d = x.shape
@@ -196,7 +215,7 @@ def sample_outputs(
     -------
     ndarray, shape (networks, n)
     """
-    out, _ = _simulate(arch, x, width=width, networks=networks, seed=seed, batch=batch, dtype=dtype,
+    out, _ = simulate(arch, x, width=width, networks=networks, seed=seed, batch=batch, dtype=dtype,
                        method=method, outputs=True, kernels=None)
     return out
 
@@ -235,7 +254,7 @@ def sample_kernels(
     -------
     ndarray, shape (networks, n, n), or (networks, L + 1, n, n) with ``all_depths``
     """
-    _, kern = _simulate(arch, x, width=width, networks=networks, seed=seed, batch=batch, dtype=dtype,
+    _, kern = simulate(arch, x, width=width, networks=networks, seed=seed, batch=batch, dtype=dtype,
                         method=method, outputs=False, kernels="all" if all_depths else "last")
     return kern
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 
 from .cg import CGState, ConvergenceWarning, batched_cg, cholesky_factor, dense_solve, default_maxiter
 from .kernel import tile as tile_fn
 from .monitor import Heartbeat
 from .operator import StoredKernelOperator
+from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
 from .preconditioners import PRECONDITIONERS, AUTO_RANK, LowRank, make_preconditioner
 from .runtime import client_for
 from .store import KernelStore, open_kernel
@@ -380,26 +380,20 @@ def predict(
         prior = ks.test_prior()
         noise = result.noise
         if mode == "lowrank":
-            # Project k* on the span of F = U diag(s) (orthogonal columns, F F^T ~= K):
-            # k^T (K + noise I)^{-1} k ~= sum_i (u_i^T k)^2 / (s_i^2 + noise), u_i^T k = (f_i^T k) / s_i.
-            # The left-out spectrum tail only adds to the reduction, so this variance is an
-            # upper bound up to the factor's error (conservative, never collapsing to 0).
-            s2 = np.sum(factor * factor, axis=0)
-            keep = s2 > 0
-            reduction = np.sum(proj[:, keep] ** 2 / (s2[keep] * (s2[keep] + noise)), axis=1)
-            return mean, np.maximum(prior - reduction, 0.0)
+            return mean, variance_lowrank(prior, proj, factor, noise)
         if result.method == "cholesky":
             # factorised once for every batch of test points
-            factor = cholesky_factor(ks.to_dask().compute().astype(np.float64), noise)
-            solve_block = lambda rhs: scipy.linalg.cho_solve(factor, rhs, check_finite=False)  # noqa: E731
+            lower = cholesky_factor(ks.to_dask().compute(), noise)[0]
+            block_variance = lambda p, kstar: variance_from_cholesky(p, kstar, lower)  # noqa: E731
         else:
             pre = make_preconditioner(result.preconditioner, diag=ks.diagonal(), column_fn=_column_fn(ks),
                                       noise=max(noise, 1e-12), rank=result.info.get("preconditioner_rank") or None,
                                       n=ks.shape[0])
-            solve_block = lambda rhs: batched_cg(op.matmat, rhs, tol=result.tol, preconditioner=pre).x  # noqa: E731
+            block_variance = lambda p, kstar: variance_from_solve(  # noqa: E731
+                p, kstar, batched_cg(op.matmat, kstar, tol=result.tol, preconditioner=pre).x)
         var = np.empty(m)
         for start in range(0, m, batch):
             stop = min(start + batch, m)
             kstar = np.asarray(ks.read_rows("test_train", slice(start, stop)), dtype=np.float64).T  # (n, b), verified
-            var[start:stop] = prior[start:stop] - np.einsum("ij,ij->j", kstar, solve_block(kstar))
-        return mean, np.maximum(var, 0.0)
+            var[start:stop] = block_variance(prior[start:stop], kstar)
+        return mean, var

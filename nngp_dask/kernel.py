@@ -18,8 +18,8 @@ from .activations import FAMILY_HERMITE, Elementwise
 from .architecture import Architecture
 from .inputs import check_inputs
 
-__all__ = ["KINDS", "KernelOverflowError", "diagonals", "tile", "tile_from_gram", "kernel", "check_kind", "check_dtype",
-           "check_architecture", "check_range", "overflow_reason", "all_finite", "diagonals_from_norms"]
+__all__ = ["KINDS", "KernelOverflowError", "diagonals", "input_gram", "tile", "tile_from_gram", "kernel", "check_kind",
+           "check_dtype", "check_architecture", "check_range", "overflow_reason", "all_finite", "diagonals_from_norms"]
 
 Kind = Literal["nngp", "ntk", "both"]
 KINDS: tuple[str, ...] = ("nngp", "ntk")
@@ -189,8 +189,24 @@ def _layer_roots(diag: NDArray, depth: int) -> tuple[NDArray, NDArray]:
     return np.ascontiguousarray(s), np.ascontiguousarray(r)
 
 
-def _gram(x_rows: NDArray, x_cols: NDArray, dtype: np.dtype, symmetric: bool) -> NDArray:
-    """``x_rows @ x_cols.T`` in ``dtype``; for a symmetric block only the upper triangle is exact."""
+def input_gram(x_rows: NDArray, x_cols: NDArray, dtype: np.dtype, symmetric: bool) -> NDArray:
+    """The input Gram ``x_rows @ x_cols.T`` of a block in ``dtype``: the one GEMM of a tile.
+
+    Parameters
+    ----------
+    x_rows : ndarray, shape (m, d)
+    x_cols : ndarray, shape (n, d)
+        Ignored when ``symmetric`` (the block is ``x_rows`` against itself).
+    dtype : numpy.dtype
+        float32 or float64: the precision of the product and of every kernel derived from it.
+    symmetric : bool
+        One SYRK instead of a GEMM; then only the upper triangle of the result is valid
+        (:func:`tile_from_gram` reads only that triangle and mirrors the kernel).
+
+    Returns
+    -------
+    ndarray, shape (m, n), of ``dtype``
+    """
     a = np.ascontiguousarray(x_rows, dtype=dtype)
     if symmetric:
         syrk = blas.ssyrk if dtype == np.float32 else blas.dsyrk
@@ -239,7 +255,7 @@ def tile(
     ndarray, shape (m, n) or (L + 1, m, n)
     """
     dt = check_dtype(dtype)
-    gram = _gram(x_rows, x_cols, dt, symmetric)
+    gram = input_gram(x_rows, x_cols, dt, symmetric)
     return tile_from_gram(arch, gram, diag_rows, diag_cols, features=x_rows.shape[1], kind=kind,
                           all_depths=all_depths, symmetric=symmetric, overwrite_gram=True)
 

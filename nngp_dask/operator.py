@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from ._products import tile_matmat_t
 from .store import KernelStore, TileIO, tile_io
 
-__all__ = ["StoredKernelOperator", "dense_matmat"]
+__all__ = ["StoredKernelOperator"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -227,13 +227,3 @@ class StoredKernelOperator:
             if sq is not None:
                 sq[rows], proj[rows] = sb, pb
         return mean, sq, proj
-
-
-def dense_matmat(k: NDArray, noise: float) -> Callable[[NDArray], NDArray]:
-    """The in-memory twin of :class:`StoredKernelOperator` (the tests' oracle)."""
-    k64 = np.asarray(k, dtype=np.float64)
-
-    def matmat(v: NDArray) -> NDArray:
-        return k64 @ v + noise * v
-
-    return matmat

@@ -27,11 +27,13 @@ from . import __version__
 from .architecture import Architecture
 from .build import build_kernel
 from .config import ConfigError
-from .datasets import Dataset, load_dataset, one_hot_targets
+from .datasets import Dataset, load_dataset
 from .gp import SolveResult, predict, solve
+from .metrics import accuracy, confusion_matrix, nlpd, rmse
 from .monitor import PeakRSS
 from .runtime import LazyClient
 from .store import CorruptTileError, KernelStore, store_contents, store_lock
+from .targets import encode_labels, predict_labels
 
 __all__ = ["STAGES", "Pipeline", "run_pipeline"]
 
@@ -78,7 +80,7 @@ def _targets(ds: Dataset, task: str) -> Targets:
     if task == "classification":
         labels = np.asarray(ds.y_train).astype(np.int64).ravel()
         classes = np.unique(labels)
-        return Targets(one_hot_targets(labels, classes), classes)
+        return Targets(encode_labels(labels, classes)[1], classes)
     y = np.asarray(ds.y_train, dtype=np.float64).ravel()
     mean, scale = float(y.mean()), float(y.std()) or 1.0
     return Targets((y - mean) / scale, None, mean, scale)
@@ -87,24 +89,18 @@ def _targets(ds: Dataset, task: str) -> Targets:
 def evaluate(task: str, y_test: np.ndarray, mean: np.ndarray, var: np.ndarray | None, noise: float,
              targets: Targets) -> dict[str, Any]:
     """Metrics of a prediction: accuracy and confusion (classification); RMSE, standardised RMSE
-    and mean negative log predictive density (regression, in the targets' original units)."""
+    and NLPD, the mean negative log predictive density (regression, in the targets' original units)."""
     if task == "classification":
-        pred = targets.classes[np.argmax(mean, axis=1)]
+        pred = predict_labels(mean, targets.classes)
         truth = np.asarray(y_test).astype(np.int64).ravel()
-        idx = {c: i for i, c in enumerate(targets.classes)}
-        conf = np.zeros((len(targets.classes),) * 2, dtype=np.int64)
-        for t, p in zip(truth, pred):
-            if t in idx:
-                conf[idx[t], idx[p]] += 1
-        return {"accuracy": float(np.mean(pred == truth)), "errors": int(np.sum(pred != truth)),
-                "confusion": conf.tolist(), "classes": targets.classes.tolist()}
+        return {"accuracy": accuracy(truth, pred), "errors": int(np.sum(pred != truth)),
+                "confusion": confusion_matrix(truth, pred, targets.classes), "classes": targets.classes.tolist()}
     y = np.asarray(y_test, dtype=np.float64).ravel()
     mu = mean.ravel() * targets.scale + targets.mean
-    rmse = float(np.sqrt(np.mean((mu - y) ** 2)))
-    out = {"rmse": rmse, "srmse": rmse / float(np.std(y) or 1.0)}
+    err = rmse(y, mu)
+    out = {"rmse": err, "srmse": err / float(np.std(y) or 1.0)}
     if var is not None:
-        s2 = (var + noise) * targets.scale ** 2
-        out["mnlp"] = float(np.mean(0.5 * np.log(2 * np.pi * s2) + 0.5 * (mu - y) ** 2 / s2))
+        out["nlpd"] = nlpd(y, mu, (var + noise) * targets.scale ** 2)
     return out
 
 
@@ -345,10 +341,10 @@ class Pipeline:
             out.append(plots.kernel_heatmap(kmat, self.out / "kernel_heatmap.png", labels=labels))
             if pred is not None:
                 if targets.classes is not None:
-                    yp = targets.classes[np.argmax(pred["mean"], axis=1)]
+                    yp = predict_labels(pred["mean"], targets.classes)
                     out.append(plots.confusion_matrix(np.asarray(ds.y_test).ravel(), yp, len(targets.classes),
                                                       self.out / "confusion_matrix.png"))
-                    truth = one_hot_targets(np.asarray(ds.y_test).astype(np.int64).ravel(), targets.classes)
+                    truth = encode_labels(np.asarray(ds.y_test).astype(np.int64).ravel(), targets.classes)[1]
                     err = np.abs(pred["mean"] - truth).ravel()
                     std = np.repeat(np.sqrt(pred["var"] + result.noise), pred["mean"].shape[1]) if "var" in pred \
                         else None

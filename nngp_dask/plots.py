@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .architecture import Architecture
-    from .validation import ValidationResult
+if TYPE_CHECKING:  # pragma: no cover - annotations only: plots draws, it computes nothing
+    from .validation import JointSamples, ValidationResult
 
 __all__ = [
     "MATPLOTLIB_HINT",
+    "figure",
+    "save_figure",
     "joint_distribution",
     "error_vs_width",
     "cg_residuals",
@@ -35,8 +36,25 @@ MATPLOTLIB_HINT = "matplotlib is required for figures: pip install 'nngp-dask[pl
 DPI = 100
 
 
-def _figure(figsize: tuple[float, float], **kwargs: Any):
-    """A new Figure on the Agg canvas (matplotlib imported here, lazily)."""
+def figure(figsize: tuple[float, float], **kwargs: Any):
+    """A new Figure on the Agg canvas, with no pyplot state (matplotlib imported here, lazily).
+
+    Parameters
+    ----------
+    figsize : (float, float)
+        Inches; the PNG is ``figsize * DPI`` pixels.
+    **kwargs
+        Passed to :class:`matplotlib.figure.Figure` (e.g. ``layout="constrained"``).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ImportError
+        With the install hint, when matplotlib is missing.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -47,7 +65,18 @@ def _figure(figsize: tuple[float, float], **kwargs: Any):
     return fig
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG of exactly ``figsize * DPI`` pixels, creating the folder.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+    path : str or Path
+
+    Returns
+    -------
+    Path
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=DPI)  # no bbox_inches: the pixel size stays figsize * dpi
@@ -66,15 +95,7 @@ def _ellipse(cov: np.ndarray, radius: float, points: int = 200) -> np.ndarray:
 # The correspondence
 
 
-def joint_distribution(
-    arch: "Architecture",
-    x_pair: ArrayLike,
-    widths: Sequence[int],
-    *,
-    networks: int = 2000,
-    seed: int = 0,
-    path: str | Path = "joint_distribution.png",
-) -> Path:
+def joint_distribution(samples: "JointSamples", path: str | Path = "joint_distribution.png") -> Path:
     """The classic NNGP picture: outputs ``(f(x1), f(x2))`` of random networks, one panel per width,
     under the 1, 2, 3-sigma contours of the NNGP Gaussian ``N(0, K(x_pair))``.
 
@@ -84,43 +105,28 @@ def joint_distribution(
 
     Parameters
     ----------
-    arch : Architecture
-    x_pair : array_like, shape (2, d)
-    widths : sequence of int
-        One panel each.
-    networks : int
-        Networks (points) per panel.
-    seed : int
+    samples : JointSamples
+        From :func:`nngp_dask.validation.joint_samples` (the networks are sampled there).
     path : str or Path
 
     Returns
     -------
     Path
     """
-    from .finite_width import empirical_covariance, sample_outputs
-    from .kernel import kernel
-
-    x_pair = np.asarray(x_pair, dtype=np.float64)
-    if x_pair.ndim != 2 or x_pair.shape[0] != 2:
-        raise ValueError(f"x_pair: expected shape (2, d), got {x_pair.shape}")
-    widths = [int(w) for w in widths]
-    if not widths:
-        raise ValueError("widths: expected at least one width")
-    k = np.asarray(kernel(arch, x_pair, dtype="float64"))
+    k = np.asarray(samples.kernel, dtype=np.float64)
+    widths, arch, networks = samples.widths, samples.architecture, samples.networks
     scale = math.sqrt(max(k[0, 0], k[1, 1], 1e-300))
     lim = 4.0 * scale
-    fig = _figure((3.2 * len(widths), 3.6), layout="constrained")
+    fig = figure((3.2 * len(widths), 3.6), layout="constrained")
     axes = fig.subplots(1, len(widths), squeeze=False)[0]
     corr_nngp = k[0, 1] / math.sqrt(k[0, 0] * k[1, 1]) if k[0, 0] * k[1, 1] > 0 else 0.0
-    for i, (ax, w) in enumerate(zip(axes, widths)):
-        f = sample_outputs(arch, x_pair, width=w, networks=networks, seed=seed + i)
+    for i, (ax, w, f, cov) in enumerate(zip(axes, widths, samples.outputs, samples.covariances)):
         ax.hexbin(f[:, 0], f[:, 1], gridsize=40, extent=(-lim, lim, -lim, lim), cmap="Blues", mincnt=1,
                   bins="log", linewidths=0.0)
         for r, style in zip((1.0, 2.0, 3.0), ("-", "--", ":")):
             e = _ellipse(k, r)
             ax.plot(e[0], e[1], color="C3", linestyle=style, linewidth=1.2,
                     label=f"{r:g}$\\sigma$" if i == 0 else None)
-        cov, _ = empirical_covariance(f)
         corr = cov[0, 1] / math.sqrt(cov[0, 0] * cov[1, 1]) if cov[0, 0] * cov[1, 1] > 0 else float("nan")
         ax.set_title(f"width {w}")
         ax.text(0.03, 0.97, f"var {cov[0, 0]:.2f}, {cov[1, 1]:.2f}\ncorr {corr:.2f}", transform=ax.transAxes,
@@ -137,7 +143,7 @@ def joint_distribution(
         f"var {k[0, 0]:.2f}, {k[1, 1]:.2f}, corr {corr_nngp:.2f}",
         fontsize=10,
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def error_vs_width(result: "ValidationResult", path: str | Path = "error_vs_width.png") -> Path:
@@ -152,7 +158,7 @@ def error_vs_width(result: "ValidationResult", path: str | Path = "error_vs_widt
     -------
     Path
     """
-    fig = _figure((11.0, 4.4), layout="constrained")
+    fig = figure((11.0, 4.4), layout="constrained")
     ax, ax2 = fig.subplots(1, 2)
     w = np.asarray(result.widths, dtype=np.float64)
     err = np.asarray(result.errors)
@@ -201,7 +207,7 @@ def error_vs_width(result: "ValidationResult", path: str | Path = "error_vs_widt
     arch = result.architecture
     fig.suptitle(f"NNGP vs finite networks: {arch.activation.name}, depth {arch.depth}, "
                  f"$\\sigma_w^2$={arch.weight_var:g}, $\\sigma_b^2$={arch.bias_var:g}", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +235,7 @@ def cg_residuals(residuals: ArrayLike, path: str | Path = "cg_residuals.png") ->
     r0 = np.where(r[0] > 0, r[0], 1.0)
     rel = np.abs(r) / r0
     rel = np.where(rel > 0, rel, np.nan)  # log axis: exact zeros are not drawn
-    fig = _figure((6.4, 4.4), layout="constrained")
+    fig = figure((6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     it = np.arange(r.shape[0])
     k = r.shape[1]
@@ -249,7 +255,7 @@ def cg_residuals(residuals: ArrayLike, path: str | Path = "cg_residuals.png") ->
     ax.set_title(f"conjugate gradients: {k} right-hand side{'s' if k != 1 else ''}, "
                  f"{r.shape[0] - 1} iterations, final {final:.1e}", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def kernel_heatmap(k_sample: ArrayLike, path: str | Path = "kernel_heatmap.png",
@@ -281,7 +287,7 @@ def kernel_heatmap(k_sample: ArrayLike, path: str | Path = "kernel_heatmap.png",
                              f"{np.shape(labels)} with kernel {k.shape}")
         order = np.argsort(lab, kind="stable")
         k, lab = k[np.ix_(order, order)], lab[order]
-    fig = _figure((6.0, 5.2), layout="constrained")
+    fig = figure((6.0, 5.2), layout="constrained")
     ax = fig.subplots()
     finite = k[np.isfinite(k)]
     if finite.size and finite.min() < 0 < finite.max():
@@ -306,7 +312,7 @@ def kernel_heatmap(k_sample: ArrayLike, path: str | Path = "kernel_heatmap.png",
         ax.set_ylabel("class")
     ax.set_title(f"kernel sample {k.shape[0]} x {k.shape[1]}" + (" (sorted by class)" if lab is not None else ""),
                  fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +337,7 @@ def predicted_vs_true(y_true: ArrayLike, y_pred: ArrayLike, path: str | Path = "
     if yt.ndim == 1:
         yt, yp = yt[:, None], yp[:, None]
     yt, yp = yt.reshape(yt.shape[0], -1), yp.reshape(yp.shape[0], -1)
-    fig = _figure((5.2, 5.0), layout="constrained")
+    fig = figure((5.2, 5.0), layout="constrained")
     ax = fig.subplots()
     alpha = max(0.1, min(0.8, 300.0 / yt.shape[0]))
     if yt.shape[1] <= 10:
@@ -356,7 +362,7 @@ def predicted_vs_true(y_true: ArrayLike, y_pred: ArrayLike, path: str | Path = "
     ax.set_ylabel("predicted")
     ax.set_title(f"{yt.shape[0]} points: RMSE {rmse:.3g}, $R^2$ {r2:.3f}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int,
@@ -388,7 +394,7 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int,
     rows = counts.sum(axis=1, keepdims=True)
     frac = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     size = min(4.0 + 0.35 * n_classes, 12.0)
-    fig = _figure((size + 1.0, size), layout="constrained")
+    fig = figure((size + 1.0, size), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(im, ax=ax, shrink=0.85, label="fraction of the true class")
@@ -403,7 +409,7 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int,
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"{yt.size} points: accuracy {100 * acc:.2f} %", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def calibration(abs_error: ArrayLike, predictive_std: ArrayLike, path: str | Path = "calibration.png",
@@ -432,7 +438,7 @@ def calibration(abs_error: ArrayLike, predictive_std: ArrayLike, path: str | Pat
     e, s = e[keep], s[keep]
     if e.size == 0:
         raise ValueError("abs_error: expected at least one finite value")
-    fig = _figure((5.6, 5.0), layout="constrained")
+    fig = figure((5.6, 5.0), layout="constrained")
     ax = fig.subplots()
     pos = np.concatenate([e[e > 0], s[s > 0]])
     logscale = pos.size > 0 and pos.max() / pos.min() > 100.0
@@ -464,4 +470,4 @@ def calibration(abs_error: ArrayLike, predictive_std: ArrayLike, path: str | Pat
     ax.set_title(f"{e.size} predictions: mean|error| / calibrated = {ratio:.2f}", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

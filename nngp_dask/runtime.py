@@ -26,30 +26,13 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, _expand, _F
+from .fields import ConfigError, Field, expand_env
+from .workerenv import MALLOC_ENV, WORKER_ENV
 
 __all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "LazyClient", "client_for", "load_cluster_file", "local_cluster",
            "local_cluster_kwargs", "jobqueue_kwargs", "kubernetes_kwargs", "is_cluster_file"]
 
 log = logging.getLogger("nngp_dask")
-
-# One process per core and one thread per process: tiles are GEMM + a Numba loop, both of
-# which would otherwise oversubscribe the cores from several threads; a killed worker costs only
-# its own tile; and Numba's fallback threading layer cannot run parallel kernels from two threads.
-# Processes also measured faster than threads (0.8 s vs 1.1 s for a 6,000-point build; benchmarks/RESULTS.md).
-_WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "NUMBA_NUM_THREADS": "1"}
-
-# distributed's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes
-# glibc's mmap threshold at 128 KiB: every tile-sized buffer (16 MiB) is then a fresh mmap, paid
-# in page faults and zeroing on each use, and reading a cached tile through zarr took 3x (in the
-# workers) to 10x (one process) as long. Buffers up to 32 MiB (the most glibc allows) come from
-# the heap instead, and up to 32 MiB freed at its top are kept for the next tile: the CG pass at
-# n = 20,000 went from 0.85 s to 0.38 s (benchmarks/RESULTS.md). Unsetting the variable (glibc's
-# adaptive default) measured the same, but a batch job's shell, whose variables win over the
-# nannies' config, can only set it; so it is set, the same way everywhere, before the worker starts.
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "33554432"}
-
 
 class ClusterConfigError(ConfigError):
     """A cluster file that does not match :data:`CLUSTER_SCHEMA` (a ValueError: CLI exit 2)."""
@@ -64,7 +47,7 @@ def local_cluster_kwargs(n_workers: int | None = None, threads_per_worker: int =
     kwargs: dict[str, Any] = dict(
         n_workers=n_workers or dask.system.CPU_COUNT,
         threads_per_worker=threads_per_worker,
-        env=_WORKER_ENV if threads_per_worker == 1 else {},
+        env=WORKER_ENV if threads_per_worker == 1 else {},
         secure=secure,
     )
     if memory_limit:
@@ -84,75 +67,75 @@ def local_cluster(**kwargs: Any) -> Any:
 # --- cluster files ------------------------------------------------------------------------
 _REQUIRED = object()
 _WAIT = {
-    "wait_for_workers": _F(int, None, "block until this many workers have joined (default: 0 for local and "
-                           "scheduler, 1 for batch systems and Kubernetes)", minimum=0),
-    "wait_timeout": _F(float, 0.0, "seconds to wait for them (0: no limit; a batch queue may take hours)",
-                       minimum=0.0),
+    "wait_for_workers": Field(int, None, "block until this many workers have joined (default: 0 for local and "
+                              "scheduler, 1 for batch systems and Kubernetes)", minimum=0),
+    "wait_timeout": Field(float, 0.0, "seconds to wait for them (0: no limit; a batch queue may take hours)",
+                          minimum=0.0),
 }
 _JOBQUEUE = {
-    "cores": _F(int, _REQUIRED, "cores per batch job", minimum=1),
-    "memory": _F(str, _REQUIRED, "memory per batch job, e.g. '64GiB'"),
-    "processes": _F(int, 0, "worker processes per job (0: one single-threaded process per core)", minimum=0),
-    "jobs": _F(int, 1, "batch jobs to submit", minimum=0),
-    "walltime": _F(str, "01:00:00", "job wall-clock limit"),
-    "queue": _F(str, "", "partition / queue"),
-    "account": _F(str, "", "account / project to charge"),
-    "interface": _F(str, "", "network interface of scheduler and workers, e.g. 'ib0' (empty: default route)"),
-    "local_directory": _F(str, "", "node-local scratch for worker spill files, e.g. '$TMPDIR'"),
-    "log_directory": _F(str, "", "where job logs go (a shared path)", path=True),
-    "shared_temp_directory": _F(str, "", "shared path for the temporary TLS files of the workers (default: "
-                                "the current directory)", path=True),
-    "python": _F(str, "", "python executable on the compute nodes (default: this one)"),
-    "tls": _F(bool, True, "TLS between scheduler and workers with temporary certificates (needs cryptography)"),
-    "dashboard_address": _F(str, "127.0.0.1:8787", "scheduler dashboard (loopback: reach it by SSH tunnel)"),
-    "job_extra_directives": _F(list, [], "extra #SBATCH / #PBS lines, e.g. ['--exclusive']"),
-    "job_script_prologue": _F(list, [], "shell lines before the worker starts, e.g. ['module load python']"),
-    "worker_extra_args": _F(list, [], "extra arguments of dask worker"),
+    "cores": Field(int, _REQUIRED, "cores per batch job", minimum=1),
+    "memory": Field(str, _REQUIRED, "memory per batch job, e.g. '64GiB'"),
+    "processes": Field(int, 0, "worker processes per job (0: one single-threaded process per core)", minimum=0),
+    "jobs": Field(int, 1, "batch jobs to submit", minimum=0),
+    "walltime": Field(str, "01:00:00", "job wall-clock limit"),
+    "queue": Field(str, "", "partition / queue"),
+    "account": Field(str, "", "account / project to charge"),
+    "interface": Field(str, "", "network interface of scheduler and workers, e.g. 'ib0' (empty: default route)"),
+    "local_directory": Field(str, "", "node-local scratch for worker spill files, e.g. '$TMPDIR'"),
+    "log_directory": Field(str, "", "where job logs go (a shared path)", path=True),
+    "shared_temp_directory": Field(str, "", "shared path for the temporary TLS files of the workers (default: "
+                                   "the current directory)", path=True),
+    "python": Field(str, "", "python executable on the compute nodes (default: this one)"),
+    "tls": Field(bool, True, "TLS between scheduler and workers with temporary certificates (needs cryptography)"),
+    "dashboard_address": Field(str, "127.0.0.1:8787", "scheduler dashboard (loopback: reach it by SSH tunnel)"),
+    "job_extra_directives": Field(list, [], "extra #SBATCH / #PBS lines, e.g. ['--exclusive']"),
+    "job_script_prologue": Field(list, [], "shell lines before the worker starts, e.g. ['module load python']"),
+    "worker_extra_args": Field(list, [], "extra arguments of dask worker"),
     **_WAIT,
 }
 #: Keys of every cluster ``type``: types, defaults, and the documentation of cluster/README.md.
-CLUSTER_SCHEMA: dict[str, dict[str, _F]] = {
+CLUSTER_SCHEMA: dict[str, dict[str, Field]] = {
     "local": {
-        "n_workers": _F(int, 0, "worker processes (0: one per core)", minimum=0),
-        "threads_per_worker": _F(int, 1, "threads per worker process", minimum=1),
-        "memory_limit": _F(str, "", "memory limit per worker, e.g. '8GiB' (empty: automatic)"),
-        "secure": _F(bool, True, "mutual TLS between driver and workers (false: plain TCP on 127.0.0.1)"),
+        "n_workers": Field(int, 0, "worker processes (0: one per core)", minimum=0),
+        "threads_per_worker": Field(int, 1, "threads per worker process", minimum=1),
+        "memory_limit": Field(str, "", "memory limit per worker, e.g. '8GiB' (empty: automatic)"),
+        "secure": Field(bool, True, "mutual TLS between driver and workers (false: plain TCP on 127.0.0.1)"),
         **_WAIT,
     },
     "scheduler": {
-        "address": _F(str, "", "scheduler address, tcp://host:8786 or tls://host:8786"),
-        "scheduler_file": _F(str, "", "or the JSON file written by `dask scheduler --scheduler-file`", path=True),
-        "timeout": _F(float, 30.0, "seconds to wait for the connection", minimum=0.0, exclusive_minimum=True),
+        "address": Field(str, "", "scheduler address, tcp://host:8786 or tls://host:8786"),
+        "scheduler_file": Field(str, "", "or the JSON file written by `dask scheduler --scheduler-file`", path=True),
+        "timeout": Field(float, 30.0, "seconds to wait for the connection", minimum=0.0, exclusive_minimum=True),
         **_WAIT,
     },
     "slurm": dict(_JOBQUEUE),
-    "pbs": {**_JOBQUEUE, "resource_spec": _F(str, "", "PBS -l resource line, e.g. 'select=1:ncpus=16:mem=64gb'")},
+    "pbs": {**_JOBQUEUE, "resource_spec": Field(str, "", "PBS -l resource line, e.g. 'select=1:ncpus=16:mem=64gb'")},
     "kubernetes": {
-        "name": _F(str, "nngp-dask", "DaskCluster name (created, or connected to if it exists)"),
-        "namespace": _F(str, "", "namespace (empty: the current one)"),
-        "image": _F(str, "", "container image with nngp-dask installed (cluster/Dockerfile)"),
-        "n_workers": _F(int, 2, "worker pods", minimum=0),
-        "worker_cpu": _F(str, "1", "CPU request and limit per worker pod"),
-        "worker_memory": _F(str, "4Gi", "memory request and limit per worker pod"),
-        "env": _F(dict, {}, "environment of the pods (table of strings), e.g. AWS_ENDPOINT_URL"),
-        "manifest": _F(str, "", "a DaskCluster YAML manifest used instead of the keys above "
-                       "(cluster/kubernetes/daskcluster.yaml)", path=True),
-        "create_mode": _F(str, "create_or_connect", "create_or_connect, create_only or connect_only",
-                          choices=("create_or_connect", "create_only", "connect_only")),
-        "shutdown_on_close": _F(bool, True, "delete the DaskCluster when the run ends (false: keep it)"),
-        "idle_timeout": _F(int, 0, "seconds after which an idle cluster deletes itself (0: never)", minimum=0),
-        "resource_timeout": _F(int, 300, "seconds to wait for Kubernetes resources", minimum=1),
-        "scheduler_service_type": _F(str, "ClusterIP", "ClusterIP (reach it from inside the cluster or by port "
-                                     "forward), NodePort or LoadBalancer",
-                                     choices=("ClusterIP", "NodePort", "LoadBalancer")),
+        "name": Field(str, "nngp-dask", "DaskCluster name (created, or connected to if it exists)"),
+        "namespace": Field(str, "", "namespace (empty: the current one)"),
+        "image": Field(str, "", "container image with nngp-dask installed (cluster/Dockerfile)"),
+        "n_workers": Field(int, 2, "worker pods", minimum=0),
+        "worker_cpu": Field(str, "1", "CPU request and limit per worker pod"),
+        "worker_memory": Field(str, "4Gi", "memory request and limit per worker pod"),
+        "env": Field(dict, {}, "environment of the pods (table of strings), e.g. AWS_ENDPOINT_URL"),
+        "manifest": Field(str, "", "a DaskCluster YAML manifest used instead of the keys above "
+                          "(cluster/kubernetes/daskcluster.yaml)", path=True),
+        "create_mode": Field(str, "create_or_connect", "create_or_connect, create_only or connect_only",
+                             choices=("create_or_connect", "create_only", "connect_only")),
+        "shutdown_on_close": Field(bool, True, "delete the DaskCluster when the run ends (false: keep it)"),
+        "idle_timeout": Field(int, 0, "seconds after which an idle cluster deletes itself (0: never)", minimum=0),
+        "resource_timeout": Field(int, 300, "seconds to wait for Kubernetes resources", minimum=1),
+        "scheduler_service_type": Field(str, "ClusterIP", "ClusterIP (reach it from inside the cluster or by port "
+                                        "forward), NodePort or LoadBalancer",
+                                        choices=("ClusterIP", "NodePort", "LoadBalancer")),
         **_WAIT,
     },
 }
 _TLS = {
-    "ca_file": _F(str, _REQUIRED, "CA certificate (PEM) that signed the scheduler's and workers' certificates",
-                  path=True),
-    "cert": _F(str, _REQUIRED, "this client's certificate (PEM)", path=True),
-    "key": _F(str, _REQUIRED, "this client's private key (PEM; keep it readable by you only)", path=True),
+    "ca_file": Field(str, _REQUIRED, "CA certificate (PEM) that signed the scheduler's and workers' certificates",
+                     path=True),
+    "cert": Field(str, _REQUIRED, "this client's certificate (PEM)", path=True),
+    "key": Field(str, _REQUIRED, "this client's private key (PEM; keep it readable by you only)", path=True),
 }
 _BATCH_TYPES = ("slurm", "pbs", "kubernetes")
 
@@ -171,7 +154,7 @@ def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
     ClusterConfigError
         Naming the file and the dotted key, the value and what was expected.
     """
-    from .config import read_toml
+    from .tomlfile import read_toml
 
     p = Path(path)
     return resolve_cluster(read_toml(p, "cluster", ClusterConfigError), base_dir=p.resolve().parent, name=str(p))
@@ -194,7 +177,7 @@ def resolve_cluster(raw: Mapping[str, Any], *, base_dir: str | Path = ".", name:
                       + (" or a [tls] table" if kind == "scheduler" else ""))
     spec: dict[str, Any] = {"type": kind, "_file": name}
 
-    def take(fields: Mapping[str, _F], given: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    def take(fields: Mapping[str, Field], given: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         out = {}
         for key, f in fields.items():
             dotted = f"{prefix}{key}"
@@ -241,21 +224,21 @@ def resolve_cluster(raw: Mapping[str, Any], *, base_dir: str | Path = ".", name:
     return spec
 
 
-def _value(f: _F, dotted: str, value: Any, base_dir: str | Path) -> Any:
+def _value(f: Field, dotted: str, value: Any, base_dir: str | Path) -> Any:
     """One checked value: ``${VAR}`` expanded, relative paths made absolute against ``base_dir``."""
     value = f.check(dotted, value)
     if isinstance(value, str):
-        value = _expand(dotted, value, {})
+        value = expand_env(dotted, value, {})
         if f.path and value and "://" not in value:
             value = str((Path(base_dir) / Path(value).expanduser()).resolve())
     elif isinstance(value, list):
         if not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{dotted}: expected a list of strings, got {value!r}")
-        value = [_expand(dotted, v, {}) for v in value]
+        value = [expand_env(dotted, v, {}) for v in value]
     elif isinstance(value, dict):
         if not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"{dotted}: expected a table of strings, got {value!r}")
-        value = {k: _expand(f"{dotted}.{k}", v, {}) for k, v in value.items()}
+        value = {k: expand_env(f"{dotted}.{k}", v, {}) for k, v in value.items()}
     return value
 
 
@@ -273,8 +256,8 @@ def jobqueue_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
     }
     prologue = list(spec["job_script_prologue"])
     if spec["processes"] >= spec["cores"]:  # single-threaded workers: no BLAS/Numba oversubscription
-        prologue += [f"export {k}={v}" for k, v in _WORKER_ENV.items()]
-    prologue += [f"export {k}={v}" for k, v in _MALLOC_ENV.items()]
+        prologue += [f"export {k}={v}" for k, v in WORKER_ENV.items()]
+    prologue += [f"export {k}={v}" for k, v in MALLOC_ENV.items()]
     kw["job_script_prologue"] = prologue
     for key in ("queue", "account", "interface", "local_directory", "log_directory", "shared_temp_directory"):
         if spec[key]:
@@ -297,7 +280,7 @@ def kubernetes_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
     else:
         res = {"cpu": spec["worker_cpu"], "memory": spec["worker_memory"]}
         kw.update(n_workers=spec["n_workers"], resources={"requests": dict(res), "limits": dict(res)},
-                  env={**_WORKER_ENV, **_MALLOC_ENV, **{k: v for k, v in spec["env"].items() if v}},
+                  env={**WORKER_ENV, **MALLOC_ENV, **{k: v for k, v in spec["env"].items() if v}},
                   worker_command=["dask", "worker", "--nthreads", "1"] if spec["worker_cpu"] == "1"
                   else ["dask", "worker"],
                   scheduler_service_type=spec["scheduler_service_type"])

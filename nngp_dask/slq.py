@@ -30,7 +30,7 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 
-from .cg import _check_rhs, cholesky_factor
+from .cg import check_rhs, cholesky_factor
 
 __all__ = ["LogdetEstimate", "slq_logdet", "logdet_dense", "log_marginal_likelihood"]
 
@@ -196,8 +196,8 @@ def log_marginal_likelihood(y: ArrayLike, alpha: ArrayLike, logdet: float, n: in
     -------
     float
     """
-    y_arr = _check_rhs(y, "y")
-    a_arr = _check_rhs(alpha, "alpha")
+    y_arr = check_rhs(y, "y")
+    a_arr = check_rhs(alpha, "alpha")
     if a_arr.shape != y_arr.shape:
         raise ValueError(f"alpha: expected shape {y_arr.shape} (that of y), got {a_arr.shape}")
     rows = y_arr.shape[0]

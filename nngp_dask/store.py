@@ -56,6 +56,7 @@ from .tiling import TileGrid
 
 __all__ = [
     "FORMAT_VERSION",
+    "normalise_url",
     "KernelStore",
     "StoreIdentity",
     "StoreMismatchError",
@@ -167,7 +168,18 @@ def _has_checksum(arr: zarr.Array) -> bool:
     return any(isinstance(c, Crc32cCodec) for c in arr.metadata.codecs)
 
 
-def _normalise_url(store: str | os.PathLike) -> str:
+def normalise_url(store: str | os.PathLike) -> str:
+    """A store location as one string: a URL as given, a local path made absolute.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        A path or an fsspec URL (``scheme://...``).
+
+    Returns
+    -------
+    str
+    """
     s = os.fspath(store)
     return s if "://" in s else os.path.abspath(s)
 
@@ -222,7 +234,7 @@ def store_contents(url: str, storage_options: dict | None = None) -> dict[str, A
         Anything else, named: a file, a folder of other files, other Zarr data, an unreadable
         ``zarr.json``.
     """
-    url = _normalise_url(url)
+    url = normalise_url(url)
     if "://" not in url:
         above = url
         while not os.path.exists(above) and os.path.dirname(above) != above:
@@ -280,7 +292,7 @@ class KernelStore:
     """
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        self.url = _normalise_url(url)
+        self.url = normalise_url(url)
         self.storage_options = storage_options or None
         if "://" not in self.url and os.path.exists(self.url) and not os.path.isdir(self.url):
             raise NotAKernelStoreError(f"store: {self.url!r} is a file, not a kernel store; expected the folder of "
@@ -1022,7 +1034,7 @@ def store_lock(url: str, storage_options: dict | None = None, *, name: str = "bu
     StoreLockedError
         Another live process holds the lock (the CLI exits 75, EX_TEMPFAIL).
     """
-    url = _normalise_url(url)
+    url = normalise_url(url)
     beat, ttl = _lock_timing()
     now = time.time()
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": now, "heartbeat": now, "what": name,

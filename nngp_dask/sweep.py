@@ -42,9 +42,7 @@ Examples
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,37 +55,37 @@ import scipy.linalg
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from .architecture import Architecture
-from .cg import ConvergenceWarning, batched_cg, cholesky_factor
+from .cg import ConvergenceWarning, batched_cg, cholesky_factor, positive_definite_advice
 from .gp import DIRECT_MAX_N
 from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
-from .kernel import _gram, _point_recursion, check_dtype, check_kind, tile_from_gram
+from .kernel import check_dtype, check_kind, diagonals_from_norms, input_gram, tile_from_gram
+from .metrics import accuracy, nlpd, rmse
+from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve
 from .preconditioners import AUTO_RANK, make_preconditioner
 from .slq import log_marginal_likelihood, slq_logdet
+from .targets import TARGETS, encode_labels, one_hot_targets
+from .tomlfile import to_toml
 
 __all__ = [
     "CRITERIA",
     "EIGH_MIN_NOISES",
     "GRID_KEYS",
     "SOLVERS",
-    "TARGETS",
     "TASKS",
     "GramBlock",
     "MarginalLikelihood",
     "SweepResult",
     "gram_block",
     "marginal_likelihood",
-    "one_hot_targets",
     "recurse_gram",
     "run_sweep",
     "sweep_kernels",
-    "toml_text",
 ]
 
 TASKS: tuple[str, ...] = ("classification", "regression")
 #: criterion -> True when larger is better
 CRITERIA: dict[str, bool] = {"accuracy": True, "rmse": False, "nlpd": False, "marginal_likelihood": True}
 SOLVERS: tuple[str, ...] = ("auto", "cholesky", "eigh", "cg")
-TARGETS: tuple[str, ...] = ("centered", "onehot")
 GRID_KEYS: tuple[str, ...] = ("weight_var", "bias_var", "depth", "noise")
 #: defaults of grid keys left out (those of the pipeline schema)
 GRID_DEFAULTS: dict[str, tuple] = {"weight_var": (1.6,), "bias_var": (0.1,), "depth": (3,), "noise": (1e-2,)}
@@ -160,15 +158,15 @@ def gram_block(x_rows: ArrayLike, x_cols: ArrayLike | None = None, *, dtype: DTy
     a = check_inputs(x_rows, "x_rows")
     if x_cols is None:
         s = _sqnorm(a)
-        return GramBlock(_gram(a, a, dt, True), s, s, a.shape[1], True)
+        return GramBlock(input_gram(a, a, dt, True), s, s, a.shape[1], True)
     b = check_inputs(x_cols, "x_cols", features=a.shape[1])
-    return GramBlock(_gram(a, b, dt, False), _sqnorm(a), _sqnorm(b), a.shape[1], False)
+    return GramBlock(input_gram(a, b, dt, False), _sqnorm(a), _sqnorm(b), a.shape[1], False)
 
 
 def _point_diagonals(arch: Architecture, sqnorm: NDArray, d: int, kind: str) -> tuple[NDArray, NDArray]:
     """(NNGP diagonals (L + 1, n) that the recursion needs, prior diagonals of ``kind``)."""
-    k, t = _point_recursion(arch, sqnorm, d, ntk=kind == "ntk")
-    return k, (k if t is None else t)
+    k = diagonals_from_norms(arch, sqnorm, d)
+    return k, (k if kind == "nngp" else diagonals_from_norms(arch, sqnorm, d, kind=kind))
 
 
 def recurse_gram(arch: Architecture, block: GramBlock, *, kind: str = "nngp", all_depths: bool = False) -> NDArray:
@@ -240,25 +238,8 @@ def sweep_kernels(
 
 
 # ---------------------------------------------------------------------------------------------
-# targets, grid
+# the grid
 # ---------------------------------------------------------------------------------------------
-
-
-def one_hot_targets(index: NDArray[np.intp], n_classes: int, targets: str = "centered") -> NDArray[np.float64]:
-    """Regression targets of a classification, shape (n, n_classes).
-
-    ``"centered"``: ``1 - 1/C`` for the true class and ``-1/C`` for the others, zero-mean
-    rows (Lee et al. 2018 used -0.1 / 0.9 for the C = 10 classes of MNIST and CIFAR-10);
-    ``"onehot"``: 1 / 0. The shift is the same for every class, so the argmax of the posterior
-    mean, and hence the accuracy, is the same for both; RMSE, NLPD and the marginal
-    likelihood differ.
-    """
-    if targets not in TARGETS:
-        raise ValueError(f"targets: expected one of {list(TARGETS)}, got {targets!r}")
-    hi, lo = (1.0 - 1.0 / n_classes, -1.0 / n_classes) if targets == "centered" else (1.0, 0.0)
-    y = np.full((index.shape[0], n_classes), lo)
-    y[np.arange(index.shape[0]), index] = hi
-    return y
 
 
 def _as_values(key: str, value: Any) -> tuple:
@@ -344,26 +325,16 @@ def _cg_preconditioner(k: NDArray, noise: float):
                                noise=max(noise, 1e-12), rank=min(n, AUTO_RANK))
 
 
-class _Fail(Exception):
-    """A candidate that cannot be evaluated (recorded in its row, the sweep goes on)."""
-
-
-def _pd_advice(noise: float, what: str) -> str:
-    return (f"K + noise I is not positive definite with noise={noise:g} ({what}); increase the noise "
-            "(grid key 'noise', or relative_noise=True) or use dtype='float64'")
-
-
 def _solve_exact_cholesky(k: NDArray, y: NDArray, noise: float):
-    """Factorise ``K + noise I`` in one float64 copy (the kernel may be a float32 view)."""
-    a = np.array(k, dtype=np.float64).T  # K is symmetric: its transpose is the Fortran-ordered copy LAPACK wants
-    a[np.diag_indices_from(a)] += noise
-    try:
-        factor = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError as exc:
-        raise _Fail(_pd_advice(noise, f"Cholesky: {exc}")) from exc
+    """``(factor, alpha, log det(K + noise I))`` from the one dense Cholesky."""
+    factor = cholesky_factor(k, noise)
     alpha = scipy.linalg.cho_solve(factor, y, check_finite=False)
     logdet = float(2.0 * np.sum(np.log(np.diag(factor[0]))))
     return factor, alpha, logdet
+
+
+def _mean_diag(k: NDArray) -> float:
+    return float(np.mean(np.diagonal(k), dtype=np.float64))
 
 
 def marginal_likelihood(
@@ -443,13 +414,10 @@ def _metrics(pred: NDArray | None, var_f: NDArray | None, noise: float, prob: _P
     if pred is None or prob.y_val is None:
         return out
     if prob.labels_val is not None:
-        out["accuracy"] = float(np.mean(np.argmax(pred, axis=1) == prob.labels_val))
-    err = pred - prob.y_val
-    out["rmse"] = float(np.sqrt(np.mean(err * err)))
+        out["accuracy"] = accuracy(prob.labels_val, np.argmax(pred, axis=1))
+    out["rmse"] = rmse(prob.y_val, pred)
     if var_f is not None:
-        s2 = np.maximum(var_f, 0.0)[:, None] + noise
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out["nlpd"] = float(np.mean(0.5 * np.log(2.0 * math.pi * s2) + err * err / (2.0 * s2)))
+        out["nlpd"] = nlpd(prob.y_val, pred, var_f[:, None] + noise)
     return out
 
 
@@ -469,15 +437,16 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
         for noise in noises:
             shifted = lam + noise
             if shifted.min() <= 0:
-                rows.append({"error": _pd_advice(noise, f"smallest eigenvalue {float(lam.min()):.3g}")})
+                rows.append({"error": positive_definite_advice(
+                    noise, f"the smallest eigenvalue of k is {float(lam.min()):.3g}", mean_diag=_mean_diag(k_ff))})
                 continue
             w = 1.0 / shifted
             alpha = u @ (w[:, None] * uty)
             row = {"log_marginal_likelihood": log_marginal_likelihood(y, alpha, float(np.sum(np.log(shifted)))),
                    "lml_stderr": 0.0, "lml_method": "exact"}
             if kvu is not None:
-                pred = kvu @ (w[:, None] * uty)
-                var = prior_v - (kvu * kvu) @ w if prob.need_var else None
+                pred = posterior_mean(kvu, w[:, None] * uty)  # K(X*, X) U diag(w) U^T y = K(X*, X) alpha
+                var = variance_from_eigh(prior_v, kvu, w) if prob.need_var else None
                 row.update(_metrics(pred, var, noise, prob))
             rows.append(row)
         return rows
@@ -485,18 +454,15 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
         for noise in noises:
             try:
                 factor, alpha, logdet = _solve_exact_cholesky(k_ff, y, noise)
-            except _Fail as exc:
+            except ValueError as exc:  # numpy.linalg.LinAlgError with the advice, or a non-finite kernel
                 rows.append({"error": str(exc)})
                 continue
             row = {"log_marginal_likelihood": log_marginal_likelihood(y, alpha, logdet), "lml_stderr": 0.0,
                    "lml_method": "exact"}
             if k_vf is not None:
                 kv = _float64(k_vf)
-                pred = kv @ alpha
-                var = None
-                if prob.need_var:
-                    v = scipy.linalg.solve_triangular(factor[0], kv.T, lower=True, check_finite=False)
-                    var = prior_v - np.einsum("ij,ij->j", v, v)
+                pred = posterior_mean(kv, alpha)
+                var = variance_from_cholesky(prior_v, kv.T, factor[0]) if prob.need_var else None
                 row.update(_metrics(pred, var, noise, prob))
             rows.append(row)
         return rows
@@ -518,7 +484,7 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
                 row.update(log_marginal_likelihood=log_marginal_likelihood(y, res.x, est.logdet),
                            lml_stderr=0.5 * c * est.stderr, lml_method="slq")
             if k_vf is not None:
-                pred = k_vf @ res.x if k_vf.dtype == np.float64 else _float64(k_vf) @ res.x
+                pred = posterior_mean(k_vf, res.x)
                 var = None
                 if prob.need_var:
                     var = np.empty(k_vf.shape[0])
@@ -527,11 +493,11 @@ def _evaluate(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None, nois
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore", ConvergenceWarning)
                             sol = batched_cg(matmat, kb, tol=prob.tol, preconditioner=pre).x
-                        var[start:start + _VAR_BATCH] = prior_v[start:start + _VAR_BATCH] - np.einsum(
-                            "ij,ij->j", kb, sol)
+                        var[start:start + _VAR_BATCH] = variance_from_solve(prior_v[start:start + _VAR_BATCH], kb,
+                                                                            sol)
                 row.update(_metrics(pred, var, noise, prob))
         except ValueError as exc:  # SLQ / preconditioner: not positive definite
-            row = {"error": _pd_advice(noise, str(exc))}
+            row = {"error": positive_definite_advice(noise, f"CG or SLQ failed ({exc})", mean_diag=_mean_diag(k_ff))}
         rows.append(row)
     return rows
 
@@ -555,56 +521,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
-
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else json.dumps(key)
-
-
-def _toml_value(dotted: str, value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)  # always has '.' or 'e': a TOML float
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string (\" \\ \n \uXXXX escapes)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(dotted, v) for v in value) + "]"
-    raise TypeError(f"{dotted}: expected a string, number, boolean or list for a flat TOML section, "
-                    f"got {type(value).__name__} {value!r}")
-
-
-def toml_text(data: Mapping[str, Any]) -> str:
-    """A minimal TOML writer for flat sections: ``{section: {key: scalar or list}}``.
-
-    Top-level scalars come first, then one ``[section]`` table per mapping (nested
-    mappings are refused: the pipeline schema has none).
-    """
-    lines: list[str] = []
-    for key, value in data.items():
-        if not isinstance(value, Mapping):
-            lines.append(f"{_toml_key(key)} = {_toml_value(key, value)}")
-    for section, table in data.items():
-        if not isinstance(table, Mapping):
-            continue
-        if lines:
-            lines.append("")
-        lines.append(f"[{_toml_key(section)}]")
-        for key, value in table.items():
-            if isinstance(value, Mapping):
-                raise TypeError(f"{section}.{key}: expected a scalar or list (flat sections only), got a table")
-            lines.append(f"{_toml_key(key)} = {_toml_value(f'{section}.{key}', value)}")
-    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -714,12 +630,12 @@ class SweepResult:
 
         Returns the PNG's path.
         """
-        from .plots import _figure, _save
+        from .plots import figure, save_figure
 
         col = self.criterion_column
         larger = CRITERIA[self.criterion]
         bvs, wvs, depths = self.grid["bias_var"], sorted(self.grid["weight_var"]), sorted(self.grid["depth"])
-        fig = _figure((3.6 * len(bvs) + 0.8, 3.8))
+        fig = figure((3.6 * len(bvs) + 0.8, 3.8))
         axes = fig.subplots(1, len(bvs), sharey=True, squeeze=False)[0]
         best = self.rows[self.best_index] if self.best_index is not None else None
         for ax, bv in zip(axes, bvs):
@@ -741,7 +657,7 @@ class SweepResult:
         axes[-1].legend(fontsize=8)
         fig.suptitle(title or f"{self.settings.get('activation_name', '')} sweep: {self.criterion}")
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
 
     def best_pipeline_toml(self, template: Mapping[str, Any] | None = None) -> str:
         """A pipeline file (TOML text) with the chosen hyperparameters.
@@ -765,7 +681,7 @@ class SweepResult:
         data.setdefault("solver", {})["noise"] = float(b["noise_abs"])
         data.setdefault("data", {})["normalize"] = self.settings["normalize"]
         data.setdefault("kernel", {})["kind"] = self.settings["kind"]
-        return toml_text(data)
+        return to_toml(data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -850,7 +766,7 @@ def run_sweep(
         Grid noises are relative to the mean kernel diagonal of each candidate (``noise_abs =
         noise * mean diag K``): comparable across weight/bias variances and depths.
     targets : {"centered", "onehot"}
-        Classification targets (:func:`one_hot_targets`).
+        Classification targets (:func:`nngp_dask.targets.one_hot_targets`).
     dtype : {"float32", "float64"}
         Kernel precision (solves are float64; CG multiplies a float32 kernel in float32).
     solver : {"auto", "cholesky", "eigh", "cg"}
@@ -937,11 +853,7 @@ def run_sweep(
         classes, idx = np.unique(yf, return_inverse=True)
         y_fit = one_hot_targets(idx, classes.size, targets)
         if yv is not None:
-            pos = np.searchsorted(classes, yv)
-            pos = np.clip(pos, 0, classes.size - 1)
-            labels_val = np.where(classes[pos] == yv, pos, -1)
-            y_val_enc = one_hot_targets(np.maximum(labels_val, 0), classes.size, targets)
-            y_val_enc[labels_val < 0] = -1.0 / classes.size if targets == "centered" else 0.0  # unseen class
+            labels_val, y_val_enc = encode_labels(yv, classes, targets)
         else:
             y_val_enc = None
     else:

@@ -40,20 +40,16 @@ width, the error against the number of networks (about -1/2, from disjoint block
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .activations import ACTIVATIONS
 from .architecture import Architecture
-from .finite_width import _simulate
+from .finite_width import empirical_covariance, sample_outputs, simulate
 from .inputs import check_inputs
 from .kernel import kernel
 
@@ -63,8 +59,9 @@ __all__ = [
     "validate_kernel",
     "default_inputs",
     "layer_map",
-    "add_arguments",
-    "run_from_args",
+    "ESTIMATORS",
+    "JointSamples",
+    "joint_samples",
 ]
 
 ESTIMATORS: tuple[str, ...] = ("readout", "outputs")
@@ -415,7 +412,7 @@ def validate_kernel(
     sample_sizes: tuple[int, ...] = ()
     sample_errors: tuple[float, ...] = ()
     for w in ws:
-        outs, kh = _simulate(arch, x, width=w, networks=int(networks), seed=_width_seed(seed, w), batch=None,
+        outs, kh = simulate(arch, x, width=w, networks=int(networks), seed=_width_seed(seed, w), batch=None,
                              dtype=np.float64, method=method, outputs=estimator == "outputs", kernels="all")
         last = kh[:, depth]  # (S, n, n): per-network output covariance given the hidden layers
         if estimator == "readout":
@@ -476,53 +473,69 @@ def validate_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Command line (wired by the CLI as ``nngp-dask validate-kernel``)
+# The joint distribution of two outputs
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``validate-kernel`` options to ``parser`` and return it."""
-    parser.add_argument("--depth", type=int, default=2, help="hidden layers L (default 2)")
-    parser.add_argument("--activation", default="relu", choices=[a for a in ACTIVATIONS if a != "two_slope"],
-                        help="activation (default relu)")
-    parser.add_argument("--weight-var", type=float, default=2.0, help="sigma_w^2 (default 2.0)")
-    parser.add_argument("--bias-var", type=float, default=0.1, help="sigma_b^2 (default 0.1)")
-    parser.add_argument("--points", type=int, default=4, help="number of test inputs (default 4)")
-    parser.add_argument("--dim", type=int, default=8, help="input dimension (default 8)")
-    parser.add_argument("--max-width", type=int, default=4096, help="largest width, widths 4, 8, ... (default 4096)")
-    parser.add_argument("--networks", type=int, default=1000, help="random networks per width (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--estimator", default="readout", choices=ESTIMATORS,
-                        help="Monte Carlo covariance behind the error column (default readout)")
-    parser.add_argument("--out", type=Path, default=Path("validation"),
-                        help="folder for the figures and result.json (default ./validation)")
-    parser.add_argument("--no-plots", action="store_true", help="write no figures")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
-    return parser
+@dataclass(frozen=True)
+class JointSamples:
+    """Outputs ``(f(x1), f(x2))`` of random networks at several widths, and the NNGP Gaussian they approach.
 
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run :func:`validate_kernel` from parsed arguments, print the table and slopes, write figures.
-
-    Returns 0 (also when the check fails: the verdict is in the table). Raises ``ValueError``
-    on invalid options.
+    Attributes
+    ----------
+    architecture : Architecture
+    widths : tuple of int
+    networks : int
+        Networks (samples) per width.
+    kernel : ndarray, shape (2, 2)
+        The NNGP covariance ``K(x_pair)`` (float64).
+    outputs : tuple of ndarray, shape (networks, 2) each
+        One per width.
+    covariances : tuple of ndarray, shape (2, 2) each
+        The empirical covariance of each width's outputs.
     """
-    arch = Architecture(args.depth, args.activation, args.weight_var, args.bias_var)
-    x = default_inputs(args.points, args.dim, seed=args.seed)
-    result = validate_kernel(arch, x, max_width=args.max_width, networks=args.networks, seed=args.seed,
-                             estimator=args.estimator)
-    print(json.dumps(result.to_dict(), indent=2) if getattr(args, "json", False) else result.table())
-    out = Path(args.out) if args.out is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
-        if not args.no_plots:
-            from . import plots
 
-            paths = [plots.error_vs_width(result, out / "error_vs_width.png")]
-            if x.shape[0] >= 2:
-                joint_widths = sorted({1, 4, 32, int(args.max_width)})
-                paths.append(plots.joint_distribution(arch, x[:2], joint_widths, networks=2000, seed=args.seed,
-                                                      path=out / "joint_distribution.png"))
-            if not getattr(args, "json", False):
-                print("\nfigures: " + ", ".join(str(p) for p in paths))
-    return 0
+    architecture: Architecture
+    widths: tuple[int, ...]
+    networks: int
+    kernel: NDArray[np.float64]
+    outputs: tuple[NDArray, ...]
+    covariances: tuple[NDArray, ...]
+
+
+def joint_samples(arch: Architecture, x_pair: ArrayLike, widths: Sequence[int], *, networks: int = 2000,
+                  seed: int = 0) -> JointSamples:
+    """Sample the outputs of random networks at two inputs, one batch per width.
+
+    Narrow networks give visibly non-Gaussian joint distributions (a sharp peak at the origin
+    and heavy tails: a product of few Gaussian factors); as the width grows the samples fill
+    the NNGP Gaussian ``N(0, K(x_pair))`` (:func:`nngp_dask.plots.joint_distribution` draws them).
+
+    Parameters
+    ----------
+    arch : Architecture
+    x_pair : array_like, shape (2, d)
+    widths : sequence of int
+    networks : int
+        Networks per width.
+    seed : int
+        Width ``i`` (in the given order) uses ``seed + i``.
+
+    Returns
+    -------
+    JointSamples
+
+    Raises
+    ------
+    ValueError
+        When ``x_pair`` is not two points or ``widths`` is empty.
+    """
+    x_pair = np.asarray(x_pair, dtype=np.float64)
+    if x_pair.ndim != 2 or x_pair.shape[0] != 2:
+        raise ValueError(f"x_pair: expected shape (2, d), got {x_pair.shape}")
+    widths = tuple(int(w) for w in widths)
+    if not widths:
+        raise ValueError("widths: expected at least one width")
+    k = np.asarray(kernel(arch, x_pair, dtype="float64"))
+    outputs = tuple(sample_outputs(arch, x_pair, width=w, networks=networks, seed=seed + i)
+                    for i, w in enumerate(widths))
+    return JointSamples(arch, widths, int(networks), k, outputs, tuple(empirical_covariance(f)[0] for f in outputs))

@@ -101,3 +101,13 @@ def reference_kernel(arch: Architecture, x: np.ndarray, dual: Callable, dual_der
             t = k_new + arch.weight_var * t * dual_deriv(k11, k22, k)
         k = k_new
     return k, (t if dual_deriv is not None else None)
+
+
+def dense_matmat(k: np.ndarray, noise: float) -> Callable[[np.ndarray], np.ndarray]:
+    """``V -> (K + noise I) V`` in float64: the in-memory twin of ``StoredKernelOperator.matmat``."""
+    k64 = np.asarray(k, dtype=np.float64)
+
+    def matmat(v: np.ndarray) -> np.ndarray:
+        return k64 @ v + noise * v
+
+    return matmat

@@ -91,7 +91,7 @@ def test_failed_cholesky_advises_to_increase_noise():
     x, y, _ = _data(n=30)
     x = np.vstack([x, x])
     y = np.concatenate([y, y])
-    with pytest.raises(np.linalg.LinAlgError, match="increase the `noise` parameter"):
+    with pytest.raises(np.linalg.LinAlgError, match="Increase noise"):
         NNGPRegressor(noise=0.0).fit(x, y)
     with pytest.raises(ValueError, match="noise"):
         NNGPRegressor(noise=-1.0).fit(x, y)

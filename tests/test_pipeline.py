@@ -35,7 +35,7 @@ def _report(tmp_path: Path) -> dict:
 def test_quickstart_idempotent_and_noise_change_reruns_only_solve(tmp_path, capsys):
     assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path)]) == 0
     first = _report(tmp_path)
-    assert first["metrics"]["srmse"] < 0.8 and np.isfinite(first["metrics"]["mnlp"])
+    assert first["metrics"]["srmse"] < 0.8 and np.isfinite(first["metrics"]["nlpd"])
     assert all(first["stages"][s]["did_work"] for s in ("kernel", "solve", "predict"))
     for fig in ("cg_residuals.png", "kernel_heatmap.png", "predicted_vs_true.png", "calibration.png"):
         assert fig in first["figures"] and (tmp_path / "run" / fig).stat().st_size > 1000

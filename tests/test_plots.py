@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nngp_dask import Architecture, plots
-from nngp_dask.validation import default_inputs, validate_kernel
+from nngp_dask.validation import default_inputs, joint_samples, validate_kernel
 
 mpl_image = pytest.importorskip("matplotlib.image")
 
@@ -37,11 +37,12 @@ def result():
 def test_joint_distribution(tmp_path):
     arch = Architecture(2, "relu", 2.0, 0.1)
     x = default_inputs(2, 8)
-    p = plots.joint_distribution(arch, x, [1, 16], networks=300, seed=0, path=tmp_path / "sub" / "joint.png")
+    joint = joint_samples(arch, x, [1, 16], networks=300, seed=0)
+    p = plots.joint_distribution(joint, path=tmp_path / "sub" / "joint.png")
     assert p == tmp_path / "sub" / "joint.png"
     _check_png(p, (360, 640))
     with pytest.raises(ValueError, match="x_pair"):
-        plots.joint_distribution(arch, default_inputs(3, 8), [4], networks=10, path=tmp_path / "bad.png")
+        joint_samples(arch, default_inputs(3, 8), [4], networks=10)
 
 
 def test_error_vs_width(tmp_path, result):

@@ -161,7 +161,7 @@ def test_pipeline_on_s3_workers_in_other_processes(s3, tmp_path, monkeypatch, fa
     rep = json.loads((out / "report.json").read_text())
     assert rep["stages"]["kernel"]["did_work"] and rep["stages"]["kernel"]["detail"]["tiles_computed"] == 2
     assert rep["stages"]["solve"]["detail"]["converged"]
-    assert rep["metrics"]["srmse"] < 0.9 and np.isfinite(rep["metrics"]["mnlp"])
+    assert rep["metrics"]["srmse"] < 0.9 and np.isfinite(rep["metrics"]["nlpd"])
     assert rep["kernel"]["store"] == url
 
     # 3. a re-run finds everything done in the bucket (kernel records, the finished solve)

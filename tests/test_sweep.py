@@ -11,8 +11,10 @@ import pytest
 from nngp_dask import Architecture, kernel
 from nngp_dask.cg import dense_solve
 from nngp_dask.slq import logdet_dense
-from nngp_dask.sweep import (EIGH_MIN_NOISES, gram_block, marginal_likelihood, one_hot_targets, recurse_gram,
-                             run_sweep, sweep_kernels, toml_text)
+from nngp_dask.sweep import (EIGH_MIN_NOISES, gram_block, marginal_likelihood, recurse_gram,
+                             run_sweep, sweep_kernels)
+from nngp_dask.targets import one_hot_targets
+from nngp_dask.tomlfile import to_toml
 
 
 pytestmark = pytest.mark.usefixtures("single_threaded_blas")
@@ -219,9 +221,9 @@ def test_table_rows_plot_and_pipeline_toml(tmp_path):
 
 def test_toml_writer_round_trips_flat_sections():
     data = {"top": 1, "a": {"s": 'quo"te\\n', "f": 1e-5, "i": 3, "b": True, "l": [1, 2.5, "x"], "weird key": 0.1}}
-    assert tomllib.loads(toml_text(data)) == data
+    assert tomllib.loads(to_toml(data)) == data
     with pytest.raises(TypeError, match="flat"):
-        toml_text({"a": {"b": {"c": 1}}})
+        to_toml({"a": {"b": {"c": 1}}})
 
 
 @pytest.mark.parametrize("kwargs,match", [
