@@ -34,12 +34,11 @@ import tempfile
 import time
 
 import numpy as np
-from distributed import Client
 from threadpoolctl import threadpool_limits
 
 from nngp_dask import Architecture, build_kernel, diagonals, normalize, tile
 from nngp_dask.monitor import PeakRSS
-from nngp_dask.runtime import local_cluster, local_cluster_kwargs
+from nngp_dask.runtime import embedded_client, local_cluster, local_cluster_kwargs
 from nngp_dask.tiling import TileGrid
 
 
@@ -155,7 +154,7 @@ def main() -> None:
         workers = os.cpu_count() or 1
         # one cluster for all sizes, warmed up: its start-up is not graph or I/O overhead
         cluster = local_cluster(**local_cluster_kwargs())
-        client = Client(cluster)
+        client = embedded_client(cluster)
         warm = os.path.join(work, "warm.zarr")
         build_kernel(arch, np.random.default_rng(1).standard_normal((300, args.d)), warm, tile=128,
                      dtype=args.dtype, client=client, progress=False)

@@ -12,10 +12,9 @@ import tempfile
 import time
 
 import numpy as np
-from distributed import Client
 
 from nngp_dask import Architecture, build_kernel
-from nngp_dask.runtime import local_cluster, local_cluster_kwargs
+from nngp_dask.runtime import embedded_client, local_cluster, local_cluster_kwargs
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
     try:
         for label, kw in [("2 processes x 1 thread (default)", local_cluster_kwargs(n_workers=2)),
                           ("1 process x 2 threads", {**local_cluster_kwargs(n_workers=1, threads_per_worker=2)})]:
-            with local_cluster(**kw) as cluster, Client(cluster) as client:
+            with local_cluster(**kw) as cluster, embedded_client(cluster) as client:
                 build_kernel(arch, x[:600], f"{work}/warm.zarr", tile=512, client=client, progress=False,
                              overwrite=True)  # workers import and load the compiled kernels
                 t0 = time.perf_counter()

@@ -29,8 +29,8 @@ from typing import Any
 from .fields import ConfigError, Field, expand_env
 from .workerenv import MALLOC_ENV, WORKER_ENV
 
-__all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "LazyClient", "client_for", "load_cluster_file", "local_cluster",
-           "local_cluster_kwargs", "jobqueue_kwargs", "kubernetes_kwargs", "is_cluster_file"]
+__all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "LazyClient", "client_for", "embedded_client", "load_cluster_file",
+           "local_cluster", "local_cluster_kwargs", "jobqueue_kwargs", "kubernetes_kwargs", "is_cluster_file"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -62,6 +62,20 @@ def local_cluster(**kwargs: Any) -> Any:
     from .embedded import EmbeddedCluster
 
     return EmbeddedCluster(**kwargs)
+
+
+def embedded_client(cluster: Any, **kwargs: Any) -> Any:
+    """A :class:`distributed.Client` of the embedded cluster that sends and fetches data
+    directly from the workers.
+
+    Dask's default routes scattered and gathered data through the scheduler, which works where
+    the workers cannot be reached from the client. On the embedded cluster every worker is on
+    this machine, and that extra hop, TLS-encrypted twice, was most of what TLS cost a CG pass
+    (benchmarks/RESULTS.md section 10).
+    """
+    from distributed import Client
+
+    return Client(cluster, direct_to_workers=True, **kwargs)
 
 
 # --- cluster files ------------------------------------------------------------------------
@@ -316,7 +330,7 @@ def _client_from_spec(spec: Mapping[str, Any]) -> Iterator[Any]:
     if kind == "local":
         kw = local_cluster_kwargs(spec["n_workers"] or None, spec["threads_per_worker"], spec["memory_limit"] or None,
                                   spec["secure"])
-        with local_cluster(**kw) as cluster, Client(cluster) as c:
+        with local_cluster(**kw) as cluster, embedded_client(cluster) as c:
             log.info("embedded cluster from %s: %d workers; dashboard %s", spec["_file"], len(cluster.workers),
                      c.dashboard_link)
             _wait(c, spec)
@@ -424,7 +438,7 @@ def client_for(client: Any = None, **local: object) -> Iterator[Any]:
     if current is not None and client is None:
         yield current
         return
-    with local_cluster(**local_cluster_kwargs(**local)) as cluster, Client(cluster) as c:  # type: ignore[arg-type]
+    with local_cluster(**local_cluster_kwargs(**local)) as cluster, embedded_client(cluster) as c:  # type: ignore[arg-type]
         log.info("embedded cluster: %d workers%s; dashboard %s", len(cluster.workers),
                  ", mutual TLS" if cluster.security.require_encryption else "", c.dashboard_link)
         yield c

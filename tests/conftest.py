@@ -11,11 +11,9 @@ import pytest
 @pytest.fixture(scope="session")
 def cluster_client():
     """A real LocalCluster: two single-threaded worker processes on 127.0.0.1."""
-    from distributed import Client
+    from nngp_dask.runtime import embedded_client, local_cluster, local_cluster_kwargs
 
-    from nngp_dask.runtime import local_cluster, local_cluster_kwargs
-
-    with local_cluster(**local_cluster_kwargs(n_workers=2)) as cluster, Client(cluster) as client:
+    with local_cluster(**local_cluster_kwargs(n_workers=2)) as cluster, embedded_client(cluster) as client:
         yield client
 
 
