@@ -190,6 +190,7 @@ def test_store_without_checksums_refused_with_the_fix(thread_client, tmp_path, r
     assert ks.meta["format"] == FORMAT_VERSION == 2 and ks.last_build.tiles_computed == 10 + 8
 
 
+@pytest.mark.slow  # two whole pipeline runs
 def test_pipeline_run_rebuilds_a_damaged_tile_and_carries_on(tmp_path, nngp_log):
     out = ["--set", f"run.output={tmp_path / 'run'}"]
     assert main(["-q", "run", str(QUICK), *SMALL, *out]) == 0
@@ -205,6 +206,7 @@ def test_pipeline_run_rebuilds_a_damaged_tile_and_carries_on(tmp_path, nngp_log)
     assert report["metrics"]["srmse"] < 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_S3, reason="needs s3fs and moto")
 def test_damaged_tile_on_object_storage(s3, thread_client, rng):  # noqa: F811
     opts = {"client_kwargs": {"endpoint_url": s3["endpoint"]}}
@@ -389,6 +391,7 @@ def test_locked_output_exits_75(tmp_path, capsys):
     assert "locked by pid" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # two whole pipeline runs
 def test_unconverged_cg_exits_3_unless_allowed(tmp_path, capsys):
     args = ["-q", "run", str(QUICK), *SMALL, "--set", f"run.output={tmp_path / 'run'}", "--set", "solver.maxiter=2",
             "--set", "solver.tol=1e-10", "--set", "solver.preconditioner=none"]

@@ -41,7 +41,10 @@ def _rel(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
-@pytest.mark.parametrize("method,pre", [("cholesky", "none"), ("cg", "none"), ("cg", "jacobi"),
+@pytest.mark.parametrize("method,pre", [("cholesky", "none"),
+                                        # hundreds of distributed CG passes each (no or a weak preconditioner)
+                                        pytest.param("cg", "none", marks=pytest.mark.slow),
+                                        pytest.param("cg", "jacobi", marks=pytest.mark.slow),
                                         ("cg", "pivoted_cholesky"), ("cg", "nystrom")])
 @pytest.mark.parametrize("cols", [1, 10])
 def test_solution_mean_and_variance_match_dense(problem, cluster_client, method, pre, cols):
@@ -56,6 +59,7 @@ def test_solution_mean_and_variance_match_dense(problem, cluster_client, method,
     assert _rel(var, problem["var"]) < 1e-6
 
 
+@pytest.mark.slow  # an unpreconditioned solve: hundreds of distributed CG passes
 def test_preconditioner_saves_iterations(problem, cluster_client):
     its = {pre: solve(problem["ks"], problem["y"], noise=NOISE, tol=1e-8, method="cg", preconditioner=pre, rank=40,
                       client=cluster_client, progress=False).iterations

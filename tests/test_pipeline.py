@@ -54,6 +54,7 @@ def test_quickstart_idempotent_and_noise_change_reruns_only_solve(tmp_path, caps
     assert changed["metrics"] != first["metrics"]
 
 
+@pytest.mark.slow  # four whole pipeline runs
 def test_new_data_or_changed_architecture_rebuilds_the_kernel(tmp_path):
     assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--no-plots"]) == 0
     first = _report(tmp_path)
