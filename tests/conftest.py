@@ -22,8 +22,9 @@ def thread_client():
     """An in-process cluster (threads), for tests that patch code the tasks run."""
     from distributed import Client, LocalCluster
 
-    # in-process transport: nothing listens on the network
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+    # in-process transport; the dashboard on a free loopback port (None would mean 0.0.0.0:8787)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+            dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         yield client
 
 

@@ -108,7 +108,8 @@ from nngp_dask import Architecture
 from nngp_dask.build import build_kernel
 if __name__ == "__main__":
     x = np.load(sys.argv[2])
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c, Client(c) as cl:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+            dashboard_address="127.0.0.1:0") as c, Client(c) as cl:
         build_kernel(Architecture(2, "relu", 1.6, 0.1), x, sys.argv[1], tile=16, dtype="float64",
                      client=cl, progress=False)
 """

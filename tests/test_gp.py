@@ -89,7 +89,8 @@ from distributed import Client, LocalCluster
 from nngp_dask.gp import solve
 if __name__ == "__main__":
     y = np.load(sys.argv[2])
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as c, Client(c) as cl:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+            dashboard_address="127.0.0.1:0") as c, Client(c) as cl:
         # tiny noise: many iterations, so the kill lands mid-solve
         solve(sys.argv[1], y, noise=1e-6, tol=1e-12, method="cg", preconditioner="none", maxiter=400,
               checkpoint_every=3, client=cl, progress=False)

@@ -76,7 +76,7 @@ def inproc_client():
     """In-process workers (threads): tests may patch the tile function they run."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster, set_as_default=False) as client:
         yield client
 
@@ -146,7 +146,7 @@ def test_pipeline_on_s3_workers_in_other_processes(s3, tmp_path, monkeypatch, fa
     # 1. a failure mid-build (in-process workers, so the tile function can be patched)
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc, \
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as lc, \
             Client(lc, set_as_default=False) as c:
         with failing_tiles(2, 5), pytest.raises(BuildError, match="2 of 9 tile"):
             run_pipeline(cfg, until="kernel", client=c, progress=False)
