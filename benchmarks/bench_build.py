@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from nngp_dask import Architecture, build_kernel, diagonals, normalize, tile
 from nngp_dask.monitor import PeakRSS
-from nngp_dask.runtime import embedded_client, local_cluster, local_cluster_kwargs
+from nngp_dask.cluster import embedded_client, local_cluster, local_cluster_kwargs
 from nngp_dask.tiling import TileGrid
 
 

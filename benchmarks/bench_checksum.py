@@ -1,7 +1,7 @@
 """What the tiles' CRC32C costs: the build, and one CG pass over the stored kernel.
 
 The same kernel (n points of dimension d, ReLU depth 3, float32, tile 2048) is built into
-stores with checksums (what nngp-dask writes) and without them (``nngp_dask.store._CHECKSUMS``
+stores with checksums (what nngp-dask writes) and without them (``nngp_dask.store.layout.CHECKSUMS``
 turned off in this driver, which only this benchmark does), alternately, best of ``--repeats``
 each, on the embedded cluster (2 single-threaded worker processes, started and warmed up once).
 Then one operator pass ``(K + noise I) V`` with V of ``--k`` columns (one CG iteration for k
@@ -36,39 +36,40 @@ import time
 
 import numpy as np
 
-import nngp_dask.store as store_mod
-from nngp_dask import Architecture, build_kernel, diagonals
+import nngp_dask.store.layout as layout_mod
+import nngp_dask.store.tileio as tileio_mod
+from nngp_dask import Architecture, build_kernel, diagonals, open_kernel
 from nngp_dask import tile as tile_fn
-from nngp_dask._products import tile_matmat_t
-from nngp_dask.operator import StoredKernelOperator
-from nngp_dask.runtime import client_for
+from nngp_dask.cluster import client_for
+from nngp_dask.gp import StoredKernelOperator
+from nngp_dask.linalg import tile_matmat_t
 from nngp_dask.store import TileIO
 
 
 def _set_ttl(value: float) -> None:
-    import nngp_dask.store
+    import nngp_dask.store.tileio
 
-    nngp_dask.store.VERIFIED_TTL_S = value
-    nngp_dask.store._VERIFIED.clear()
+    nngp_dask.store.tileio.VERIFIED_TTL_S = value
+    nngp_dask.store.tileio._VERIFIED.clear()
 
 
 def _build(arch, x, path, checksums: bool, client, tile: int):
-    store_mod._CHECKSUMS = checksums
+    layout_mod.CHECKSUMS = checksums
     try:
         shutil.rmtree(path, ignore_errors=True)
         t0 = time.perf_counter()
         ks = build_kernel(arch, x, path, tile=tile, dtype="float32", client=client, progress=False, page_cache="keep")
         return time.perf_counter() - t0, ks.last_build
     finally:
-        store_mod._CHECKSUMS = True
+        layout_mod.CHECKSUMS = True
 
 
 def _operator(ks, client, checksums: bool) -> StoredKernelOperator:
-    store_mod._CHECKSUMS = checksums
+    layout_mod.CHECKSUMS = checksums
     try:
         return StoredKernelOperator(ks, 0.01, client)
     finally:
-        store_mod._CHECKSUMS = True
+        layout_mod.CHECKSUMS = True
 
 
 def _timed(op: StoredKernelOperator, v: np.ndarray) -> float:
@@ -152,10 +153,10 @@ def main() -> None:
             for checksums in ((True, False) if rep % 2 == 0 else (False, True)):
                 wall, stats = _build(arch, x, paths[checksums], checksums, client, args.tile)
                 builds[checksums].append((wall, stats.write_s / stats.tiles_computed, stats.compute_s))
-        stores = {True: store_mod.open_kernel(paths[True])}
-        store_mod._CHECKSUMS = False  # this benchmark's own store without checksums
-        stores[False] = store_mod.open_kernel(paths[False])
-        store_mod._CHECKSUMS = True
+        stores = {True: open_kernel(paths[True])}
+        layout_mod.CHECKSUMS = False  # this benchmark's own store without checksums
+        stores[False] = open_kernel(paths[False])
+        layout_mod.CHECKSUMS = True
         sizes = {c: sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(
             os.path.join(paths[c], "kernel", "train_train")) for f in fs if f != "zarr.json") for c in (True, False)}
 
@@ -167,7 +168,7 @@ def main() -> None:
             passes["plain"].append(_timed(ops[False], v))
             client.run(_set_ttl, 0.0)
             passes["every"].append(_timed(ops[True], v))
-            client.run(_set_ttl, store_mod.VERIFIED_TTL_S)
+            client.run(_set_ttl, tileio_mod.VERIFIED_TTL_S)
             ops[True].matmat(v)  # verifies every tile once more, then trusts them
             passes["default"].append(_timed(ops[True], v))
         plain, every, default = (min(passes[k]) for k in ("plain", "every", "default"))

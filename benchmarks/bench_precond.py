@@ -24,11 +24,10 @@ import numpy as np
 
 from nngp_dask import Architecture, batched_cg, kernel, normalize, open_kernel, tile
 from nngp_dask.build import prepare_inputs
-from nngp_dask.targets import encode_labels
-from nngp_dask.kernel import diagonals
-from nngp_dask.operator import StoredKernelOperator
-from nngp_dask.preconditioners import make_preconditioner
-from nngp_dask.runtime import client_for
+from nngp_dask.cluster import client_for
+from nngp_dask.gp import StoredKernelOperator, encode_labels
+from nngp_dask.kernels import diagonals
+from nngp_dask.linalg import make_preconditioner
 
 
 def main() -> None:

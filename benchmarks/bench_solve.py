@@ -20,9 +20,9 @@ import time
 import numpy as np
 
 from nngp_dask import open_kernel
-from nngp_dask.operator import StoredKernelOperator
-from nngp_dask.pagecache import drop_from_cache
-from nngp_dask.runtime import client_for
+from nngp_dask.gp import StoredKernelOperator
+from nngp_dask.store import drop_from_cache
+from nngp_dask.cluster import client_for
 
 
 def chunk_files(root: str) -> list[str]:

@@ -37,8 +37,8 @@ import time
 import numpy as np
 
 from nngp_dask import Architecture, kernel, normalize
-from nngp_dask.sweep import marginal_likelihood, run_sweep, sweep_kernels
-from nngp_dask.targets import one_hot_targets
+from nngp_dask.select import marginal_likelihood, run_sweep, sweep_kernels
+from nngp_dask.gp import one_hot_targets
 
 WEIGHT_VAR = (1.0, 1.6, 2.5)
 BIAS_VAR = (0.0, 0.1, 0.5)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from nngp_dask import Architecture, build_kernel
-from nngp_dask.operator import StoredKernelOperator
-from nngp_dask.runtime import embedded_client, local_cluster, local_cluster_kwargs
+from nngp_dask.gp import StoredKernelOperator
+from nngp_dask.cluster import embedded_client, local_cluster, local_cluster_kwargs
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from nngp_dask import Architecture, build_kernel
-from nngp_dask.runtime import embedded_client, local_cluster, local_cluster_kwargs
+from nngp_dask.cluster import embedded_client, local_cluster, local_cluster_kwargs
 
 
 def main() -> None:

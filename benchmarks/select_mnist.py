@@ -19,7 +19,7 @@ import numpy as np
 import scipy.linalg
 
 from nngp_dask import Architecture, kernel, normalize
-from nngp_dask.targets import encode_labels
+from nngp_dask.gp import encode_labels
 
 
 def main() -> None:

@@ -129,7 +129,7 @@ def _logging_configured(args: argparse.Namespace) -> Iterator[None]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_config, parse_overrides, schema_text, to_toml
+    from .pipeline import load_config, parse_overrides, schema_text, to_toml
 
     if args.command == "validate":
         if args.schema:

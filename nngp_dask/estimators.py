@@ -17,7 +17,7 @@ Two paths, the same numbers:
   client or an embedded cluster) and solved there (:func:`nngp_dask.gp.solve`: Cholesky up to
   :data:`nngp_dask.gp.DIRECT_MAX_N` points, batched CG above). ``predict`` then streams the
   stored training inputs in chunks and computes ``K(X*, X)`` block by block with
-  :func:`nngp_dask.kernel.tile`, so neither the training kernel nor ``K(X*, X)`` is ever held
+  :func:`nngp_dask.kernels.tile`, so neither the training kernel nor ``K(X*, X)`` is ever held
   whole. With ``store=None`` the store lives in a temporary directory removed at interpreter
   exit; pass ``store`` to keep it (a refit on the same data and settings reuses its tiles).
   The tiles run on the current ``distributed`` client, else on an embedded cluster started
@@ -45,12 +45,11 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("nngp_dask.estimators needs scikit-learn: pip install 'nngp-dask[sklearn]'") from exc
 
-from .architecture import Architecture
-from .cg import cholesky_factor
-from .inputs import NORMALIZATIONS, normalize as normalize_rows
-from .kernel import check_dtype, check_kind, diagonals, kernel, tile as tile_fn
-from .posterior import posterior_mean, variance_from_cholesky, variance_from_solve
-from .targets import TARGETS, one_hot_targets, predict_labels
+from .gp import TARGETS, one_hot_targets, posterior_mean, predict_labels, variance_from_cholesky, variance_from_solve
+from .kernels import (NORMALIZATIONS, Architecture, check_dtype, check_kind, diagonals, kernel,
+                      normalize as normalize_rows, tile as tile_fn)
+from .linalg import cholesky_factor
+from .store import diagonals_path, inputs_path
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _sk_validate_data
@@ -94,7 +93,7 @@ class NNGPKernel(Kernel):
 
     Its hyperparameters are fixed (no gradients), so a
     :class:`~sklearn.gaussian_process.GaussianProcessRegressor` using it does not optimise
-    anything; select them with :func:`nngp_dask.sweep.run_sweep` or a grid search instead.
+    anything; select them with :func:`nngp_dask.select.sweep.run_sweep` or a grid search instead.
     Inputs are used as given (normalise them beforehand).
 
     Parameters
@@ -253,7 +252,7 @@ class _NNGPBase(BaseEstimator):
             yield slice(0, self.X_fit_.shape[0]), self.X_fit_, self.diag_fit_
             return
         ks = self._open_store()
-        x_arr, d_arr = ks.array("inputs/x_train"), ks.array("diagonals/train")
+        x_arr, d_arr = ks.array(inputs_path("train")), ks.array(diagonals_path("train"))
         n, step = ks.shape[0], ks.tile
         for start in range(0, n, step):
             stop = min(start + step, n)

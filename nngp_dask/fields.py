@@ -1,6 +1,6 @@
 """Schema fields shared by pipeline files and cluster files: one typed key, ``${VAR}`` expansion.
 
-Both :mod:`nngp_dask.config` (pipeline files) and :mod:`nngp_dask.runtime` (cluster files)
+Both :mod:`nngp_dask.pipeline.config` (pipeline files) and :mod:`nngp_dask.cluster.runtime` (cluster files)
 describe their keys with :class:`Field` and report a bad key as a :class:`ConfigError`.
 """
 

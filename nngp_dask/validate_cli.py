@@ -10,8 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .activations import ACTIVATIONS
-from .architecture import Architecture
+from .kernels import ACTIVATIONS, Architecture
 from .validation import ESTIMATORS, default_inputs, joint_samples, validate_kernel
 
 __all__ = ["add_arguments", "run_from_args"]

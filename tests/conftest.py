@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def cluster_client():
     """A real LocalCluster: two single-threaded worker processes on 127.0.0.1."""
-    from nngp_dask.runtime import embedded_client, local_cluster, local_cluster_kwargs
+    from nngp_dask.cluster import embedded_client, local_cluster, local_cluster_kwargs
 
     with local_cluster(**local_cluster_kwargs(n_workers=2)) as cluster, embedded_client(cluster) as client:
         yield client
@@ -50,11 +50,11 @@ def single_threaded_blas():
 def failing_tiles(monkeypatch):
     """``with failing_tiles(2, 5): ...``: inside the block the tile function raises on its 2nd and
     5th calls in this process (so only for in-process workers); outside it is the real one."""
-    import nngp_dask.build as build_mod
+    import nngp_dask.build.tasks as build_tasks
 
     @contextlib.contextmanager
     def inject(*calls: int):
-        real, count = build_mod.tile_fn, {"n": 0}
+        real, count = build_tasks.tile_fn, {"n": 0}
 
         def failing(*args, **kwargs):
             count["n"] += 1
@@ -62,11 +62,11 @@ def failing_tiles(monkeypatch):
                 raise RuntimeError("injected failure")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(build_mod, "tile_fn", failing)
+        monkeypatch.setattr(build_tasks, "tile_fn", failing)
         try:
             yield
         finally:
-            monkeypatch.setattr(build_mod, "tile_fn", real)
+            monkeypatch.setattr(build_tasks, "tile_fn", real)
 
     return inject
 

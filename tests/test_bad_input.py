@@ -18,7 +18,7 @@ import pytest
 import zarr
 
 import nngp_dask
-import nngp_dask.build as build_mod
+import nngp_dask.build.tasks as build_tasks
 from nngp_dask import (Architecture, InputError, KernelOverflowError, NotAKernelStoreError, StoreMismatchError,
                        build_kernel, kernel, normalize, open_kernel, predict, solve)
 from nngp_dask.cli import main
@@ -237,7 +237,7 @@ def test_build_refuses_to_overflow_before_writing(tmp_path, good_store, arch, sc
 
 
 def test_a_tile_with_non_finite_values_is_neither_stored_nor_recorded(tmp_path, inproc_client, monkeypatch):
-    real = build_mod.tile_fn
+    real = build_tasks.tile_fn
 
     def overflowing(arch, xr, xc, dr, dc, **kw):
         out = real(arch, xr, xc, dr, dc, **kw)
@@ -245,7 +245,7 @@ def test_a_tile_with_non_finite_values_is_neither_stored_nor_recorded(tmp_path, 
             out[:] = np.inf
         return out
 
-    monkeypatch.setattr(build_mod, "tile_fn", overflowing)
+    monkeypatch.setattr(build_tasks, "tile_fn", overflowing)
     x = np.random.default_rng(10).random((40, 3))
     with pytest.raises(KernelOverflowError, match=r"kernel/train_train tile \(1, 1\) has non-finite values: .*"
                                                   r"depth=2, weight_var=1.6"):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import zarr
 
-import nngp_dask.build as build_mod
+import nngp_dask.build.driver as build_driver
 from nngp_dask import Architecture, kernel
-from nngp_dask.build import BuildError, build_kernel
-from nngp_dask.inputs import InputError, normalize
+from nngp_dask.build import BuildError, build_kernel, prepare_inputs
+from nngp_dask.kernels import InputError, normalize
 from nngp_dask.store import IncompleteKernelError, StoreLockedError, StoreMismatchError, open_kernel, store_lock
 
 ARCH = Architecture(2, "relu", 1.6, 0.1)
@@ -92,7 +92,7 @@ def test_progress_is_logged_without_a_progress_bar(thread_client, tmp_path, rng,
 
     from nngp_dask.monitor import Heartbeat
 
-    monkeypatch.setattr(build_mod, "Heartbeat", partial(Heartbeat, every=0.0))  # a line per tile
+    monkeypatch.setattr(build_driver, "Heartbeat", partial(Heartbeat, every=0.0))  # a line per tile
     with caplog.at_level("INFO", logger="nngp_dask"):
         build_kernel(ARCH, rng.standard_normal((100, 4)), tmp_path / "k.zarr", tile=32, client=thread_client,
                      progress=False)
@@ -209,13 +209,13 @@ def test_every_input_format_gives_the_same_store(thread_client, tmp_path, rng):
     _write_idx(tmp_path / "x-ubyte.gz", images)
     z = zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=flat.shape, chunks=(10, 20), dtype="f8")
     z[:] = flat
-    from nngp_dask.sources import open_source
+    from nngp_dask.store import open_source
 
     prints = set()
     for src in [flat, open_source(tmp_path / "x.npy"), open_source(tmp_path / "x.npz", key="x_train"),
                 open_source(tmp_path / "x.csv"), open_source(tmp_path / "x-ubyte"),
                 open_source(tmp_path / "x-ubyte.gz"), open_source(tmp_path / "x.zarr")]:
-        prints.add(build_mod.prepare_inputs(src, normalize="unit_norm").fingerprint)
+        prints.add(prepare_inputs(src, normalize="unit_norm").fingerprint)
     assert len(prints) == 1
     ks = build_kernel(ARCH, str(tmp_path / "x.npy"), tmp_path / "k.zarr", tile=16, normalize="unit_norm",
                       dtype="float64", client=thread_client, progress=False)

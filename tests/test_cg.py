@@ -7,15 +7,21 @@ import pytest
 import scipy.stats
 
 from nngp_dask import Architecture, kernel
-from nngp_dask.cg import CGResult, CGState, ConvergenceWarning, batched_cg, dense_solve
-from nngp_dask.preconditioners import (
+from nngp_dask.linalg import (
+    CGResult,
+    CGState,
+    ConvergenceWarning,
     Identity,
     Jacobi,
     Nystrom,
     PivotedCholesky,
+    batched_cg,
+    dense_solve,
+    log_marginal_likelihood,
+    logdet_dense,
     make_preconditioner,
+    slq_logdet,
 )
-from nngp_dask.slq import log_marginal_likelihood, logdet_dense, slq_logdet
 
 N = 437  # ragged on purpose
 N_DUP = 37  # the last N_DUP inputs repeat the first ones: K is exactly singular

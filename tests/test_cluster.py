@@ -27,10 +27,10 @@ import zarr
 from nngp_dask import Architecture
 from nngp_dask.build import build_kernel
 from nngp_dask.cli import main
-from nngp_dask.config import ConfigError, load_config
+from nngp_dask.pipeline import ConfigError, load_config
 from nngp_dask.gp import solve
-from nngp_dask.runtime import (CLUSTER_SCHEMA, ClusterConfigError, client_for, jobqueue_kwargs, kubernetes_kwargs,
-                               load_cluster_file, local_cluster_kwargs, resolve_cluster)
+from nngp_dask.cluster.runtime import (CLUSTER_SCHEMA, ClusterConfigError, client_for, jobqueue_kwargs, kubernetes_kwargs,
+                                       load_cluster_file, local_cluster_kwargs, resolve_cluster)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -297,7 +297,7 @@ def test_shared_scheduler_concurrent_stores_and_retried_products(remote, tmp_pat
     product whose scatter or gather loses its connection is redone."""
     from distributed.comm.core import CommClosedError
 
-    from nngp_dask.operator import StoredKernelOperator
+    from nngp_dask.gp import StoredKernelOperator
 
     procs, client = remote
     x = np.random.default_rng(5).standard_normal((150, 6))
@@ -611,7 +611,7 @@ def test_pipeline_paths_and_inputs_stay_safe(tmp_path):
         with pytest.raises(ConfigError, match="run.store: expected a path inside run.output"):
             load_config(QUICK, {"run.output": str(tmp_path), "run.store": store})
     # inputs are never unpickled: every np.load in the package says allow_pickle=False
-    for path in (ROOT / "nngp_dask").glob("*.py"):
+    for path in (ROOT / "nngp_dask").rglob("*.py"):
         text = path.read_text()
         assert "import pickle" not in text and "pickle.load" not in text, path.name
         for call in re.findall(r"np\.load\((.*?)\)", text):

@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 from nngp_dask.estimators import NNGPClassifier, NNGPKernel, NNGPRegressor  # noqa: E402
-from nngp_dask.sweep import marginal_likelihood  # noqa: E402
+from nngp_dask.select import marginal_likelihood  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("single_threaded_blas")

@@ -13,7 +13,7 @@ import zarr
 
 from nngp_dask import Architecture, kernel
 from nngp_dask.build import build_kernel
-from nngp_dask.cg import ConvergenceWarning
+from nngp_dask.linalg import ConvergenceWarning
 from nngp_dask.gp import predict, solve
 from nngp_dask.store import IncompleteKernelError
 

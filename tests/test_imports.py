@@ -1,7 +1,13 @@
-"""The package's import structure: no import cycles, and no private name used across modules.
+"""The package's import structure: its layers, no import cycles, no private name used across modules.
 
-Walks the source with :mod:`ast` (nothing is imported). ``python tests/test_imports.py``
-prints the report.
+Walks the source with :mod:`ast` (nothing is imported), so imports inside functions and
+``TYPE_CHECKING`` blocks count like any other. ``python tests/test_imports.py`` prints the report.
+
+The layers (docs/ARCHITECTURE.md says what each holds) are a contract: a part of the package
+(a subpackage, or a module at the top) imports only parts in layers below its own; parts that share
+a layer are independent of each other; an import into another subpackage goes through that
+subpackage's ``__init__`` (its public names), never into one of its modules; and nothing inside
+imports the top-level ``nngp_dask`` facade.
 """
 
 from __future__ import annotations
@@ -10,6 +16,25 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nngp_dask"
+
+
+# Lowest first. Each entry is one layer: the parts in it may import any part of a lower layer and none
+# of the same or a higher one. The order is read off the real imports: the cluster runtime sits below
+# build and gp because both ask it for a client; plots sits below select because a sweep draws its
+# own figure, and above validation whose result types it draws.
+LAYERS: list[tuple[str, ...]] = [
+    ("_version", "tiling", "fields", "tomlfile", "monitor"),  # foundations: no imports from the package
+    ("kernels", "linalg"),  # the mathematics: pure functions on arrays; no Dask, no Zarr, no tiles
+    ("store",),  # the Zarr layout (paths, local or remote), the kernel store, its lock and input sources
+    ("cluster",),  # the Dask runtime; asks the store layer whether a configured path is remote
+    ("build", "gp"),  # a kernel into a store; regression on a stored kernel
+    ("validation",),  # finite-width Monte Carlo against the kernel
+    ("plots",),  # drawing only
+    ("select",),  # sweeps reusing one Gram matrix
+    ("pipeline", "estimators"),  # the declarative pipeline; scikit-learn estimators
+    ("validate_cli",),
+    ("cli",),
+]
 
 
 def _modules(root: Path = PACKAGE) -> dict[str, Path]:
@@ -67,6 +92,42 @@ def import_graph(root: Path = PACKAGE) -> tuple[dict[str, set[str]], list[str]]:
     return edges, private
 
 
+def part_of(module: str) -> str:
+    """The layer part of ``nngp_dask.<part>[.…]``: its subpackage, or the module itself at the top."""
+    return module.split(".")[1] if "." in module else module
+
+
+def _layer_index() -> dict[str, int]:
+    return {part: i for i, layer in enumerate(LAYERS) for part in layer}
+
+
+def layer_violations(edges: dict[str, set[str]], pkg: str = PACKAGE.name) -> list[str]:
+    """Every import that breaks the layer contract, as ``"importer -> imported: why"``."""
+    layer = _layer_index()
+    subpackages = {part_of(m) for m in edges if m.count(".") >= 2}
+    found = []
+    for mod, targets in sorted(edges.items()):
+        if mod == pkg:
+            continue  # the facade re-exports from every layer
+        src = part_of(mod)
+        for target in sorted(targets):
+            if target == pkg:
+                found.append(f"{mod} -> {target}: imports the top-level facade")
+                continue
+            dst = part_of(target)
+            if dst == src:
+                continue
+            if src not in layer or dst not in layer:
+                found.append(f"{mod} -> {target}: {src if src not in layer else dst} is in no layer (add it to LAYERS)")
+            elif layer[dst] > layer[src]:
+                found.append(f"{mod} -> {target}: up from layer {layer[src]} ({src}) to layer {layer[dst]} ({dst})")
+            elif layer[dst] == layer[src]:
+                found.append(f"{mod} -> {target}: across layer {layer[src]} ({src} and {dst} are independent)")
+            elif dst in subpackages and target != f"{pkg}.{dst}":
+                found.append(f"{mod} -> {target}: into a module of {dst}; import its public names from {pkg}.{dst}")
+    return found
+
+
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index: dict[str, int] = {}
@@ -107,6 +168,35 @@ def test_no_import_cycles():
     assert cycles(edges) == []
 
 
+def test_layers_import_only_downwards():
+    edges, _ = import_graph()
+    assert layer_violations(edges) == []
+
+
+def test_every_part_is_in_a_layer():
+    edges, _ = import_graph()
+    parts = {part_of(m) for m in edges if m != PACKAGE.name}
+    assert parts == set(_layer_index()), "LAYERS and the package's parts differ"
+
+
+def test_layer_check_catches_violations():
+    # the check itself: an upward import, one across a layer, one into another subpackage's module,
+    # and one of the facade are each reported
+    edges = {
+        "nngp_dask.kernels.tiles": {"nngp_dask.store"},
+        "nngp_dask.build.driver": {"nngp_dask.gp"},
+        "nngp_dask.gp.regression": {"nngp_dask.store.kernel_store"},
+        "nngp_dask.select.sweep": {"nngp_dask"},
+        "nngp_dask.store.kernel_store": set(),
+    }
+    found = layer_violations(edges)
+    assert len(found) == 4
+    assert any("up from layer 1 (kernels) to layer 2 (store)" in f for f in found)
+    assert any("across layer" in f for f in found)
+    assert any("into a module of store" in f for f in found)
+    assert any("top-level facade" in f for f in found)
+
+
 def test_no_private_names_across_modules():
     _, private = import_graph()
     assert private == []
@@ -117,3 +207,4 @@ if __name__ == "__main__":
     print(f"modules: {len(edges)}, imports: {sum(map(len, edges.values()))}")
     print("import cycles:", cycles(edges) or "none")
     print("private names crossing modules:", private or "none")
+    print("layer violations:", layer_violations(edges) or "none")

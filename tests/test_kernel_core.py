@@ -9,7 +9,7 @@ import pytest
 from scipy.special import erf
 
 from nngp_dask import Architecture, Elementwise, InputError, diagonals, get_activation, kernel, normalize, tile
-from nngp_dask.finite_width import empirical_covariance, sample_outputs
+from nngp_dask.validation import empirical_covariance, sample_outputs
 
 from .oracles import gauss_hermite_2d, polar_dual, reference_kernel
 
@@ -218,7 +218,7 @@ def test_identities():
     two = kernel(Architecture(2, {"name": "two_slope", "negative_slope": 0.1}, 1.4, 0.3), x, dtype="float64")
     np.testing.assert_array_equal(leaky, two)
     # abs and identity through the general two-slope arithmetic (identity has its own fast path)
-    from nngp_dask.activations import TwoSlope
+    from nngp_dask.kernels import TwoSlope
 
     for a, b, name in ((-1.0, 1.0, "abs"), (1.0, 1.0 + 1e-300, "identity")):
         general = kernel(Architecture(2, TwoSlope("two_slope", a, b), 1.4, 0.3), x, dtype="float64")

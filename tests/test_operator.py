@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from nngp_dask import Architecture, kernel
-from nngp_dask._products import tile_matmat_t
+from nngp_dask.linalg import tile_matmat_t
 from nngp_dask.build import build_kernel
-from nngp_dask.operator import StoredKernelOperator
+from nngp_dask.gp import StoredKernelOperator
 
 from .oracles import dense_matmat
 
@@ -88,7 +88,7 @@ def test_stored_operator_equals_dense_products(tmp_path, cluster_client, rng, dt
 
 @pytest.mark.parametrize("nthreads", [{}, {"a": 1}, {"a": 1, "b": 1}, {"a": 2, "b": 1, "c": 1}])
 def test_worker_runs_cover_the_upper_tiles_once_in_contiguous_runs(nthreads):
-    from nngp_dask.operator import _worker_runs
+    from nngp_dask.gp.operator import _worker_runs
     from nngp_dask.tiling import TileGrid
 
     tiles = list(TileGrid(1000, 1000, 64).upper_tiles())  # 16 x 16 tiles, the last ragged

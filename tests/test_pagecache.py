@@ -10,10 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-import nngp_dask.pagecache as pagecache
+import nngp_dask.store.pagecache as pagecache
 from nngp_dask import Architecture, build_kernel
-from nngp_dask.pagecache import DropBehind, drop_from_cache, wants_drop
-from nngp_dask.store import local_chunk_file
+from nngp_dask.store import DropBehind, drop_from_cache, local_chunk_file, wants_drop
 
 ARCH = Architecture(2, "relu", 1.6, 0.1)
 

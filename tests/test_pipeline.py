@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 from nngp_dask.cli import main
-from nngp_dask.config import SCHEMA, ConfigError, load_config, resolve
+from nngp_dask.pipeline import SCHEMA, ConfigError, load_config, resolve
 from nngp_dask.store import store_lock
 
 ROOT = Path(__file__).resolve().parents[1]

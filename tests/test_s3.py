@@ -24,9 +24,8 @@ moto_server = pytest.importorskip("moto.server")
 from nngp_dask import Architecture  # noqa: E402
 from nngp_dask.build import BuildError, build_kernel  # noqa: E402
 from nngp_dask.cli import main  # noqa: E402
-from nngp_dask.config import ConfigError, load_config  # noqa: E402
 from nngp_dask.gp import predict, solve  # noqa: E402
-from nngp_dask.pipeline import run_pipeline  # noqa: E402
+from nngp_dask.pipeline import ConfigError, load_config, run_pipeline  # noqa: E402
 from nngp_dask.store import StoreLockedError, open_kernel, store_lock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from nngp_dask import Architecture, kernel
-from nngp_dask.cg import dense_solve
-from nngp_dask.slq import logdet_dense
-from nngp_dask.sweep import (EIGH_MIN_NOISES, gram_block, marginal_likelihood, recurse_gram,
-                             run_sweep, sweep_kernels)
-from nngp_dask.targets import one_hot_targets
+from nngp_dask.gp import one_hot_targets
+from nngp_dask.kernels import gram_block, recurse_gram
+from nngp_dask.linalg import dense_solve, logdet_dense
+from nngp_dask.select import EIGH_MIN_NOISES, marginal_likelihood, run_sweep, sweep_kernels
 from nngp_dask.tomlfile import to_toml
 
 
@@ -212,7 +211,7 @@ def test_table_rows_plot_and_pipeline_toml(tmp_path):
     assert parsed["run"] == template["run"] and parsed["data"]["limit_train"] == 1000
     assert parsed["data"]["normalize"] == "none" and parsed["kernel"]["kind"] == "nngp"
     try:
-        from nngp_dask.config import resolve
+        from nngp_dask.pipeline import resolve
     except ImportError:
         return
     cfg = resolve({k: v for k, v in parsed.items() if k != "data"} | {"data": {"normalize": "none"}})

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from nngp_dask.cg import cholesky_factor
-from nngp_dask.metrics import accuracy, confusion_matrix, nlpd, rmse
-from nngp_dask.posterior import (posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve,
-                                 variance_lowrank)
-from nngp_dask.targets import class_index, encode_labels, one_hot_targets, predict_labels
+from nngp_dask.gp import (accuracy, class_index, confusion_matrix, encode_labels, nlpd, one_hot_targets,
+                          posterior_mean, predict_labels, rmse, variance_from_cholesky, variance_from_eigh,
+                          variance_from_solve, variance_lowrank)
+from nngp_dask.linalg import cholesky_factor
 
 
 def test_centered_targets_are_lee_et_al_for_ten_classes():

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from nngp_dask import ACTIVATIONS, Architecture, Elementwise, kernel
-from nngp_dask.finite_width import average_kernels, empirical_covariance, sample_kernels, sample_outputs
 from nngp_dask.validate_cli import add_arguments, run_from_args
-from nngp_dask.validation import ValidationResult, default_inputs, layer_map, validate_kernel
+from nngp_dask.validation import (ValidationResult, average_kernels, default_inputs, empirical_covariance, layer_map,
+                                  sample_kernels, sample_outputs, validate_kernel)
 
 X = default_inputs(4, 8, seed=0)
 

@@ -30,7 +30,8 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 
-from .cg import check_rhs, cholesky_factor
+from .cg import check_rhs
+from .dense import cholesky_factor
 
 __all__ = ["LogdetEstimate", "slq_logdet", "logdet_dense", "log_marginal_likelihood"]
 

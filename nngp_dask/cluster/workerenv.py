@@ -1,6 +1,6 @@
 """The environment of every worker process nngp-dask starts (embedded, batch job or Kubernetes pod).
 
-Shared by :mod:`nngp_dask.embedded` and :mod:`nngp_dask.runtime`, so a worker is set up the
+Shared by :mod:`nngp_dask.cluster.embedded` and :mod:`nngp_dask.cluster.runtime`, so a worker is set up the
 same way wherever it runs.
 """
 

@@ -27,9 +27,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from .activations import TwoSlope
-from .architecture import Architecture
-from .inputs import check_inputs
+from ..kernels import Architecture, TwoSlope, check_inputs
 
 __all__ = ["sample_outputs", "sample_kernels", "simulate", "empirical_covariance", "average_kernels",
            "SAMPLING_METHODS"]

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .inputs import InputError, nonfinite_message
-from .sources import ArraySource, as_source, open_source, read_all, read_csv
+from ..kernels import InputError, nonfinite_message
+from ..store import ArraySource, as_source, open_source, read_all, read_csv
 
 __all__ = ["Dataset", "synthetic", "load_dataset"]
 

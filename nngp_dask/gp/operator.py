@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ._products import tile_matmat_t
-from .store import KernelStore, TileIO, tile_io
+from ..linalg import tile_matmat_t
+from ..store import KernelStore, TileIO, tile_io
 
 __all__ = ["StoredKernelOperator"]
 

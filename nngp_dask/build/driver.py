@@ -1,6 +1,6 @@
 """Build (or resume) a kernel store: ingest inputs, per-point diagonals, one Dask task per tile.
 
-Each task reads its two input blocks from the store, runs :func:`nngp_dask.kernel.tile`,
+Each task reads its two input blocks from the store, runs :func:`nngp_dask.kernels.tile`,
 writes the tile and then its completion record, and returns a few numbers; tiles never
 travel through the scheduler, so the memory of the whole build is a few tiles per worker
 whatever n is.
@@ -14,151 +14,34 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import zarr
 from numpy.typing import ArrayLike, DTypeLike
 
-from ._version import __version__
-from .architecture import Architecture
-from .inputs import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
-from .kernel import (KernelOverflowError, all_finite, check_dtype, check_kind, check_range, diagonals,
-                     diagonals_from_norms, overflow_reason, tile as tile_fn)
-from .monitor import Heartbeat
-from .pagecache import DropBehind, check_policy, wants_drop
+from .._version import __version__
+from ..cluster import client_for
+from ..kernels import (Architecture, KernelOverflowError, check_dtype, check_kind, check_range, diagonals,
+                       diagonals_from_norms)
+from ..monitor import Heartbeat
+from ..store import (ATTR, FORMAT_VERSION, TEST_PRIOR, ArraySource, KernelStore, NotAKernelStoreError, StoreIdentity,
+                     StoreMismatchError, array_codecs, check_policy, diagonals_path, done_path, format_message,
+                     inputs_path, is_remote, kernel_path, normalise_url, remove_interrupted_writes, store_contents,
+                     store_lock, wants_drop)
+from ..tiling import DEFAULT_TILE, TileGrid
+from .ingest import PreparedInputs, prepare_inputs
 from .precompile import precompile
-from .runtime import client_for
-from .sources import ArraySource, as_source, open_source
-from .store import (ATTR, FORMAT_VERSION, KernelStore, NotAKernelStoreError, StoreIdentity, StoreMismatchError,
-                    array_codecs, format_message, normalise_url, open_group, remove_interrupted_writes,
-                    store_contents, store_lock, tile_io)
-from .tiling import DEFAULT_TILE, TileGrid
+from .tasks import tile_task
 
-__all__ = ["build_kernel", "BuildError", "PreparedInputs", "prepare_inputs"]
+__all__ = ["build_kernel", "BuildError"]
 
 log = logging.getLogger("nngp_dask")
-
-#: rows per chunk when streaming inputs that are not yet tiled
-_STREAM_ROWS = 4096
-
 
 class BuildError(RuntimeError):
     """Some tiles failed; those that succeeded are recorded and a re-run resumes."""
 
 
-@dataclass(frozen=True)
-class PreparedInputs:
-    """A validated, normalised input source and the fingerprint of what will be stored."""
-
-    source: ArraySource
-    normalize: str
-    n: int
-    d: int
-    fingerprint: str
-    name: str = "x"
-    #: smallest and largest squared norm of the normalised rows (they bound the kernel's diagonals)
-    sqnorm_range: tuple[float, float] = (0.0, 0.0)
-
-    def chunks(self, rows: int = _STREAM_ROWS):
-        """Yield ``(start, block)`` of normalised float64 rows. Each raw block is checked before it
-        is normalised (a NaN would become a row of zeros), naming the row and column of the input."""
-        for start in range(0, self.n, rows):
-            block = self.source.read(start, min(start + rows, self.n))
-            block = check_inputs(block.reshape(block.shape[0], -1), self.name, row_offset=start)
-            yield start, normalize_rows(np.asarray(block, dtype=np.float64), self.normalize)
-
-
-def prepare_inputs(x: ArrayLike | ArraySource | str | os.PathLike, *, name: str = "x", key: str | None = None,
-                   normalize: str = "none", features: int | None = None) -> PreparedInputs:
-    """Validate and fingerprint inputs in one streaming pass (nothing is written).
-
-    Raises :class:`~nngp_dask.InputError` naming the row and column of the first NaN or Inf of
-    the raw inputs (before they are normalised).
-    """
-    if normalize not in NORMALIZATIONS:
-        raise InputError(f"normalize: expected one of {list(NORMALIZATIONS)}, got {normalize!r}")
-    src = open_source(x, key=key) if isinstance(x, (str, os.PathLike)) else as_source(x, name)
-    shape = tuple(src.shape)
-    if len(shape) < 2:
-        raise InputError(f"{name}: expected a 2-D array (n_samples, n_features), got shape {shape}")
-    n, d = shape[0], int(np.prod(shape[1:]))
-    if n == 0 or d == 0:
-        raise InputError(f"{name}: expected a non-empty array, got shape {shape}")
-    if features is not None and d != features:
-        raise InputError(f"{name}: expected {features} features (as the training inputs), got {d}")
-    if np.dtype(src.dtype).kind not in "biuf":
-        raise InputError(f"{name}: expected a numeric array, got dtype {src.dtype}")
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{n}x{d}:{normalize}".encode())
-    prepared = PreparedInputs(src, normalize, n, d, "", name)
-    low, high = np.inf, 0.0
-    for _, block in prepared.chunks():
-        h.update(np.ascontiguousarray(block).tobytes())
-        with np.errstate(over="ignore"):  # an overflow shows as inf, which build_kernel names
-            sq = np.einsum("ij,ij->i", block, block)
-        low, high = min(low, float(sq.min())), max(high, float(sq.max()))
-    return PreparedInputs(src, normalize, n, d, h.hexdigest(), name, (low, high))
-
-
-# --- worker side ------------------------------------------------------------------------
-@lru_cache(maxsize=8)
-def _array(url: str, options: str, token: str, path: str) -> zarr.Array:
-    """An array of the store, opened once per worker and store identity (``token``): its metadata
-    does not change while the identity holds."""
-    return open_group(url, json.loads(options) or None)[path]
-
-
-@lru_cache(maxsize=6)
-def _block(url: str, options: str, token: str, path: str, index: int, tile: int, dtype: str = "float64") -> np.ndarray:
-    """A row block of stored inputs (in the GEMM's ``dtype``) or diagonals, cached per worker: tasks
-    are submitted row by row, so consecutive tiles share their row block."""
-    arr = _array(url, options, token, path)
-    sl = slice(index * tile, min((index + 1) * tile, arr.shape[-1] if path.startswith("diagonals") else arr.shape[0]))
-    return arr[:, sl] if path.startswith("diagonals") else np.ascontiguousarray(arr[sl], dtype=dtype)
-
-
-def _tile_task(url: str, options: str, token: str, part: str, i: int, j: int, arch: Architecture, kind: str,
-               dtype: str, tile: int, page_cache: str, stored_bytes: int) -> tuple[str, int, int, float, float, float]:
-    """Compute, write and record one tile; returns ``(part, i, j, seconds reading inputs, computing,
-    writing and recording)``."""
-    t0 = time.perf_counter()
-    rows_name = "x_test" if part == "test_train" else "x_train"
-    diag_rows = "diagonals/test" if part == "test_train" else "diagonals/train"
-    xr = _block(url, options, token, f"inputs/{rows_name}", i, tile, dtype)
-    xc = _block(url, options, token, "inputs/x_train", j, tile, dtype)
-    dr = _block(url, options, token, diag_rows, i, tile)
-    dc = _block(url, options, token, "diagonals/train", j, tile)
-    symmetric = part == "train_train" and i == j
-    t1 = time.perf_counter()
-    values = tile_fn(arch, xr, xc, dr, dc, kind=kind, dtype=dtype, symmetric=symmetric)
-    if not all_finite(values):  # neither written nor recorded: the build stops and names the setting
-        raise KernelOverflowError(f"kernel/{part} tile ({i}, {j}) has non-finite values: "
-                                  + _overflow_why(arch, dtype, dr, dc))
-    t2 = time.perf_counter()
-    path = tile_io(url, options, token, part).write(i, j, values)  # with its CRC32C
-    if path is not None and wants_drop(page_cache, stored_bytes):
-        _DROP_BEHIND.written(path)
-    # after the write returned: the record never runs ahead of the data
-    _array(url, options, token, f"done/{part}")[i, j] = 1
-    return part, i, j, t1 - t0, t2 - t1, time.perf_counter() - t2
-
-
-def _overflow_why(arch: Architecture, dtype: str, *diags: np.ndarray) -> str:
-    for d in diags:
-        reason = overflow_reason(arch, d, dtype=dtype)
-        if reason:
-            return reason
-    return (f"the recursion overflows with depth={arch.depth}, weight_var={arch.weight_var}; lower depth or "
-            "weight_var, use dtype='float64', or scale the inputs")
-
-
-#: this worker process's recently written tiles (see :mod:`nngp_dask.pagecache`)
-_DROP_BEHIND = DropBehind()
-
-
-# --- driver side ------------------------------------------------------------------------
 @dataclass
 class BuildStats:
     """What a build did (also written to the store's attributes)."""
@@ -198,7 +81,7 @@ def _identity(arch: Architecture, kind: str, tile: int, dtype: np.dtype, train: 
 def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Architecture,
                   train: PreparedInputs, test: PreparedInputs | None) -> None:
     """Create the store from scratch: inputs, diagonals, empty kernel arrays, then the identity."""
-    g = zarr.open_group(url, mode="w", storage_options=options if "://" in url else None)
+    g = zarr.open_group(url, mode="w", storage_options=options if is_remote(url) else None)
     # a half-written store is recognisably ours, so a re-run may recreate it
     g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "ingesting": True}
     t, depth = ident.tile, arch.depth
@@ -206,10 +89,10 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
     flags = dict(compressors=None, overwrite=True)  # completion records: a lost or garbled one means "rebuild"
     parts = [("train", train)] + ([("test", test)] if test else [])
     for name, prep in parts:
-        x = g.create_array(f"inputs/x_{name}", shape=(prep.n, prep.d), chunks=(t, prep.d), dtype="float64", **kw)
-        dg = g.create_array(f"diagonals/{name}", shape=(depth + 1, prep.n), chunks=(depth + 1, t),
+        x = g.create_array(inputs_path(name), shape=(prep.n, prep.d), chunks=(t, prep.d), dtype="float64", **kw)
+        dg = g.create_array(diagonals_path(name), shape=(depth + 1, prep.n), chunks=(depth + 1, t),
                             dtype="float64", **kw)
-        dt = (g.create_array(f"diagonals/{name}_ntk", shape=(depth + 1, prep.n), chunks=(depth + 1, t),
+        dt = (g.create_array(diagonals_path(name, ntk=True), shape=(depth + 1, prep.n), chunks=(depth + 1, t),
                              dtype="float64", **kw) if ident.kind == "ntk" else None)
         with zarr.config.set({"array.write_empty_chunks": True}):  # no pass looking for all-zero blocks
             for start, block in prep.chunks(t):
@@ -222,15 +105,15 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
                 if dt is not None:
                     dt[:, start:stop] = kd[1]
     n, grid = train.n, TileGrid(train.n, train.n, t)
-    g.create_array("kernel/train_train", shape=(n, n), chunks=(t, t), dtype=ident.dtype, fill_value=np.nan, **kw)
-    g.create_array("done/train_train", shape=grid.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **flags)
+    g.create_array(kernel_path("train_train"), shape=(n, n), chunks=(t, t), dtype=ident.dtype, fill_value=np.nan, **kw)
+    g.create_array(done_path("train_train"), shape=grid.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **flags)
     if test:
         tg = TileGrid(test.n, n, t)
-        g.create_array("kernel/test_train", shape=(test.n, n), chunks=(t, t), dtype=ident.dtype,
+        g.create_array(kernel_path("test_train"), shape=(test.n, n), chunks=(t, t), dtype=ident.dtype,
                        fill_value=np.nan, **kw)
-        g.create_array("done/test_train", shape=tg.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **flags)
-        prior = g.create_array("kernel/test_prior", shape=(test.n,), chunks=(max(t, 1),), dtype="float64", **kw)
-        key = "diagonals/test_ntk" if ident.kind == "ntk" else "diagonals/test"
+        g.create_array(done_path("test_train"), shape=tg.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **flags)
+        prior = g.create_array(TEST_PRIOR, shape=(test.n,), chunks=(max(t, 1),), dtype="float64", **kw)
+        key = diagonals_path("test", ntk=ident.kind == "ntk")
         prior[:] = g[key][depth]
     g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "identity": ident.__dict__,
                      "normalize": train.normalize}
@@ -415,7 +298,7 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
         compiled.result()
         stats.dashboard = c.dashboard_link
         stored = ks.nbytes_total()
-        cache = "none (object store)" if "://" in ks.url else (
+        cache = "none (object store)" if is_remote(ks.url) else (
             f"{page_cache}: {'drop-behind' if wants_drop(page_cache, stored) else 'kept'} on this host")
         log.info("building %d tile(s) of %d (tile %d, %s, %s, %.2f GB in all; page cache %s); dashboard: %s",
                  len(todo), stats.tiles_total, tile, kind, dt.name, stored / 1e9, cache, c.dashboard_link)
@@ -423,7 +306,7 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
         # the store's URL is in the key too: two stores of the same kernel built at once on one
         # shared scheduler must not share tasks (each task writes into its own store)
         where = hashlib.blake2b(ks.url.encode(), digest_size=4).hexdigest()
-        futures = [c.submit(_tile_task, ks.url, options, token, part, i, j, arch, kind, dt.name, tile, page_cache,
+        futures = [c.submit(tile_task, ks.url, options, token, part, i, j, arch, kind, dt.name, tile, page_cache,
                             stored, key=f"nngp-tile-{token}-{where}-{part}-{i}-{j}", pure=False)
                    for part, i, j in todo]
         bar = tqdm(total=len(todo), unit="tile", disable=None if progress else True, desc="kernel tiles",

@@ -23,17 +23,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import __version__
-from .architecture import Architecture
-from .build import build_kernel
+from .._version import __version__
+from ..build import build_kernel
+from ..cluster import LazyClient
+from ..gp import SolveResult, accuracy, confusion_matrix, encode_labels, nlpd, predict, predict_labels, rmse, solve
+from ..kernels import Architecture
+from ..monitor import PeakRSS
+from ..store import CorruptTileError, KernelStore, inputs_path, is_remote, store_contents, store_lock
 from .config import ConfigError
 from .datasets import Dataset, load_dataset
-from .gp import SolveResult, predict, solve
-from .metrics import accuracy, confusion_matrix, nlpd, rmse
-from .monitor import PeakRSS
-from .runtime import LazyClient
-from .store import CorruptTileError, KernelStore, store_contents, store_lock
-from .targets import encode_labels, predict_labels
 
 __all__ = ["STAGES", "Pipeline", "run_pipeline"]
 
@@ -105,12 +103,12 @@ def evaluate(task: str, y_test: np.ndarray, mean: np.ndarray, var: np.ndarray | 
 
 
 class Pipeline:
-    """One pipeline run over a resolved configuration (see :mod:`nngp_dask.config`).
+    """One pipeline run over a resolved configuration (see :mod:`nngp_dask.pipeline.config`).
 
     Parameters
     ----------
     cfg : dict
-        From :func:`nngp_dask.config.load_config`.
+        From :func:`nngp_dask.pipeline.config.load_config`.
     client : distributed.Client, address or None
         Overrides ``cfg["cluster"]``.
     plots : bool
@@ -127,7 +125,7 @@ class Pipeline:
         self.progress = progress
         self.out = Path(cfg["run"]["output"])
         store = cfg["run"]["store"]
-        self.store_url = store if "://" in store else str(self.out / store)
+        self.store_url = store if is_remote(store) else str(self.out / store)
         self.records: dict[str, StageRecord] = {}
 
     # --- helpers ----------------------------------------------------------------------------
@@ -325,15 +323,15 @@ class Pipeline:
 
     def _figures(self, ks: KernelStore, result: SolveResult | None, pred: dict | None, ds: Dataset,
                  targets: Targets) -> list[str]:
-        from . import plots  # imports matplotlib only when a figure is drawn
-        from .kernel import kernel as kernel_fn
+        from .. import plots  # imports matplotlib only when a figure is drawn
+        from ..kernels import kernel as kernel_fn
 
         out: list[Path] = []
         try:
             if result is not None and result.method == "cg":
                 out.append(plots.cg_residuals(result.residuals, self.out / "cg_residuals.png"))
             m = min(self.cfg["report"]["heatmap_points"], ks.shape[0])
-            x = ks.array("inputs/x_train")[:m]
+            x = ks.array(inputs_path("train"))[:m]
             labels = None
             if targets.classes is not None:
                 labels = np.asarray(ds.y_train).ravel()[:m]

@@ -1,4 +1,4 @@
-"""Batched preconditioned conjugate gradients, and the dense Cholesky twin.
+"""Batched preconditioned conjugate gradients (the dense Cholesky twin is :mod:`nngp_dask.linalg.dense`).
 
 The solver is a pure function of a ``matmat`` callable (``V -> A V`` for a block of
 vectors) with ``A = K + noise I`` symmetric positive definite; it knows nothing of
@@ -24,23 +24,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
-import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
+
+from .cg_state import CGResult, CGState, readonly
 
 __all__ = [
     "ConvergenceWarning",
-    "CGState",
-    "CGResult",
     "batched_cg",
     "check_rhs",
-    "cholesky_factor",
-    "dense_solve",
     "default_maxiter",
-    "positive_definite_advice",
 ]
 
 Matmat = Callable[[NDArray[np.float64]], ArrayLike]
@@ -66,11 +61,6 @@ def default_maxiter(n: int) -> int:
     return int(min(10 * n, 1000))
 
 
-def _readonly(a: NDArray) -> NDArray:
-    a.setflags(write=False)
-    return a
-
-
 def _coldot(a: NDArray, b: NDArray) -> NDArray:
     """Column-wise inner products, shape (k,)."""
     return np.einsum("ij,ij->j", a, b)
@@ -78,159 +68,6 @@ def _coldot(a: NDArray, b: NDArray) -> NDArray:
 
 def _colnorm(a: NDArray) -> NDArray:
     return np.sqrt(_coldot(a, a))
-
-
-@dataclass(frozen=True, eq=False)
-class CGState:
-    """The complete, immutable iterate of :func:`batched_cg` (enough to resume exactly).
-
-    Arrays are read-only float64 (``active`` is bool). ``n`` is the system size, ``k``
-    the number of right-hand sides.
-
-    Attributes
-    ----------
-    x : ndarray, shape (n, k)
-        Current solution estimate.
-    r : ndarray, shape (n, k)
-        Current residual ``b - A x`` (recursively updated, replaced by the true residual
-        every ``true_residual_every`` iterations).
-    z : ndarray, shape (n, k)
-        Preconditioned residual ``M^{-1} r``.
-    p : ndarray, shape (n, k)
-        Search directions.
-    rz : ndarray, shape (k,)
-        ``r_j^T z_j`` per column.
-    iteration : int
-        Number of iterations done (each one ``matmat`` call on the active columns).
-    active : ndarray of bool, shape (k,)
-        Columns still iterating (not converged, not broken down).
-    residuals : ndarray, shape (iteration + 1, k)
-        Relative residual ``||r_j|| / ||b_j||`` per iteration and column (row 0 is the
-        start); a frozen column repeats its final value.
-    b_norm : ndarray, shape (k,)
-        ``||b_j||``; checked on resume so a state cannot be applied to another ``b``.
-    """
-
-    x: NDArray[np.float64]
-    r: NDArray[np.float64]
-    z: NDArray[np.float64]
-    p: NDArray[np.float64]
-    rz: NDArray[np.float64]
-    iteration: int
-    active: NDArray[np.bool_]
-    residuals: NDArray[np.float64]
-    b_norm: NDArray[np.float64]
-
-    _ARRAYS = ("x", "r", "z", "p", "rz", "active", "residuals", "b_norm")
-
-    def __post_init__(self) -> None:
-        x = np.asarray(self.x)
-        if x.ndim != 2:
-            raise ValueError(f"state.x: expected a 2-D array (n, k), got shape {x.shape}")
-        n, k = x.shape
-        expected = {"x": (n, k), "r": (n, k), "z": (n, k), "p": (n, k), "rz": (k,), "active": (k,),
-                    "b_norm": (k,)}
-        for name in self._ARRAYS:
-            dtype = np.bool_ if name == "active" else np.float64
-            arr = np.asarray(getattr(self, name), dtype=dtype)
-            if arr.flags.writeable or arr.base is not None:  # fresh read-only arrays are kept as they are
-                arr = arr.copy()
-            if name in expected and arr.shape != expected[name]:
-                raise ValueError(f"state.{name}: expected shape {expected[name]}, got {arr.shape}")
-            object.__setattr__(self, name, _readonly(arr))
-        it = self.iteration
-        if isinstance(it, np.ndarray):
-            it = it.item()
-        if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or it < 0:
-            raise ValueError(f"state.iteration: expected an integer >= 0, got {self.iteration!r}")
-        object.__setattr__(self, "iteration", int(it))
-        if self.residuals.shape != (self.iteration + 1, k):
-            raise ValueError(f"state.residuals: expected shape {(self.iteration + 1, k)} "
-                             f"(iteration + 1, k), got {self.residuals.shape}")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(n, k)``."""
-        return self.x.shape  # type: ignore[return-value]
-
-    def to_arrays(self) -> dict[str, NDArray]:
-        """Plain arrays, one per field, e.g. to write into a Zarr group.
-
-        ``iteration`` is a 0-d int64 array. :meth:`from_arrays` inverts this exactly.
-        """
-        out: dict[str, NDArray] = {name: np.array(getattr(self, name)) for name in self._ARRAYS}
-        out["iteration"] = np.array(self.iteration, dtype=np.int64)
-        return out
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, ArrayLike]) -> "CGState":
-        """Rebuild a state from :meth:`to_arrays` output (or Zarr arrays with those names)."""
-        names = cls._ARRAYS + ("iteration",)
-        missing = [name for name in names if name not in arrays]
-        if missing:
-            raise ValueError(f"state: missing array {missing[0]!r}; expected arrays {list(names)}")
-        values = {name: np.asarray(arrays[name][...]) for name in names}
-        values["iteration"] = int(values["iteration"])
-        return cls(**values)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, CGState):
-            return NotImplemented
-        return self.iteration == other.iteration and all(
-            np.array_equal(getattr(self, n), getattr(other, n)) for n in self._ARRAYS)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-@dataclass(frozen=True, eq=False)
-class CGResult:
-    """Outcome of :func:`batched_cg`.
-
-    Attributes
-    ----------
-    x : ndarray, shape (n, k) or (n,)
-        The solution ``A^{-1} b`` (1-D when ``b`` was 1-D). Also available as ``alpha``.
-    iterations : int
-        Total iterations (including those done before a resume).
-    residuals : ndarray, shape (iterations + 1, k)
-        Relative residual per iteration and column; NaN-free, frozen columns keep their
-        final value. Always 2-D, also for a 1-D ``b``.
-    converged_columns : ndarray of bool, shape (k,)
-        Whether each column reached ``||r_j|| <= tol ||b_j||``.
-    tol : float
-        The tolerance used.
-    state : CGState
-        The final iterate: pass it back as ``state=`` (with a larger ``maxiter``) to go on.
-    """
-
-    x: NDArray[np.float64]
-    iterations: int
-    residuals: NDArray[np.float64]
-    converged_columns: NDArray[np.bool_]
-    tol: float
-    state: CGState = field(repr=False)
-
-    @property
-    def alpha(self) -> NDArray[np.float64]:
-        """The solution, under its GP name (``alpha = (K + noise I)^{-1} y``)."""
-        return self.x
-
-    @property
-    def converged(self) -> bool:
-        """True when every column converged."""
-        return bool(np.all(self.converged_columns))
-
-    def summary(self) -> str:
-        """One line: convergence, iterations, worst final relative residual."""
-        k = self.converged_columns.size
-        worst = float(self.residuals[-1].max()) if k else 0.0
-        status = "converged" if self.converged else (
-            f"NOT converged ({int(np.sum(~self.converged_columns))} of {k} columns above tol)")
-        return (f"CG {status}: {self.iterations} iterations, {k} right-hand side(s), "
-                f"worst relative residual {worst:.3g} (tol {self.tol:.3g})")
-
-    def __repr__(self) -> str:
-        return f"CGResult({self.summary()})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +224,7 @@ def _step(op: _Op, b: NDArray, s: CGState, preconditioner: Any, tol: float,
         rz[go] = rz_go
     residuals = np.concatenate([s.residuals, res[None, :]], axis=0)
     for arr in (x, r, z, p, rz, active, residuals):
-        _readonly(arr)  # fresh arrays: the state takes them without copying
+        readonly(arr)  # fresh arrays: the state takes them without copying
     return CGState(x=x, r=r, z=z, p=p, rz=rz, iteration=iteration, active=active,
                    residuals=residuals, b_norm=s.b_norm)
 
@@ -426,7 +263,7 @@ def batched_cg(
         :func:`default_maxiter` ``(n) = min(10 n, 1000)``.
     preconditioner : object with ``apply(R) -> M^{-1} R``, optional
         ``M`` symmetric positive definite, ``R`` of shape (n, m). See
-        :mod:`nngp_dask.preconditioners`. A resumed solve must use the same one.
+        :mod:`nngp_dask.linalg.preconditioners`. A resumed solve must use the same one.
     x0 : array_like, shape of ``b``, optional
         Starting guess (default zeros). Not allowed together with ``state``.
     state : CGState, optional
@@ -509,7 +346,7 @@ def batched_cg(
         x=np.array(s.x[:, 0] if one_d else s.x),  # a writeable copy for the caller
         iterations=s.iteration,
         residuals=s.residuals,
-        converged_columns=_readonly(converged.copy()),
+        converged_columns=readonly(converged.copy()),
         tol=tol,
         state=s,
     )
@@ -527,131 +364,3 @@ def batched_cg(
             stacklevel=2,
         )
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# dense twin
-# --------------------------------------------------------------------------------------------
-
-
-def _check_noise(noise: Any) -> float:
-    if isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating)):
-        raise ValueError(f"noise: expected a number >= 0, got {noise!r}")
-    noise = float(noise)
-    if not (math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise: expected a finite number >= 0, got {noise!r}")
-    return noise
-
-
-def _check_square(k: ArrayLike, name: str = "k") -> NDArray:
-    arr = np.asarray(k)
-    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
-        raise ValueError(f"{name}: expected a non-empty square 2-D array (n, n), got shape {arr.shape}")
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name}: expected a real numeric array, got dtype {arr.dtype}")
-    return arr
-
-
-def positive_definite_advice(noise: float, detail: str, *, mean_diag: float | None = None) -> str:
-    """The one message for a ``K + noise I`` that is not positive definite.
-
-    Every dense path (Cholesky, eigendecomposition) and every caller (solve, the sweep, the
-    estimators, SLQ) reports the failure with this text, so the fix reads the same everywhere.
-
-    Parameters
-    ----------
-    noise : float
-        The noise that failed.
-    detail : str
-        What failed, e.g. the factorisation's own message or the smallest eigenvalue.
-    mean_diag : float, optional
-        Mean of the kernel diagonal: the suggested noise is at least ``1e-6`` of it.
-
-    Returns
-    -------
-    str
-    """
-    floor = (1e-6 * mean_diag if mean_diag is not None else 0.0) or 1e-6
-    return (f"k + noise I: expected a positive definite matrix, {detail} with noise={noise:g}. Increase noise "
-            f"(the jitter added to the kernel diagonal), e.g. to {max(noise * 10, floor):.3g}, or build the "
-            "kernel in float64.")
-
-
-def cholesky_factor(k: ArrayLike, noise: float) -> tuple[NDArray[np.float64], bool]:
-    """Cholesky factor of ``k + noise I`` in float64, as :func:`scipy.linalg.cho_factor` returns it.
-
-    The one dense factorisation of the package (solve, predict, the sweep, the estimators, SLQ's
-    exact twin all call it).
-
-    Parameters
-    ----------
-    k : array_like, shape (n, n)
-        Symmetric kernel matrix, float32 or float64; not modified (its upper triangle is read).
-    noise : float
-        ``>= 0``, added to the diagonal.
-
-    Returns
-    -------
-    (c, lower) : (ndarray, shape (n, n), bool)
-        ``lower`` is True: the lower triangle of ``c`` holds ``L`` with ``L L^T = k + noise I``
-        (the rest of ``c`` is unused).
-
-    Raises
-    ------
-    numpy.linalg.LinAlgError
-        (a ValueError) when ``k + noise I`` is not positive definite, with the fix
-        (:func:`positive_definite_advice`).
-    ValueError
-        When ``k`` is not square, not real or not finite, or ``noise`` is not a number >= 0.
-    """
-    k_arr = _check_square(k)
-    # One float64 copy, factorised in place: peak memory is k plus one n x n float64. k is
-    # symmetric, so the transpose of the C-ordered copy is the Fortran-ordered one LAPACK wants
-    # (a transposing copy took ten times as long).
-    a = np.array(k_arr, dtype=np.float64).T
-    if not np.all(np.isfinite(a)):
-        raise ValueError("k: expected finite values, got NaN or Inf")
-    noise = _check_noise(noise)
-    a[np.diag_indices_from(a)] += noise
-    try:
-        return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError as exc:
-        mean_diag = float(np.mean(np.diagonal(k_arr), dtype=np.float64))
-        raise np.linalg.LinAlgError(
-            positive_definite_advice(noise, f"the Cholesky factorisation failed ({exc})", mean_diag=mean_diag)
-        ) from exc
-
-
-def dense_solve(k: ArrayLike, b: ArrayLike, noise: float, *, return_logdet: bool = False
-                ) -> NDArray[np.float64] | tuple[NDArray[np.float64], float]:
-    """Direct solve ``(k + noise I)^{-1} b`` by Cholesky, float64: the in-memory twin of CG.
-
-    Parameters
-    ----------
-    k : array_like, shape (n, n)
-        Symmetric kernel matrix (its upper triangle is read).
-    b : array_like, shape (n,) or (n, m)
-    noise : float
-        ``>= 0``, added to the diagonal.
-    return_logdet : bool
-        Also return ``log det(k + noise I)`` (free from the same factor).
-
-    Returns
-    -------
-    x : ndarray, shape of ``b``
-    logdet : float, only with ``return_logdet``
-
-    Raises
-    ------
-    numpy.linalg.LinAlgError
-        (a ValueError) when the factorisation fails, advising to increase ``noise``.
-    """
-    factor = cholesky_factor(k, noise)
-    b_arr = check_rhs(b)
-    n = factor[0].shape[0]
-    if b_arr.shape[0] != n:
-        raise ValueError(f"b: expected {n} rows (the size of k), got shape {b_arr.shape}")
-    x = scipy.linalg.cho_solve(factor, b_arr, check_finite=False)
-    if return_logdet:
-        return x, float(2.0 * np.sum(np.log(np.diag(factor[0]))))
-    return x

@@ -21,9 +21,10 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from .inputs import InputError
+from ..kernels import InputError
+from .layout import is_remote
 
-__all__ = ["ArraySource", "as_source", "open_source", "read_csv", "IDX_DTYPES"]
+__all__ = ["ArraySource", "as_source", "open_source", "read_all", "read_csv", "IDX_DTYPES"]
 
 
 class ArraySource(Protocol):
@@ -156,7 +157,7 @@ def open_source(path: str | os.PathLike, *, key: str | None = None) -> ArraySour
         ``.npz``/``.npy``/``.gz``, a ``.gz`` that is not gzip).
     """
     p = os.fspath(path)
-    if "://" in p:
+    if is_remote(p):
         return _open_source(p, key)
     if not os.path.exists(p):
         raise InputError(f"path: {p!r} does not exist; expected an input file")
@@ -177,7 +178,7 @@ def _open_source(p: str, key: str | None) -> ArraySource:
         return _Sliceable(read_csv(p))
     if "ubyte" in lower or lower.endswith((".idx", ".idx.gz")):
         return _Sliceable(_flatten(_read_idx(p)))
-    if lower.rstrip("/").endswith(".zarr") or "://" in p:
+    if lower.rstrip("/").endswith(".zarr") or is_remote(p):
         import zarr
 
         node = zarr.open(p, mode="r")

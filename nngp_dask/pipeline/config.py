@@ -13,12 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .activations import ACTIVATIONS
-from .fields import ConfigError, Field, expand_env
-from .inputs import NORMALIZATIONS
-from .pagecache import POLICIES as PAGE_CACHE_POLICIES
-from .preconditioners import PRECONDITIONERS
-from .tomlfile import read_toml, to_toml
+from ..fields import ConfigError, Field, expand_env
+from ..kernels import ACTIVATIONS, NORMALIZATIONS
+from ..linalg import PRECONDITIONERS
+from ..store import POLICIES as PAGE_CACHE_POLICIES, is_remote
+from ..tomlfile import read_toml, to_toml
 
 __all__ = ["ConfigError", "SCHEMA", "load_config", "parse_overrides", "resolve", "schema_text", "to_toml"]
 
@@ -151,12 +150,12 @@ def resolve(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, 
             value = out[section][key]
             if isinstance(value, str):
                 value = expand_env(f"{section}.{key}", value, local)
-                if spec.path and value and "://" not in value:
+                if spec.path and value and not is_remote(value):
                     value = str((Path(base_dir) / Path(value).expanduser()).resolve())
                 out[section][key] = value
     _check_store(out["run"]["store"])
     if out["cluster"]["address"].endswith(".toml"):  # a cluster file: validated now, not at the kernel stage
-        from .runtime import load_cluster_file
+        from ..cluster import load_cluster_file
 
         load_cluster_file(out["cluster"]["address"])
     _check_tls_address(out["cluster"]["address"])
@@ -186,7 +185,7 @@ def _check_tls_address(address: str) -> None:
 def _check_store(store: str) -> None:
     """The store lives inside the run's output directory (or at a URL): no absolute paths,
     no '..' that would let a pipeline file write elsewhere."""
-    if "://" in store:
+    if is_remote(store):
         if "@" in store.split("://", 1)[1].split("/", 1)[0]:  # not echoed: it would hold a secret
             raise ConfigError("run.store: expected a URL without credentials (user:secret@ would be written to "
                               "report.json and run.log); give them through the environment, e.g. "

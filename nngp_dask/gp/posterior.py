@@ -74,7 +74,7 @@ def variance_from_cholesky(prior: ArrayLike, k_cross_t: NDArray, lower: NDArray)
         ``K(X, X*)``.
     lower : ndarray, shape (n, n)
         ``L`` in its lower triangle (the rest is not read), as
-        :func:`nngp_dask.cg.cholesky_factor` returns it.
+        :func:`nngp_dask.linalg.dense.cholesky_factor` returns it.
 
     Returns
     -------

@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .cg import CGState, ConvergenceWarning, batched_cg, cholesky_factor, dense_solve, default_maxiter
-from .kernel import tile as tile_fn
-from .monitor import Heartbeat
+from ..cluster import client_for
+from ..kernels import tile as tile_fn
+from ..linalg import (AUTO_RANK, PRECONDITIONERS, CGState, ConvergenceWarning, LowRank, batched_cg, cholesky_factor,
+                      default_maxiter, dense_solve, make_preconditioner)
+from ..monitor import Heartbeat
+from ..store import KernelStore, diagonals_path, inputs_path, open_kernel, solve_path
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
-from .preconditioners import PRECONDITIONERS, AUTO_RANK, LowRank, make_preconditioner
-from .runtime import client_for
-from .store import KernelStore, open_kernel
 
 __all__ = ["DIRECT_MAX_N", "SolveResult", "solve", "predict", "EXACT_VARIANCE_MAX"]
 
@@ -121,8 +121,8 @@ def _column_fn(ks: KernelStore):
     """``idx -> K[:, idx]`` computed from the stored inputs with the tile function (no pass over
     the stored kernel). Inputs are read once and kept (n x d float64)."""
     arch, kind = ks.architecture, ks.kind
-    x = ks.array("inputs/x_train")[...]
-    diag = ks.array("diagonals/train")[...]
+    x = ks.array(inputs_path("train"))[...]
+    diag = ks.array(diagonals_path("train"))[...]
 
     def columns(idx: NDArray) -> NDArray:
         idx = np.asarray(idx, dtype=np.intp)
@@ -144,7 +144,7 @@ class _Checkpoints:
     """Two alternating slots under ``solves/<key>``; ``attrs['slot']`` points at the last complete one."""
 
     def __init__(self, ks: KernelStore, key: str, meta: dict) -> None:
-        self.group = ks.group.require_group(f"solves/{key}")
+        self.group = ks.group.require_group(solve_path(key))
         if not self.group.attrs.get("created"):
             self.group.attrs.update({**meta, "created": time.time(), "status": "running"})
 
@@ -205,7 +205,7 @@ def solve(
     tol : float
         Relative residual ``||r_j|| <= tol ||y_j||`` per column (CG).
     maxiter : int, optional
-        Default :func:`nngp_dask.cg.default_maxiter`.
+        Default :func:`nngp_dask.linalg.cg.default_maxiter`.
     preconditioner : {"auto", "none", "jacobi", "pivoted_cholesky", "nystrom"}
         Low-rank ones are built from kernel columns computed from the stored inputs.
     rank : int, optional
@@ -365,7 +365,7 @@ def predict(
         mode = "exact" if m <= EXACT_VARIANCE_MAX else "lowrank"
     factor = None
     if mode == "lowrank":
-        g = ks.group.get(f"solves/{result.key}")
+        g = ks.group.get(solve_path(result.key))
         if g is None or "lowrank_factor" not in g:
             raise ValueError("variance: 'lowrank' needs a CG solve with a low-rank preconditioner "
                              "(preconditioner='pivoted_cholesky' or 'nystrom'); use variance='exact'")

@@ -16,9 +16,8 @@ from concurrent.futures import Future
 import numpy as np
 from numpy.typing import DTypeLike
 
-from ._products import tile_matmat_t
-from .architecture import Architecture
-from .kernel import check_dtype, kernel
+from ..kernels import Architecture, check_dtype, kernel
+from ..linalg import tile_matmat_t
 
 __all__ = ["precompile"]
 

@@ -275,7 +275,7 @@ def tile_from_gram(
     """The recursion of :func:`tile` on a precomputed Gram block ``x_rows @ x_cols.T``.
 
     A hyperparameter sweep computes the Gram (the GEMM, the expensive part) once and calls
-    this for every (weight_var, bias_var) candidate (:mod:`nngp_dask.sweep`).
+    this for every (weight_var, bias_var) candidate (:mod:`nngp_dask.select.sweep`).
 
     Parameters
     ----------

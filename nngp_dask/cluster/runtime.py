@@ -1,5 +1,5 @@
 """Where the work runs: the caller's Dask client, an address, a cluster file, or the embedded
-cluster (:mod:`nngp_dask.embedded`).
+cluster (:mod:`nngp_dask.cluster.embedded`).
 
 A *cluster file* (``cluster/*.toml``, passed as ``--cluster FILE`` or ``cluster.address``)
 describes a deployment separately from the pipeline: the same pipeline runs on a laptop, on a
@@ -26,7 +26,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .fields import ConfigError, Field, expand_env
+from ..fields import ConfigError, Field, expand_env
+from ..store import is_remote
 from .workerenv import MALLOC_ENV, WORKER_ENV
 
 __all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "LazyClient", "client_for", "embedded_client", "load_cluster_file",
@@ -56,7 +57,7 @@ def local_cluster_kwargs(n_workers: int | None = None, threads_per_worker: int =
 
 
 def local_cluster(**kwargs: Any) -> Any:
-    """The embedded cluster (:class:`nngp_dask.embedded.EmbeddedCluster`; ``kwargs`` from
+    """The embedded cluster (:class:`nngp_dask.cluster.embedded.EmbeddedCluster`; ``kwargs`` from
     :func:`local_cluster_kwargs`): a scheduler in this process, worker processes of their own, on
     127.0.0.1 with mutual TLS; the caller's environment is never changed."""
     from .embedded import EmbeddedCluster
@@ -168,7 +169,7 @@ def load_cluster_file(path: str | os.PathLike) -> dict[str, Any]:
     ClusterConfigError
         Naming the file and the dotted key, the value and what was expected.
     """
-    from .tomlfile import read_toml
+    from ..tomlfile import read_toml
 
     p = Path(path)
     return resolve_cluster(read_toml(p, "cluster", ClusterConfigError), base_dir=p.resolve().parent, name=str(p))
@@ -243,7 +244,7 @@ def _value(f: Field, dotted: str, value: Any, base_dir: str | Path) -> Any:
     value = f.check(dotted, value)
     if isinstance(value, str):
         value = expand_env(dotted, value, {})
-        if f.path and value and "://" not in value:
+        if f.path and value and not is_remote(value):
             value = str((Path(base_dir) / Path(value).expanduser()).resolve())
     elif isinstance(value, list):
         if not all(isinstance(v, str) for v in value):

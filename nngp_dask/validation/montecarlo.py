@@ -1,6 +1,6 @@
 """Finite-width Monte Carlo validation of the NNGP kernel (``nngp-dask validate-kernel``).
 
-Random networks of growing width are sampled (:mod:`nngp_dask.finite_width`) and the
+Random networks of growing width are sampled (:mod:`nngp_dask.validation.finite_width`) and the
 covariance of their outputs is compared with :func:`nngp_dask.kernel`. Three numbers per
 width tell the story:
 
@@ -8,7 +8,7 @@ width tell the story:
     Relative Frobenius distance between the Monte Carlo output covariance and the kernel,
     ``||C_hat - K||_F / ||K||_F``. By default ``C_hat`` is the mean over networks of each
     network's output covariance with the readout layer integrated out exactly
-    (``estimator="readout"``, :func:`~nngp_dask.finite_width.sample_kernels`): the same
+    (``estimator="readout"``, :func:`~nngp_dask.validation.finite_width.sample_kernels`): the same
     expectation as the raw second moment of the outputs (``estimator="outputs"``), with a
     noise O(1/width) times smaller in variance. Independent of the kernel code.
 ``noise_floor``
@@ -48,10 +48,8 @@ from typing import Any, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .architecture import Architecture
-from .finite_width import empirical_covariance, sample_outputs, simulate
-from .inputs import check_inputs
-from .kernel import kernel
+from ..kernels import Architecture, check_inputs, kernel
+from .finite_width import simulate
 
 __all__ = [
     "LogLogFit",
@@ -60,8 +58,6 @@ __all__ = [
     "default_inputs",
     "layer_map",
     "ESTIMATORS",
-    "JointSamples",
-    "joint_samples",
 ]
 
 ESTIMATORS: tuple[str, ...] = ("readout", "outputs")
@@ -470,72 +466,3 @@ def validate_kernel(
         empirical=empirical,
         seconds=time.perf_counter() - t0,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# The joint distribution of two outputs
-
-
-@dataclass(frozen=True)
-class JointSamples:
-    """Outputs ``(f(x1), f(x2))`` of random networks at several widths, and the NNGP Gaussian they approach.
-
-    Attributes
-    ----------
-    architecture : Architecture
-    widths : tuple of int
-    networks : int
-        Networks (samples) per width.
-    kernel : ndarray, shape (2, 2)
-        The NNGP covariance ``K(x_pair)`` (float64).
-    outputs : tuple of ndarray, shape (networks, 2) each
-        One per width.
-    covariances : tuple of ndarray, shape (2, 2) each
-        The empirical covariance of each width's outputs.
-    """
-
-    architecture: Architecture
-    widths: tuple[int, ...]
-    networks: int
-    kernel: NDArray[np.float64]
-    outputs: tuple[NDArray, ...]
-    covariances: tuple[NDArray, ...]
-
-
-def joint_samples(arch: Architecture, x_pair: ArrayLike, widths: Sequence[int], *, networks: int = 2000,
-                  seed: int = 0) -> JointSamples:
-    """Sample the outputs of random networks at two inputs, one batch per width.
-
-    Narrow networks give visibly non-Gaussian joint distributions (a sharp peak at the origin
-    and heavy tails: a product of few Gaussian factors); as the width grows the samples fill
-    the NNGP Gaussian ``N(0, K(x_pair))`` (:func:`nngp_dask.plots.joint_distribution` draws them).
-
-    Parameters
-    ----------
-    arch : Architecture
-    x_pair : array_like, shape (2, d)
-    widths : sequence of int
-    networks : int
-        Networks per width.
-    seed : int
-        Width ``i`` (in the given order) uses ``seed + i``.
-
-    Returns
-    -------
-    JointSamples
-
-    Raises
-    ------
-    ValueError
-        When ``x_pair`` is not two points or ``widths`` is empty.
-    """
-    x_pair = np.asarray(x_pair, dtype=np.float64)
-    if x_pair.ndim != 2 or x_pair.shape[0] != 2:
-        raise ValueError(f"x_pair: expected shape (2, d), got {x_pair.shape}")
-    widths = tuple(int(w) for w in widths)
-    if not widths:
-        raise ValueError("widths: expected at least one width")
-    k = np.asarray(kernel(arch, x_pair, dtype="float64"))
-    outputs = tuple(sample_outputs(arch, x_pair, width=w, networks=networks, seed=seed + i)
-                    for i, w in enumerate(widths))
-    return JointSamples(arch, widths, int(networks), k, outputs, tuple(empirical_covariance(f)[0] for f in outputs))

@@ -1,0 +1,31 @@
+"""Gaussian-process regression on a stored kernel: the distributed operator, solve and predict, the
+posterior mean and variance, targets and metrics."""
+
+from .metrics import accuracy, confusion_matrix, nlpd, rmse
+from .operator import StoredKernelOperator
+from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve, variance_lowrank
+from .regression import DIRECT_MAX_N, EXACT_VARIANCE_MAX, SolveResult, predict, solve
+from .targets import TARGETS, class_index, encode_labels, one_hot_targets, predict_labels
+
+__all__ = [
+    "TARGETS",
+    "class_index",
+    "encode_labels",
+    "one_hot_targets",
+    "predict_labels",
+    "accuracy",
+    "confusion_matrix",
+    "nlpd",
+    "rmse",
+    "posterior_mean",
+    "variance_from_cholesky",
+    "variance_from_eigh",
+    "variance_from_solve",
+    "variance_lowrank",
+    "StoredKernelOperator",
+    "DIRECT_MAX_N",
+    "EXACT_VARIANCE_MAX",
+    "SolveResult",
+    "predict",
+    "solve",
+]

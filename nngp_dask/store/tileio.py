@@ -1,0 +1,250 @@
+"""Verified tile I/O: each kernel tile read and written with its CRC32C (store format 2).
+
+:class:`TileIO` reads local chunk files directly (``readinto`` a reusable buffer) and remembers
+which files it verified recently, so a CG pass over a cached kernel does not pay the checksum on
+every iteration; object storage goes through zarr's store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from functools import lru_cache
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec
+
+from .errors import CorruptTileError, StoreMismatchError
+from .layout import done_path, has_checksum, is_remote, kernel_path, local_chunk_file, open_group
+
+__all__ = ["VERIFIED_TTL_S", "TileIO", "read_tile_task", "tile_io"]
+
+log = logging.getLogger("nngp_dask")
+
+# --- verified tiles -------------------------------------------------------------------------
+#: Local chunk files whose CRC32C this process has checked: path -> (stat signature, when).
+#: A CG solve reads every tile once per iteration; checking the checksum costs 18-36 % of the CPU
+#: of a cached pass (benchmarks/RESULTS.md section 9), so a file verified in the last VERIFIED_TTL_S seconds
+#: is not checked again while its device, inode, size, mtime and ctime are unchanged (any
+#: write, truncation or replacement of the file changes them; a deleted file fails to open).
+_VERIFIED: dict[str, tuple[tuple[int, ...], float]] = {}
+VERIFIED_TTL_S = 600.0
+
+
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _write_all(f: Any, data: memoryview) -> None:
+    done = 0
+    while done < len(data):
+        done += f.write(data[done:])
+
+
+class TileIO:
+    """Reads and writes the tiles of ``kernel/<part>`` of one store, each with its CRC32C.
+
+    A chunk is the tile's values, raw little-endian and padded to the full tile with the fill
+    value, followed by the CRC32C of those bytes: what zarr's ``bytes`` + ``crc32c`` codecs write
+    and check, so zarr reads these arrays too. Local files are read and written here directly
+    (``readinto`` a reusable buffer; the checksum written after the values rather than appended
+    to a copy of them; write to ``<chunk>.<uuid>.partial``, then rename); object storage goes
+    through zarr's store. Unlike zarr, a missing chunk is an error, not fill values.
+
+    Obtain with :func:`tile_io` (cached per process) or :meth:`KernelStore.tiles`.
+    """
+
+    def __init__(self, url: str, storage_options: dict | None, part: str) -> None:
+        self.url, self.part = url, part
+        self.storage_options = storage_options
+        self.array = open_group(url, storage_options)[kernel_path(part)]
+        codecs = tuple(self.array.metadata.codecs)
+        self.checksum = has_checksum(self.array)
+        serializer = codecs[0] if codecs else None
+        if not isinstance(serializer, BytesCodec) or getattr(serializer.endian, "value", None) not in (None, "little") \
+                or len(codecs) != 1 + self.checksum:
+            raise StoreMismatchError(f"store: kernel/{part} at {url!r} has codecs {codecs}; expected bytes(little) "
+                                     "followed by crc32c: rebuild the store")
+        self.shape: tuple[int, int] = tuple(self.array.shape)  # type: ignore[assignment]
+        self.chunk: tuple[int, int] = tuple(self.array.chunks)  # type: ignore[assignment]
+        self.dtype = np.dtype(self.array.dtype).newbyteorder("<")
+        self.fill = self.array.metadata.fill_value
+        self.value_bytes = self.chunk[0] * self.chunk[1] * self.dtype.itemsize
+        self.nbytes = self.value_bytes + (4 if self.checksum else 0)
+        self.local = not is_remote(url)
+
+    # --- where -----------------------------------------------------------------------------
+    def _key(self, i: int, j: int) -> str:
+        return f"{self.array.store_path.path}/{self.array.metadata.encode_chunk_key((i, j))}"
+
+    def path(self, i: int, j: int) -> str | None:
+        """The local file of tile ``(i, j)``; None on object storage."""
+        return local_chunk_file(self.url, self.array, (i, j))
+
+    def _extent(self, i: int, j: int) -> tuple[int, int]:
+        rows, cols = self.shape[0] - i * self.chunk[0], self.shape[1] - j * self.chunk[1]
+        if not (0 <= i and 0 <= j and rows > 0 and cols > 0):
+            raise IndexError(f"tile ({i}, {j}) is outside the {self.shape} kernel/{self.part} of {self.url!r}")
+        return min(rows, self.chunk[0]), min(cols, self.chunk[1])
+
+    # --- checks ----------------------------------------------------------------------------
+    def damaged(self, i: int, j: int, what: str) -> CorruptTileError:
+        """The error for a damaged tile; clears its completion record (best effort) so that the
+        next build rewrites it."""
+        cleared = "its completion record was cleared: "
+        try:
+            open_group(self.url, self.storage_options)[done_path(self.part)][i, j] = 0
+        except Exception as exc:  # a read-only store, say: the message still names the tile
+            log.warning("could not clear the record of damaged tile (%d, %d) of %s: %s", i, j, self.url, exc)
+            cleared = ""
+        _VERIFIED.pop(self.path(i, j) or "", None)
+        return CorruptTileError(f"kernel tile ({i}, {j}) of {self.url}/kernel/{self.part} {what}; {cleared}run the "
+                                "build again (build_kernel, or the same nngp-dask command) to rebuild it")
+
+    def size_problem(self, size: int | None) -> str | None:
+        """What is wrong with a chunk of ``size`` bytes (None: missing), or None if nothing."""
+        if size is None:
+            return "is recorded as written but its chunk is missing"
+        if size != self.nbytes:
+            return f"has {size} bytes, expected {self.nbytes} (truncated or overwritten)"
+        return None
+
+    def _crc_ok(self, raw: np.ndarray) -> bool:
+        stored = int.from_bytes(raw[self.value_bytes:self.nbytes].tobytes(), "little")
+        return google_crc32c.value(raw[:self.value_bytes]) == stored
+
+    def crc_ok(self, i: int, j: int) -> bool:
+        """Whether tile ``(i, j)`` is present, of its size and passes its CRC32C (reads it)."""
+        try:
+            self._raw(i, j, None, force=True)
+        except CorruptTileError:
+            return False
+        return True
+
+    def chunk_sizes(self, tiles: list[tuple[int, int]]) -> list[int | None]:
+        """Byte sizes of the chunks of ``tiles`` (None where missing): a ``stat`` each locally,
+        one listing on object storage."""
+        if self.local:
+            out: list[int | None] = []
+            for i, j in tiles:
+                try:
+                    out.append(os.stat(self.path(i, j)).st_size)
+                except FileNotFoundError:
+                    out.append(None)
+            return out
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
+        prefix = f"{root.rstrip('/')}/{self.array.store_path.path}"
+        fs.invalidate_cache(prefix)
+        listed = {p.rstrip("/"): info.get("size") for p, info in fs.find(prefix, detail=True).items()}
+        return [listed.get(f"{root.rstrip('/')}/{self._key(i, j)}") for i, j in tiles]
+
+    # --- read and write ----------------------------------------------------------------------
+    def _raw(self, i: int, j: int, out: np.ndarray | None, *, force: bool = False) -> np.ndarray:
+        """The chunk's bytes (values and checksum), verified; ``out``: a uint8 buffer to reuse."""
+        if not self.local:
+            from zarr.core.buffer import default_buffer_prototype
+            from zarr.core.sync import sync
+
+            got = sync(self.array.store_path.store.get(self._key(i, j), prototype=default_buffer_prototype()))
+            raw = None if got is None else got.as_numpy_array()
+            problem = self.size_problem(None if raw is None else raw.size)
+            if problem:
+                raise self.damaged(i, j, problem)
+            if self.checksum and not self._crc_ok(raw):
+                raise self.damaged(i, j, "failed its crc32c check")
+            return raw
+        path = self.path(i, j)
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise self.damaged(i, j, self.size_problem(None)) from None
+        with f:
+            st = os.fstat(f.fileno())
+            if st.st_size != self.nbytes:
+                raise self.damaged(i, j, self.size_problem(st.st_size))
+            raw = out[:self.nbytes] if out is not None and out.size >= self.nbytes else np.empty(self.nbytes, np.uint8)
+            view, got = memoryview(raw), 0
+            while got < self.nbytes and (n := f.readinto(view[got:])):
+                got += n
+        if got != self.nbytes:
+            raise self.damaged(i, j, self.size_problem(got))
+        if self.checksum:
+            sig, seen = _signature(st), _VERIFIED.get(path)
+            if force or seen is None or seen[0] != sig or time.monotonic() - seen[1] > VERIFIED_TTL_S:
+                if not self._crc_ok(raw):
+                    raise self.damaged(i, j, "failed its crc32c check")
+                if len(_VERIFIED) > 200_000:
+                    _VERIFIED.clear()
+                _VERIFIED[path] = (sig, time.monotonic())
+        return raw
+
+    def read(self, i: int, j: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Tile ``(i, j)``, verified: shape ``(rows, cols)`` of the tile (ragged at the edges),
+        the stored dtype. With ``out`` (a uint8 buffer of at least :attr:`nbytes`) the values
+        live in ``out`` and are valid until it is reused.
+
+        Raises :class:`CorruptTileError` when the chunk is missing, of the wrong size or fails its
+        checksum.
+        """
+        rows, cols = self._extent(i, j)
+        raw = self._raw(i, j, out)
+        return raw[:self.value_bytes].view(self.dtype).reshape(self.chunk)[:rows, :cols]
+
+    def write(self, i: int, j: int, values: np.ndarray) -> str | None:
+        """Write tile ``(i, j)`` with its checksum; returns the local file written (None on
+        object storage). The file appears complete or not at all."""
+        rows, cols = self._extent(i, j)
+        if values.shape != (rows, cols):
+            raise ValueError(f"tile ({i}, {j}): expected shape {(rows, cols)}, got {values.shape}")
+        if not self.local:
+            r0, c0 = i * self.chunk[0], j * self.chunk[1]
+            # a tile is never all fill value (NaN): skip zarr's check for "empty" chunks, a pass over it
+            with zarr.config.set({"array.write_empty_chunks": True}):
+                self.array[r0:r0 + rows, c0:c0 + cols] = values
+            return None
+        if (rows, cols) != self.chunk:  # edge tiles are stored padded to the full chunk
+            full = np.full(self.chunk, self.fill, dtype=self.dtype)
+            full[:rows, :cols] = values
+            values = full
+        flat = np.ascontiguousarray(values, dtype=self.dtype).reshape(-1).view(np.uint8)
+        path = self.path(i, j)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"  # what remove_interrupted_writes removes
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                _write_all(f, memoryview(flat))
+                if self.checksum:
+                    f.write(google_crc32c.value(flat).to_bytes(4, "little"))
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        _VERIFIED.pop(path, None)
+        return path
+
+
+@lru_cache(maxsize=16)
+def _cached_tile_io(url: str, options: str, token: str, part: str) -> TileIO:
+    return TileIO(url, json.loads(options) or None, part)
+
+
+def tile_io(url: str, options: str, token: str, part: str) -> TileIO:
+    """The :class:`TileIO` of ``kernel/<part>``, opened once per process and store identity
+    (``token``; ``options``: the storage options as sorted JSON)."""
+    return _cached_tile_io(url, options, token, part)
+
+
+def read_tile_task(url: str, options: str, token: str, part: str, i: int, j: int) -> np.ndarray:
+    """A dask task: tile ``(i, j)`` of ``kernel/<part>``, verified (a fresh array)."""
+    return tile_io(url, options, token, part).read(i, j)
