@@ -1,7 +1,8 @@
 """The Dask runtime: the embedded cluster, cluster files (SLURM, Kubernetes, a scheduler address) and
 the client every distributed step asks for (:func:`client_for`)."""
 
-from .embedded import EmbeddedCluster
+from typing import Any
+
 from .runtime import (CLUSTER_SCHEMA, ClusterConfigError, LazyClient, client_for, embedded_client, is_cluster_file,
                       jobqueue_kwargs, kubernetes_kwargs, load_cluster_file, local_cluster, local_cluster_kwargs)
 from .workerenv import MALLOC_ENV, WORKER_ENV
@@ -22,3 +23,13 @@ __all__ = [
     "local_cluster",
     "local_cluster_kwargs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # the embedded cluster imports distributed (~0.4 s): only when asked for, so that an
+    # up-to-date pipeline run, which starts no cluster, does not pay for it
+    if name == "EmbeddedCluster":
+        from .embedded import EmbeddedCluster
+
+        return EmbeddedCluster
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
