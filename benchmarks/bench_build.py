@@ -12,7 +12,7 @@ cost of touching memory the process has not used before (new pages from the oper
 what a growing page cache takes for every tile it keeps) are measured in the same run.
 
 Each size is built once per page-cache policy (``--page-cache keep,drop``, see
-:mod:`nngp_dask.pagecache`): "keep" is what the default ("auto") does for a kernel smaller than
+:mod:`nngp_dask.store.pagecache`): "keep" is what the default ("auto") does for a kernel smaller than
 half the memory, "drop" what it does for a larger one.
 
 With ``--nt-python`` (an interpreter that has neural-tangents, usually in its own virtual

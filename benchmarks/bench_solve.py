@@ -1,7 +1,7 @@
 """Cost of one CG iteration over a stored kernel: cold (from disk) and cached, with references.
 
 Cold: every chunk file of ``kernel/train_train`` is dropped from the page cache
-(``nngp_dask.pagecache.drop_from_cache``), then (a) the stored bytes are read sequentially and (b) one
+(``nngp_dask.store.pagecache.drop_from_cache``), then (a) the stored bytes are read sequentially and (b) one
 operator pass (``matmat`` with k right-hand sides) runs; the ratio b/a is the target (<= 1.3).
 Cached: the same pass with the tiles in the page cache against an in-memory NumPy matmat of the
 same (full, float32) matrix (target <= 1.5); the cached comparison needs the full matrix in

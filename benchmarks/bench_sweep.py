@@ -3,7 +3,7 @@
 On ``n`` MNIST training points (``--validation-fraction`` of them held out), a grid of
 3 weight variances x 3 bias variances x 5 depths (45 kernels) x ``--noise`` noises is
 
-A. swept by :func:`nngp_dask.sweep.run_sweep`: one Gram (fit x fit, SYRK) and one
+A. swept by :func:`nngp_dask.select.run_sweep`: one Gram (fit x fit, SYRK) and one
    (validation x fit) GEMM for the whole grid, one all-depths recursion per
    ``(weight_var, bias_var)`` pair (9 instead of 45, each as deep as the deepest candidate), and
    per kernel one Cholesky factorisation per noise;

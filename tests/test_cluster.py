@@ -523,8 +523,7 @@ def test_embedded_cluster_listens_on_loopback_only_with_mutual_tls(tmp_path):
 _DRIVER_STATE = """
 import os, sys, numba, numpy as np
 import nngp_dask as nd
-from nngp_dask.config import load_config
-from nngp_dask.pipeline import run_pipeline
+from nngp_dask.pipeline import load_config, run_pipeline
 
 @numba.njit(parallel=True)
 def launch(a):

@@ -179,7 +179,7 @@ def build_kernel(
     page_cache : {"auto", "keep", "drop"}
         Whether tiles written to a local store stay in the operating system's page cache
         ("keep"), leave it once written out ("drop"), or leave it when the kernel is larger than
-        half the memory of the host writing it ("auto"); see :mod:`nngp_dask.pagecache`.
+        half the memory of the host writing it ("auto"); see :mod:`nngp_dask.store.pagecache`.
 
     Returns
     -------

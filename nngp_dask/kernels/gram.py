@@ -56,7 +56,7 @@ class GramBlock:
 
 
 def _sqnorm(x: NDArray) -> NDArray[np.float64]:
-    # exactly what nngp_dask.kernel.diagonals computes, so the diagonals agree to the bit
+    # exactly what nngp_dask.kernels.diagonals computes, so the diagonals agree to the bit
     return np.einsum("ij,ij->i", x, x, dtype=np.float64)
 
 
@@ -94,7 +94,7 @@ def point_diagonals(arch: Architecture, sqnorm: NDArray, d: int, kind: str) -> t
 def recurse_gram(arch: Architecture, block: GramBlock, *, kind: str = "nngp", all_depths: bool = False) -> NDArray:
     """One candidate's kernel block from a precomputed Gram: the recursion only, no GEMM.
 
-    Equals ``nngp_dask.kernel.tile(arch, x_rows, x_cols, ...)`` (same Gram, same compiled
+    Equals ``nngp_dask.kernels.tile(arch, x_rows, x_cols, ...)`` (same Gram, same compiled
     recursion, same diagonals) while leaving ``block.gram`` untouched for the next candidate.
 
     Parameters

@@ -371,7 +371,7 @@ def validate_kernel(
     estimator : {"readout", "outputs"}
         How the Monte Carlo covariance behind ``errors`` is formed (module docstring).
     method : {"auto", "projected", "dense"}
-        Passed to the sampler (:func:`nngp_dask.finite_width.sample_outputs`).
+        Passed to the sampler (:func:`nngp_dask.validation.sample_outputs`).
 
     Returns
     -------
