@@ -3,11 +3,32 @@
 from ._version import __version__
 from .build import BuildError, build_kernel
 from .gp import SolveResult, predict, solve
-from .kernels import (ACTIVATIONS, Activation, Architecture, Elementwise, Erf, InputError, KernelOverflowError, Step,
-                      TwoSlope, diagonals, get_activation, kernel, normalize, tile)
+from .kernels import (
+    ACTIVATIONS,
+    Activation,
+    Architecture,
+    Elementwise,
+    Erf,
+    InputError,
+    KernelOverflowError,
+    Step,
+    TwoSlope,
+    diagonals,
+    get_activation,
+    kernel,
+    normalize,
+    tile,
+)
 from .linalg import CGResult, ConvergenceWarning, batched_cg
-from .store import (CorruptTileError, IncompleteKernelError, KernelStore, NotAKernelStoreError, StoreLockedError,
-                    StoreMismatchError, open_kernel)
+from .store import (
+    CorruptTileError,
+    IncompleteKernelError,
+    KernelStore,
+    NotAKernelStoreError,
+    StoreLockedError,
+    StoreMismatchError,
+    open_kernel,
+)
 
 __all__ = [
     "__version__",

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 from numpy.typing import NDArray
+
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.gaussian_process.kernels import Kernel
@@ -46,8 +47,16 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("nngp_dask.estimators needs scikit-learn: pip install 'nngp-dask[sklearn]'") from exc
 
 from .gp import TARGETS, one_hot_targets, posterior_mean, predict_labels, variance_from_cholesky, variance_from_solve
-from .kernels import (NORMALIZATIONS, Architecture, check_dtype, check_kind, diagonals, kernel,
-                      normalize as normalize_rows, tile as tile_fn)
+from .kernels import (
+    NORMALIZATIONS,
+    Architecture,
+    check_dtype,
+    check_kind,
+    diagonals,
+    kernel,
+    normalize as normalize_rows,
+    tile as tile_fn,
+)
 from .linalg import cholesky_factor
 from .store import diagonals_path, inputs_path
 
@@ -360,7 +369,7 @@ class NNGPRegressor(RegressorMixin, _NNGPBase):
     def _more_tags(self):  # pragma: no cover - scikit-learn < 1.6
         return {"multioutput": True}
 
-    def fit(self, X: Any, y: Any) -> "NNGPRegressor":
+    def fit(self, X: Any, y: Any) -> NNGPRegressor:
         """Fit the GP: build ``K`` and solve ``(K + noise I) alpha = y``.
 
         Parameters
@@ -457,7 +466,7 @@ class NNGPClassifier(ClassifierMixin, _NNGPBase):
                          max_in_memory=max_in_memory)
         self.targets = targets
 
-    def fit(self, X: Any, y: Any) -> "NNGPClassifier":
+    def fit(self, X: Any, y: Any) -> NNGPClassifier:
         """Fit on class labels ``y`` (n_samples,) of any type.
 
         Returns

@@ -44,7 +44,7 @@ class PeakRSS:
             self.peak = max(self.peak, tree_rss(self.pid))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.peak = tree_rss(self.pid)
         self._thread.start()
         return self

@@ -95,7 +95,7 @@ def _ellipse(cov: np.ndarray, radius: float, points: int = 200) -> np.ndarray:
 # The correspondence
 
 
-def joint_distribution(samples: "JointSamples", path: str | Path = "joint_distribution.png") -> Path:
+def joint_distribution(samples: JointSamples, path: str | Path = "joint_distribution.png") -> Path:
     """The classic NNGP picture: outputs ``(f(x1), f(x2))`` of random networks, one panel per width,
     under the 1, 2, 3-sigma contours of the NNGP Gaussian ``N(0, K(x_pair))``.
 
@@ -146,7 +146,7 @@ def joint_distribution(samples: "JointSamples", path: str | Path = "joint_distri
     return save_figure(fig, path)
 
 
-def error_vs_width(result: "ValidationResult", path: str | Path = "error_vs_width.png") -> Path:
+def error_vs_width(result: ValidationResult, path: str | Path = "error_vs_width.png") -> Path:
     """Log-log convergence of a :class:`~nngp_dask.validation.ValidationResult`.
 
     Left: the relative error against width with its fitted line and the Monte Carlo noise

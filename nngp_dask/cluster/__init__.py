@@ -3,8 +3,19 @@ the client every distributed step asks for (:func:`client_for`)."""
 
 from typing import Any
 
-from .runtime import (CLUSTER_SCHEMA, ClusterConfigError, LazyClient, client_for, embedded_client, is_cluster_file,
-                      jobqueue_kwargs, kubernetes_kwargs, load_cluster_file, local_cluster, local_cluster_kwargs)
+from .runtime import (
+    CLUSTER_SCHEMA,
+    ClusterConfigError,
+    LazyClient,
+    client_for,
+    embedded_client,
+    is_cluster_file,
+    jobqueue_kwargs,
+    kubernetes_kwargs,
+    load_cluster_file,
+    local_cluster,
+    local_cluster_kwargs,
+)
 from .workerenv import MALLOC_ENV, WORKER_ENV
 
 __all__ = [

@@ -82,7 +82,7 @@ class WorkerProcess(ProcessInterface):
             proc.terminate()  # the nanny closes its worker, then exits
             try:
                 await asyncio.wait_for(proc.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _kill_tree(proc.pid)
                 await proc.wait()
         await super().close()
@@ -181,7 +181,7 @@ class EmbeddedCluster(SpecCluster):
                                                    "dashboard_address": dashboard_address,
                                                    "security": security, **tls}}
         worker = {"cls": WorkerProcess, "options": {"env": worker_env, "options": options}}
-        super().__init__(workers={i: worker for i in range(n_workers)}, scheduler=scheduler, worker=worker,
+        super().__init__(workers=dict.fromkeys(range(n_workers), worker), scheduler=scheduler, worker=worker,
                          security=security, silence_logs=logging.WARN, name="nngp-dask")
         self.sync(self._join, start_timeout)
 

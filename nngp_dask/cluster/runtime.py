@@ -400,7 +400,7 @@ class LazyClient:
             log.info("Dask dashboard: %s", self._open.dashboard_link)
         return self._open
 
-    def __enter__(self) -> "LazyClient":
+    def __enter__(self) -> LazyClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,8 +22,18 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..cluster import client_for
 from ..kernels import tile as tile_fn
-from ..linalg import (AUTO_RANK, PRECONDITIONERS, CGState, ConvergenceWarning, LowRank, batched_cg, cholesky_factor,
-                      default_maxiter, dense_solve, make_preconditioner)
+from ..linalg import (
+    AUTO_RANK,
+    PRECONDITIONERS,
+    CGState,
+    ConvergenceWarning,
+    LowRank,
+    batched_cg,
+    cholesky_factor,
+    default_maxiter,
+    dense_solve,
+    make_preconditioner,
+)
 from ..monitor import Heartbeat
 from ..store import KernelStore, diagonals_path, inputs_path, open_kernel, solve_path
 from .operator import StoredKernelOperator

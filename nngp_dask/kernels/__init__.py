@@ -5,8 +5,22 @@ from .activations import ACTIVATIONS, Activation, Elementwise, Erf, Step, TwoSlo
 from .architecture import Architecture
 from .gram import GramBlock, depth_kernels, gram_block, point_diagonals, recurse_gram
 from .inputs import NORMALIZATIONS, InputError, check_inputs, first_nonfinite_row, nonfinite_message, normalize
-from .tiles import (KINDS, KernelOverflowError, all_finite, check_architecture, check_dtype, check_kind, check_range,
-                    diagonals, diagonals_from_norms, input_gram, kernel, overflow_reason, tile, tile_from_gram)
+from .tiles import (
+                    KINDS,
+                    KernelOverflowError,
+                    all_finite,
+                    check_architecture,
+                    check_dtype,
+                    check_kind,
+                    check_range,
+                    diagonals,
+                    diagonals_from_norms,
+                    input_gram,
+                    kernel,
+                    overflow_reason,
+                    tile,
+                    tile_from_gram,
+)
 
 __all__ = [
     "ACTIVATIONS",

@@ -24,11 +24,10 @@ therefore compiles each kernel once, and every later process loads it from Numba
 from __future__ import annotations
 
 import math
-
-import numpy as np
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import numpy as np
 from numba import njit
 
 from .activations import FAMILY_ERF, FAMILY_HERMITE, FAMILY_STEP, FAMILY_TWO_SLOPE

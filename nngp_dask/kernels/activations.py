@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -324,7 +325,7 @@ def _build(name: str, options: Mapping[str, Any]) -> Activation:
         "erf": (),
         "leaky_relu": ("slope",),
         "two_slope": ("negative_slope", "positive_slope"),
-        **{n: ("degree", "nodes") for n in _NAMED_FUNCTIONS},
+        **dict.fromkeys(_NAMED_FUNCTIONS, ("degree", "nodes")),
     }
     unknown = set(options) - set(allowed[name])
     if unknown:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class Architecture:
         object.__setattr__(self, "weight_var", _check_real("weight_var", weight_var, positive=True))
         object.__setattr__(self, "bias_var", _check_real("bias_var", bias_var, positive=False))
 
-    def replace(self, **changes: Any) -> "Architecture":
+    def replace(self, **changes: Any) -> Architecture:
         """A copy with some fields changed (validated again)."""
         fields = {"depth": self.depth, "activation": self.activation, "weight_var": self.weight_var,
                   "bias_var": self.bias_var}
@@ -90,7 +91,7 @@ class Architecture:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Architecture":
+    def from_dict(cls, data: Mapping[str, Any]) -> Architecture:
         """Inverse of :meth:`to_dict`; unknown keys are refused."""
         if not isinstance(data, Mapping):
             raise TypeError(f"architecture: expected a mapping, got {type(data).__name__}")

@@ -5,8 +5,17 @@ and the compiled products of one tile with thin blocks."""
 from .cg import ConvergenceWarning, batched_cg, check_rhs, default_maxiter
 from .cg_state import CGResult, CGState
 from .dense import cholesky_factor, dense_solve, positive_definite_advice
-from .preconditioners import (AUTO_RANK, PRECONDITIONERS, Identity, Jacobi, LowRank, Nystrom, PivotedCholesky,
-                              Preconditioner, make_preconditioner)
+from .preconditioners import (
+                              AUTO_RANK,
+                              PRECONDITIONERS,
+                              Identity,
+                              Jacobi,
+                              LowRank,
+                              Nystrom,
+                              PivotedCholesky,
+                              Preconditioner,
+                              make_preconditioner,
+)
 from .products import tile_matmat_t
 from .slq import LogdetEstimate, log_marginal_likelihood, logdet_dense, slq_logdet
 

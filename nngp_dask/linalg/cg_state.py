@@ -4,8 +4,8 @@ result (:class:`CGResult`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -102,7 +102,7 @@ class CGState:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, ArrayLike]) -> "CGState":
+    def from_arrays(cls, arrays: Mapping[str, ArrayLike]) -> CGState:
         """Rebuild a state from :meth:`to_arrays` output (or Zarr arrays with those names)."""
         names = cls._ARRAYS + ("iteration",)
         missing = [name for name in names if name not in arrays]

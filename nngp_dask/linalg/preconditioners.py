@@ -35,7 +35,8 @@ References
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -226,7 +227,7 @@ class LowRank(Preconditioner):
 
     @classmethod
     def _from_ordered_factor(cls, f: NDArray[np.float64], s: NDArray[np.float64], noise: float, *, name: str,
-                             info: dict[str, Any] | None = None) -> "LowRank":
+                             info: dict[str, Any] | None = None) -> LowRank:
         """From ``F = U diag(s)`` already computed (orthogonal columns, ``s`` descending)."""
         self = cls.__new__(cls)
         self._set(f, s, noise, name, info)
@@ -281,7 +282,7 @@ class PivotedCholesky(LowRank):
 
     @classmethod
     def build(cls, diag: ArrayLike, column_fn: ColumnFn, rank: int, noise: float, *, tol: float = 1e-8,
-              block_size: int = 1) -> "PivotedCholesky":
+              block_size: int = 1) -> PivotedCholesky:
         """Pivoted partial Cholesky of ``K`` from its diagonal and columns on demand.
 
         At each step the pivot is the index of the largest residual diagonal
@@ -367,7 +368,7 @@ class Nystrom(LowRank):
 
     @classmethod
     def build(cls, column_fn: ColumnFn, n: int, rank: int, noise: float, seed: int | None = 0, *,
-              rcond: float = 1e-10, block_size: int = 256) -> "Nystrom":
+              rcond: float = 1e-10, block_size: int = 256) -> Nystrom:
         """Build from ``rank`` uniformly drawn landmark columns.
 
         Parameters

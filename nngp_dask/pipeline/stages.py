@@ -16,10 +16,11 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -302,7 +303,8 @@ class Pipeline:
             "figures": figures,
             # from the installed metadata: importing distributed only for its version took a second
             "versions": {"nngp_dask": __version__, "python": platform.python_version(),
-                         **{name: version(name) for name in ("numpy", "scipy", "dask", "distributed", "zarr", "numba")}},
+                         **{name: version(name)
+                            for name in ("numpy", "scipy", "dask", "distributed", "zarr", "numba")}},
             "config": self.cfg,
         }
         report["kernel"].pop("solves", None)

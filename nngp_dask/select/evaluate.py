@@ -17,10 +17,26 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 
-from ..gp import (DIRECT_MAX_N, accuracy, nlpd, posterior_mean, rmse, variance_from_cholesky, variance_from_eigh,
-                  variance_from_solve)
-from ..linalg import (AUTO_RANK, ConvergenceWarning, batched_cg, cholesky_factor, log_marginal_likelihood,
-                      make_preconditioner, positive_definite_advice, slq_logdet)
+from ..gp import (
+    DIRECT_MAX_N,
+    accuracy,
+    nlpd,
+    posterior_mean,
+    rmse,
+    variance_from_cholesky,
+    variance_from_eigh,
+    variance_from_solve,
+)
+from ..linalg import (
+    AUTO_RANK,
+    ConvergenceWarning,
+    batched_cg,
+    cholesky_factor,
+    log_marginal_likelihood,
+    make_preconditioner,
+    positive_definite_advice,
+    slq_logdet,
+)
 
 __all__ = ["MarginalLikelihood", "marginal_likelihood"]
 

@@ -86,5 +86,5 @@ def sweep_kernels(
     for wv, bv in itertools.product(grid["weight_var"], grid["bias_var"]):
         arch_max = Architecture(max(depths), activation, wv, bv)
         check_kind(kind, arch_max)
-        for l, k in depth_kernels(arch_max, block, depths, kind, True):
-            yield arch_max.replace(depth=l), k
+        for layers, k in depth_kernels(arch_max, block, depths, kind, True):
+            yield arch_max.replace(depth=layers), k

@@ -57,8 +57,18 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from ..gp import DIRECT_MAX_N, TARGETS, encode_labels, one_hot_targets
-from ..kernels import (NORMALIZATIONS, Architecture, InputError, check_dtype, check_inputs, check_kind, depth_kernels,
-                       gram_block, normalize as normalize_rows, point_diagonals)
+from ..kernels import (
+    NORMALIZATIONS,
+    Architecture,
+    InputError,
+    check_dtype,
+    check_inputs,
+    check_kind,
+    depth_kernels,
+    gram_block,
+    normalize as normalize_rows,
+    point_diagonals,
+)
 from .evaluate import SweepProblem, evaluate_noises
 from .grids import CRITERIA, EIGH_MIN_NOISES, SOLVERS, TASKS, check_grid
 from .result import COLUMNS, SweepResult
@@ -290,7 +300,7 @@ def run_sweep(
                                 method, prob)
             timings["solve_s"] += time.perf_counter() - t0
             for nz, nz_abs, res in zip(g["noise"], noises_abs, results):
-                row = {c: None for c in COLUMNS}
+                row = dict.fromkeys(COLUMNS)
                 row.update(weight_var=wv, bias_var=bv, depth=depth, noise=nz, noise_abs=float(nz_abs),
                            solver=method)
                 row.update(res)

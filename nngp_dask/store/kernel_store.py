@@ -21,8 +21,20 @@ from ..kernels import Architecture
 from ..tiling import TileGrid
 from . import layout
 from .errors import IncompleteKernelError, NotAKernelStoreError, StoreMismatchError
-from .layout import (ATTR, FORMAT_VERSION, SOLVES, TEST_PRIOR, StoreIdentity, diagonals_path, done_path, format_message,
-                     has_checksum, is_remote, kernel_path, normalise_url)
+from .layout import (
+    ATTR,
+    FORMAT_VERSION,
+    SOLVES,
+    TEST_PRIOR,
+    StoreIdentity,
+    diagonals_path,
+    done_path,
+    format_message,
+    has_checksum,
+    is_remote,
+    kernel_path,
+    normalise_url,
+)
 from .tileio import TileIO, read_tile_task, tile_io
 
 __all__ = ["KernelStore", "open_kernel", "store_contents"]
@@ -105,8 +117,8 @@ def store_contents(url: str, storage_options: dict | None = None) -> dict[str, A
                                    "new or empty folder, or a kernel store") from None
     except _UNREADABLE as exc:
         raise NotAKernelStoreError(f"store: {url!r} is not a valid nngp-dask kernel store: its zarr.json cannot be "
-                                   f"read ({type(exc).__name__}: {exc}); it is damaged or was not written by nngp-dask. "
-                                   "Move it away or choose another store path") from None
+                                   f"read ({type(exc).__name__}: {exc}); it is damaged or was not written by "
+                                   "nngp-dask. Move it away or choose another store path") from None
     meta = g.attrs.get(ATTR)
     if meta is None and not dict(g.attrs) and not any(True for _ in g.keys()):
         return None  # an empty Zarr group holds nothing to lose
@@ -263,7 +275,7 @@ class KernelStore:
         where = hashlib.blake2b(self.url.encode(), digest_size=4).hexdigest()
         return f"nngp-read-{what}-{self.identity.token()}-{where}"
 
-    def tiles(self, part: str = "train_train") -> "TileIO":
+    def tiles(self, part: str = "train_train") -> TileIO:
         """Verified reads (and writes) of the tiles of ``kernel/<part>``, in this process."""
         return tile_io(self.url, self._options_json(), self.identity.token(), part)
 

@@ -124,7 +124,7 @@ class StoreIdentity:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
-    def differences(self, other: "StoreIdentity") -> list[str]:
+    def differences(self, other: StoreIdentity) -> list[str]:
         """Human-readable fields that differ, ``"field: store has A, requested B"``."""
         out = []
         for field, mine in asdict(self).items():
@@ -134,7 +134,7 @@ class StoreIdentity:
         return out
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], url: str) -> "StoreIdentity":
+    def from_meta(cls, meta: dict[str, Any], url: str) -> StoreIdentity:
         """The identity recorded in a store's attributes; :class:`NotAKernelStoreError` when its
         fields are not the ones this version writes."""
         data, names = meta.get("identity"), set(cls.__dataclass_fields__)

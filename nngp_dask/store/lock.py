@@ -228,7 +228,7 @@ class _LockHeartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nngp-dask-lock-heartbeat", daemon=True)
 
-    def __enter__(self) -> "_LockHeartbeat":
+    def __enter__(self) -> _LockHeartbeat:
         self._thread.start()
         return self
 

@@ -3,8 +3,8 @@ distribution approaches the kernel's Gaussian (``nngp-dask validate-kernel --plo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray

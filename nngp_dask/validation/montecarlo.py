@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -173,11 +174,11 @@ class ValidationResult:
         arch = self.architecture
         lines = [
             f"NNGP kernel vs finite-width networks: {arch!r}",
-            f"{self.points} inputs in {self.input_dim} dimensions, seed {self.seed}, "
-            f"estimator {self.estimator!r}, {self.seconds:.1f} s",
+            (f"{self.points} inputs in {self.input_dim} dimensions, seed {self.seed}, "
+             f"estimator {self.estimator!r}, {self.seconds:.1f} s"),
             "",
-            f"{'width':>7} {'networks':>9} {'rel.error':>10} {'noise floor':>11} {'err/floor':>9} "
-            f"{'bias':>10} {'bias s.e.':>10} {'bias*width':>10} {'max|z|':>7}",
+            (f"{'width':>7} {'networks':>9} {'rel.error':>10} {'noise floor':>11} {'err/floor':>9} "
+             f"{'bias':>10} {'bias s.e.':>10} {'bias*width':>10} {'max|z|':>7}"),
         ]
         for i, w in enumerate(self.widths):
             err, fl, b, bf = self.errors[i], self.noise_floors[i], self.biases[i], self.bias_floors[i]
@@ -196,8 +197,8 @@ class ValidationResult:
         """The fitted slopes and the verdict, one line each."""
         c = self.bias_coefficient
         return [
-            f"slope of error vs width:    {_fmt_fit(self.error_fit)}  "
-            "(-1 where the O(1/width) bias dominates, -1/2 where sampling noise does)",
+            (f"slope of error vs width:    {_fmt_fit(self.error_fit)}  "
+             "(-1 where the O(1/width) bias dominates, -1/2 where sampling noise does)"),
             f"slope of bias vs width:     {_fmt_fit(self.bias_fit)}  (theory: -1)"
             + ("" if c is None else f", bias ~ {c:.3g} / width"),
             f"slope of error vs networks: {_fmt_fit(self.sample_fit)}  (theory: -1/2)",
