@@ -7,7 +7,7 @@ in-memory twin used for small problems and as the oracle of the tiled path.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -22,6 +22,9 @@ __all__ = ["KINDS", "KernelOverflowError", "diagonals", "input_gram", "tile", "t
            "check_dtype", "check_architecture", "check_range", "overflow_reason", "all_finite", "diagonals_from_norms"]
 
 Kind = Literal["nngp", "ntk", "both"]
+# The overloads below type "both" (a literal at every call that wants it) as the (nngp, ntk) pair and any other
+# string as one kernel: kinds read at run time (a config, a store, an estimator's parameter) are single kinds,
+# refused by check_kind otherwise. mypy calls the two overlapping ([overload-overlap]): a str could hold "both".
 KINDS: tuple[str, ...] = ("nngp", "ntk")
 
 
@@ -216,6 +219,22 @@ def input_gram(x_rows: NDArray, x_cols: NDArray, dtype: np.dtype, symmetric: boo
     return a @ np.ascontiguousarray(x_cols, dtype=dtype).T
 
 
+@overload
+def tile(  # type: ignore[overload-overlap]
+    arch: Architecture,
+    x_rows: NDArray,
+    x_cols: NDArray,
+    diag_rows: NDArray,
+    diag_cols: NDArray,
+    *,
+    kind: Literal["both"],
+    dtype: DTypeLike = ...,
+    all_depths: bool = ...,
+    symmetric: bool = ...,
+) -> tuple[NDArray, NDArray]: ...
+
+
+@overload
 def tile(
     arch: Architecture,
     x_rows: NDArray,
@@ -223,7 +242,21 @@ def tile(
     diag_rows: NDArray,
     diag_cols: NDArray,
     *,
-    kind: Kind = "nngp",
+    kind: str = ...,
+    dtype: DTypeLike = ...,
+    all_depths: bool = ...,
+    symmetric: bool = ...,
+) -> NDArray: ...
+
+
+def tile(
+    arch: Architecture,
+    x_rows: NDArray,
+    x_cols: NDArray,
+    diag_rows: NDArray,
+    diag_cols: NDArray,
+    *,
+    kind: str = "nngp",
     dtype: DTypeLike = np.float32,
     all_depths: bool = False,
     symmetric: bool = False,
@@ -260,6 +293,22 @@ def tile(
                           all_depths=all_depths, symmetric=symmetric, overwrite_gram=True)
 
 
+@overload
+def tile_from_gram(  # type: ignore[overload-overlap]
+    arch: Architecture,
+    gram: NDArray,
+    diag_rows: NDArray,
+    diag_cols: NDArray,
+    *,
+    features: int,
+    kind: Literal["both"],
+    all_depths: bool = ...,
+    symmetric: bool = ...,
+    overwrite_gram: bool = ...,
+) -> tuple[NDArray, NDArray]: ...
+
+
+@overload
 def tile_from_gram(
     arch: Architecture,
     gram: NDArray,
@@ -267,7 +316,21 @@ def tile_from_gram(
     diag_cols: NDArray,
     *,
     features: int,
-    kind: Kind = "nngp",
+    kind: str = ...,
+    all_depths: bool = ...,
+    symmetric: bool = ...,
+    overwrite_gram: bool = ...,
+) -> NDArray: ...
+
+
+def tile_from_gram(
+    arch: Architecture,
+    gram: NDArray,
+    diag_rows: NDArray,
+    diag_cols: NDArray,
+    *,
+    features: int,
+    kind: str = "nngp",
     all_depths: bool = False,
     symmetric: bool = False,
     overwrite_gram: bool = False,
@@ -321,12 +384,36 @@ def tile_from_gram(
     return k_out, t_out
 
 
+@overload
+def kernel(  # type: ignore[overload-overlap]
+    arch: Architecture,
+    x1: ArrayLike,
+    x2: ArrayLike | None = ...,
+    *,
+    kind: Literal["both"],
+    dtype: DTypeLike = ...,
+    all_depths: bool = ...,
+) -> tuple[NDArray, NDArray]: ...
+
+
+@overload
+def kernel(
+    arch: Architecture,
+    x1: ArrayLike,
+    x2: ArrayLike | None = ...,
+    *,
+    kind: str = ...,
+    dtype: DTypeLike = ...,
+    all_depths: bool = ...,
+) -> NDArray: ...
+
+
 def kernel(
     arch: Architecture,
     x1: ArrayLike,
     x2: ArrayLike | None = None,
     *,
-    kind: Kind = "nngp",
+    kind: str = "nngp",
     dtype: DTypeLike = np.float32,
     all_depths: bool = False,
 ) -> NDArray | tuple[NDArray, NDArray]:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -164,7 +164,7 @@ class KernelStore:
         _note_version(self.url, meta.get("version"))
         if layout.CHECKSUMS:  # read at call time: a benchmark switches it off
             for part in ("train_train", "test_train"):
-                if kernel_path(part) in self.group and not has_checksum(self.group[kernel_path(part)]):
+                if kernel_path(part) in self.group and not has_checksum(self.array(kernel_path(part))):
                     raise StoreMismatchError(f"store: kernel/{part} at {self.url!r} has no tile checksums "
                                              "(crc32c codec); rebuild the store (overwrite=True, or a new path)")
 
@@ -206,14 +206,14 @@ class KernelStore:
         return TileGrid(self.identity.n_test, self.identity.n_train, self.tile) if self.identity.n_test else None
 
     def array(self, path: str) -> zarr.Array:
-        return self.group[path]
+        return cast(zarr.Array, self.group[path])  # every path of the layout but solves/ names an array
 
     # --- completion ------------------------------------------------------------------------
     def done_mask(self, part: str = "train_train") -> np.ndarray:
         """Boolean (tiles x tiles) mask of tiles recorded complete."""
         if done_path(part) not in self.group:
             return np.zeros((0, 0), dtype=bool)
-        return self.group[done_path(part)][...].astype(bool)
+        return np.asarray(self.array(done_path(part))[...]).astype(bool)
 
     def missing_tiles(self, part: str = "train_train") -> list[tuple[int, int]]:
         """Tiles not yet recorded complete (upper tiles only for ``train_train``); empty when done."""
@@ -264,6 +264,7 @@ class KernelStore:
             raise ValueError(f"store: {self.url!r} holds no test inputs; pass x_test to build_kernel")
         self.require_complete("test_train")
         name, grid = self._graph_name("test_train"), self.test_grid
+        assert grid is not None  # n_test > 0
         dsk = {(name, i, j): (read_tile_task, self.url, self._options_json(), self.identity.token(), "test_train",
                               i, j) for i, j in grid.all_tiles()}
         return da.Array(dsk, name, chunks=grid.chunks(), dtype=self.dtype)
@@ -309,7 +310,7 @@ class KernelStore:
         rows, cols = np.nonzero(self.done_mask(part))
         recorded = list(zip(rows.tolist(), cols.tolist()))
         sizes = io.chunk_sizes(recorded)
-        bad = [(i, j, io.size_problem(size)) for (i, j), size in zip(recorded, sizes) if io.size_problem(size)]
+        bad = [(i, j, problem) for (i, j), size in zip(recorded, sizes) if (problem := io.size_problem(size))]
         if full:
             flagged = {(i, j) for i, j, _ in bad}
             for i, j in recorded:
@@ -319,18 +320,18 @@ class KernelStore:
 
     def forget_tiles(self, part: str, tiles: list[tuple[int, int]]) -> None:
         """Clear the completion records of ``tiles``: the next build rewrites them."""
-        done = self.group[done_path(part)]
+        done = self.array(done_path(part))
         for i, j in tiles:
             done[i, j] = 0
 
     def test_prior(self) -> np.ndarray:
         """Prior variances K(x*, x*) of the test inputs, (m,) float64."""
-        return self.group[TEST_PRIOR][...]
+        return np.asarray(self.array(TEST_PRIOR)[...])
 
     def diagonal(self) -> np.ndarray:
         """Diagonal of the stored train x train kernel (depth L), float64 (n,)."""
         key = diagonals_path("train", ntk=self.kind == "ntk")
-        return self.group[key][self.architecture.depth].astype(np.float64)
+        return np.asarray(self.array(key)[self.architecture.depth]).astype(np.float64)
 
     def nbytes_stored(self) -> int:
         """Bytes of kernel values written (upper tiles and test tiles)."""
@@ -367,7 +368,7 @@ class KernelStore:
             total = self.test_grid.shape[0] * self.test_grid.shape[1]
             out["tiles_test_train"] = f"{total - len(self.missing_tiles('test_train'))}/{total}"
         if SOLVES in self.group:
-            out["solves"] = {name: dict(g.attrs) for name, g in self.group[SOLVES].groups()}
+            out["solves"] = {name: dict(g.attrs) for name, g in cast(zarr.Group, self.group[SOLVES]).groups()}
         return out
 
     def __repr__(self) -> str:

@@ -38,10 +38,12 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.core.common import AccessModeLiteral
+from zarr.core.metadata import ArrayV3Metadata
 
 from .._version import __version__
 from .errors import NotAKernelStoreError
@@ -162,7 +164,8 @@ def format_message(url: str, found: Any) -> str:
 
 def has_checksum(arr: zarr.Array) -> bool:
     """Whether ``arr``'s chunks end with a CRC32C (format 2)."""
-    return any(isinstance(c, Crc32cCodec) for c in arr.metadata.codecs)
+    # the store's arrays are Zarr v3 arrays (array_codecs); v2 metadata has no codecs
+    return any(isinstance(c, Crc32cCodec) for c in cast(ArrayV3Metadata, arr.metadata).codecs)
 
 
 def normalise_url(store: str | os.PathLike) -> str:
@@ -182,12 +185,12 @@ def normalise_url(store: str | os.PathLike) -> str:
 
 
 @lru_cache(maxsize=8)
-def _cached_group(url: str, options_json: str, mode: str) -> zarr.Group:
+def _cached_group(url: str, options_json: str, mode: AccessModeLiteral) -> zarr.Group:
     options = json.loads(options_json) or None
     return zarr.open_group(url, mode=mode, storage_options=options if is_remote(url) else None)
 
 
-def open_group(url: str, storage_options: dict | None = None, *, mode: str = "r+") -> zarr.Group:
+def open_group(url: str, storage_options: dict | None = None, *, mode: AccessModeLiteral = "r+") -> zarr.Group:
     """Open (and cache per process) the store's root group; used by workers for every tile."""
     return _cached_group(url, json.dumps(storage_options or {}, sort_keys=True), mode)
 

@@ -75,7 +75,8 @@ def _stale(other: dict | None, raw: bytes, ttl: float) -> str | None:
         return f"pid {pid} is no longer running on this host"
     limit = ttl if "heartbeat" in other else _LEGACY_LOCK_TTL_S
     try:
-        age = time.time() - float(other.get("heartbeat", other.get("since")))
+        stamp: Any = other.get("heartbeat", other.get("since"))  # JSON: neither (None) is the TypeError below
+        age = time.time() - float(stamp)
     except (TypeError, ValueError):
         return "it has no heartbeat"
     if not age <= limit:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import DTypeLike, NDArray
 
 from ..kernels import InputError
 from .layout import is_remote
@@ -28,8 +28,11 @@ __all__ = ["ArraySource", "as_source", "open_source", "read_all", "read_csv", "I
 
 
 class ArraySource(Protocol):
-    shape: tuple[int, ...]
-    dtype: np.dtype
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
 
     def read(self, start: int, stop: int) -> NDArray: ...
 
@@ -65,7 +68,7 @@ def as_source(x: Any, name: str = "x") -> ArraySource:
 
 
 # --- IDX (the MNIST distribution format, LeCun et al.) -------------------------------------
-IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+IDX_DTYPES: dict[int, DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
@@ -181,7 +184,7 @@ def _open_source(p: str, key: str | None) -> ArraySource:
     if lower.rstrip("/").endswith(".zarr") or is_remote(p):
         import zarr
 
-        node = zarr.open(p, mode="r")
+        node: Any = zarr.open(p, mode="r")  # an array, or a group (to index by key)
         if key is not None:
             node = node[key]
         if not hasattr(node, "shape"):

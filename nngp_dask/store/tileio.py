@@ -13,12 +13,13 @@ import os
 import time
 import uuid
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast, overload
 
 import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
+from zarr.core.metadata import ArrayV3Metadata
 
 from .errors import CorruptTileError, StoreMismatchError
 from .layout import done_path, has_checksum, is_remote, kernel_path, local_chunk_file, open_group
@@ -63,8 +64,9 @@ class TileIO:
     def __init__(self, url: str, storage_options: dict | None, part: str) -> None:
         self.url, self.part = url, part
         self.storage_options = storage_options
-        self.array = open_group(url, storage_options)[kernel_path(part)]
-        codecs = tuple(self.array.metadata.codecs)
+        self.array = cast(zarr.Array, open_group(url, storage_options)[kernel_path(part)])
+        # a kernel store's arrays are Zarr v3 arrays (layout.array_codecs)
+        codecs = tuple(cast(ArrayV3Metadata, self.array.metadata).codecs)
         self.checksum = has_checksum(self.array)
         serializer = codecs[0] if codecs else None
         if not isinstance(serializer, BytesCodec) or getattr(serializer.endian, "value", None) not in (None, "little") \
@@ -99,13 +101,18 @@ class TileIO:
         next build rewrites it."""
         cleared = "its completion record was cleared: "
         try:
-            open_group(self.url, self.storage_options)[done_path(self.part)][i, j] = 0
+            cast(zarr.Array, open_group(self.url, self.storage_options)[done_path(self.part)])[i, j] = 0
         except Exception as exc:  # a read-only store, say: the message still names the tile
             log.warning("could not clear the record of damaged tile (%d, %d) of %s: %s", i, j, self.url, exc)
             cleared = ""
         _VERIFIED.pop(self.path(i, j) or "", None)
         return CorruptTileError(f"kernel tile ({i}, {j}) of {self.url}/kernel/{self.part} {what}; {cleared}run the "
                                 "build again (build_kernel, or the same nngp-dask command) to rebuild it")
+
+    @overload
+    def size_problem(self, size: None) -> str: ...
+    @overload
+    def size_problem(self, size: int) -> str | None: ...
 
     def size_problem(self, size: int | None) -> str | None:
         """What is wrong with a chunk of ``size`` bytes (None: missing), or None if nothing."""
@@ -133,8 +140,10 @@ class TileIO:
         if self.local:
             out: list[int | None] = []
             for i, j in tiles:
+                path = self.path(i, j)
+                assert path is not None  # a local store
                 try:
-                    out.append(os.stat(self.path(i, j)).st_size)
+                    out.append(os.stat(path).st_size)
                 except FileNotFoundError:
                     out.append(None)
             return out
@@ -153,15 +162,17 @@ class TileIO:
             from zarr.core.buffer import default_buffer_prototype
             from zarr.core.sync import sync
 
-            got = sync(self.array.store_path.store.get(self._key(i, j), prototype=default_buffer_prototype()))
-            raw = None if got is None else got.as_numpy_array()
+            fetched = sync(self.array.store_path.store.get(self._key(i, j), prototype=default_buffer_prototype()))
+            raw = None if fetched is None else fetched.as_numpy_array()
             problem = self.size_problem(None if raw is None else raw.size)
             if problem:
                 raise self.damaged(i, j, problem)
+            assert raw is not None  # size_problem(None) is a problem
             if self.checksum and not self._crc_ok(raw):
                 raise self.damaged(i, j, "failed its crc32c check")
             return raw
         path = self.path(i, j)
+        assert path is not None  # a local store
         try:
             f = open(path, "rb", buffering=0)
         except FileNotFoundError:
@@ -169,13 +180,14 @@ class TileIO:
         with f:
             st = os.fstat(f.fileno())
             if st.st_size != self.nbytes:
-                raise self.damaged(i, j, self.size_problem(st.st_size))
+                raise self.damaged(i, j, cast(str, self.size_problem(st.st_size)))  # a size other than nbytes
             raw = out[:self.nbytes] if out is not None and out.size >= self.nbytes else np.empty(self.nbytes, np.uint8)
-            view, got = memoryview(raw), 0
+            # numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; arrays export buffers on 3.11 too
+            view, got = memoryview(raw), 0  # type: ignore[arg-type]
             while got < self.nbytes and (n := f.readinto(view[got:])):
                 got += n
         if got != self.nbytes:
-            raise self.damaged(i, j, self.size_problem(got))
+            raise self.damaged(i, j, cast(str, self.size_problem(got)))  # a size other than nbytes
         if self.checksum:
             sig, seen = _signature(st), _VERIFIED.get(path)
             if force or seen is None or seen[0] != sig or time.monotonic() - seen[1] > VERIFIED_TTL_S:
@@ -216,11 +228,12 @@ class TileIO:
             values = full
         flat = np.ascontiguousarray(values, dtype=self.dtype).reshape(-1).view(np.uint8)
         path = self.path(i, j)
+        assert path is not None  # a local store
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.partial"  # what remove_interrupted_writes removes
         try:
             with open(tmp, "wb", buffering=0) as f:
-                _write_all(f, memoryview(flat))
+                _write_all(f, memoryview(flat))  # type: ignore[arg-type]  # (ndarray.__buffer__: see _raw)
                 if self.checksum:
                     f.write(google_crc32c.value(flat).to_bytes(4, "little"))
             os.replace(tmp, path)
