@@ -38,7 +38,7 @@ class Field:
 
     def __init__(self, types: type | tuple[type, ...], default: Any, doc: str, *, choices: Sequence[Any] | None = None,
                  minimum: float | None = None, exclusive_minimum: bool = False, path: bool = False) -> None:
-        self.types = types if isinstance(types, tuple) else (types,)
+        self.types: tuple[type[Any], ...] = types if isinstance(types, tuple) else (types,)
         self.default, self.doc, self.choices = default, doc, choices
         self.minimum, self.exclusive_minimum, self.path = minimum, exclusive_minimum, path
 

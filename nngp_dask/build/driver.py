@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -85,8 +85,8 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
     # a half-written store is recognisably ours, so a re-run may recreate it
     g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "ingesting": True}
     t, depth = ident.tile, arch.depth
-    kw = dict(overwrite=True, **array_codecs())  # every data chunk ends with its CRC32C
-    flags = dict(compressors=None, overwrite=True)  # completion records: a lost or garbled one means "rebuild"
+    kw: dict[str, Any] = dict(overwrite=True, **array_codecs())  # every data chunk ends with its CRC32C
+    flags: dict[str, Any] = dict(compressors=None, overwrite=True)  # completion records: a lost or garbled one means "rebuild"
     parts = [("train", train)] + ([("test", test)] if test else [])
     for name, prep in parts:
         x = g.create_array(inputs_path(name), shape=(prep.n, prep.d), chunks=(t, prep.d), dtype="float64", **kw)
@@ -114,7 +114,7 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
         g.create_array(done_path("test_train"), shape=tg.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **flags)
         prior = g.create_array(TEST_PRIOR, shape=(test.n,), chunks=(max(t, 1),), dtype="float64", **kw)
         key = diagonals_path("test", ntk=ident.kind == "ntk")
-        prior[:] = g[key][depth]
+        prior[:] = np.asarray(cast(zarr.Array, g[key])[depth])
     g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "identity": ident.__dict__,
                      "normalize": train.normalize}
 
@@ -323,6 +323,7 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
                 stats.compute_s += compute
                 stats.write_s += write
                 grid = ks.grid if part == "train_train" else ks.test_grid
+                assert grid is not None  # a test_train tile: the store has test inputs
                 stats.bytes_written += grid.entries([(i, j)]) * dt.itemsize
             fut.release()
             bar.update(1)

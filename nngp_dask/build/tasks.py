@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from functools import lru_cache
+from typing import cast
 
 import numpy as np
 import zarr
@@ -20,7 +21,7 @@ __all__ = ["tile_task"]
 def _array(url: str, options: str, token: str, path: str) -> zarr.Array:
     """An array of the store, opened once per worker and store identity (``token``): its metadata
     does not change while the identity holds."""
-    return open_group(url, json.loads(options) or None)[path]
+    return cast(zarr.Array, open_group(url, json.loads(options) or None)[path])
 
 
 @lru_cache(maxsize=6)
@@ -29,7 +30,7 @@ def _block(url: str, options: str, token: str, path: str, index: int, tile: int,
     are submitted row by row, so consecutive tiles share their row block."""
     arr = _array(url, options, token, path)
     sl = slice(index * tile, min((index + 1) * tile, arr.shape[-1] if path.startswith(DIAGONALS) else arr.shape[0]))
-    return arr[:, sl] if path.startswith(DIAGONALS) else np.ascontiguousarray(arr[sl], dtype=dtype)
+    return np.asarray(arr[:, sl]) if path.startswith(DIAGONALS) else np.ascontiguousarray(arr[sl], dtype=dtype)
 
 
 def tile_task(url: str, options: str, token: str, part: str, i: int, j: int, arch: Architecture, kind: str,

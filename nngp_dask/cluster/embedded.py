@@ -106,9 +106,10 @@ def _worker_config(security: Security | None) -> dict[str, Any]:
     if security is not None:
         updates.update({
             "distributed.comm.require-encryption": True,
-            "distributed.comm.tls.ca-file": security.tls_ca_file,
-            "distributed.comm.tls.worker.cert": security.tls_worker_cert,
-            "distributed.comm.tls.worker.key": security.tls_worker_key,
+            # Security sets its tls_* attributes in __init__ from a list of names: distributed declares none of them
+            "distributed.comm.tls.ca-file": security.tls_ca_file,  # type: ignore[attr-defined]
+            "distributed.comm.tls.worker.cert": security.tls_worker_cert,  # type: ignore[attr-defined]
+            "distributed.comm.tls.worker.key": security.tls_worker_key,  # type: ignore[attr-defined]
         })
     dask.config.set(updates, config=cfg)
     return cfg
@@ -187,6 +188,7 @@ class EmbeddedCluster(SpecCluster):
 
     async def _join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        assert self.scheduler is not None  # SpecCluster.__init__ made it
         while len(self.scheduler.workers) < len(self.worker_spec):
             dead = [w.process.returncode for w in self.workers.values()
                     if w.process is not None and w.process.returncode is not None]

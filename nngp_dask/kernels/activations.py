@@ -29,7 +29,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -207,6 +207,10 @@ class Elementwise(Activation):
     degree: int = 64
     nodes: int = 240
     family: ClassVar[int] = FAMILY_HERMITE
+    if TYPE_CHECKING:  # set once in __post_init__; not dataclass fields (no init, eq, repr or hash)
+        _z: NDArray
+        _w: NDArray
+        _basis: NDArray
 
     def __post_init__(self) -> None:
         if not callable(self.fn):

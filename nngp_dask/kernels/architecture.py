@@ -76,7 +76,7 @@ class Architecture:
 
     def replace(self, **changes: Any) -> Architecture:
         """A copy with some fields changed (validated again)."""
-        fields = {"depth": self.depth, "activation": self.activation, "weight_var": self.weight_var,
+        fields: dict[str, Any] = {"depth": self.depth, "activation": self.activation, "weight_var": self.weight_var,
                   "bias_var": self.bias_var}
         fields.update(changes)
         return Architecture(**fields)

@@ -48,7 +48,7 @@ class GramBlock:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.gram.shape  # type: ignore[return-value]
+        return self.gram.shape
 
     @property
     def dtype(self) -> np.dtype:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import NDArray
 
 __all__ = ["CGResult", "CGState"]
 
@@ -71,7 +72,7 @@ class CGState:
                     "b_norm": (k,)}
         for name in self._ARRAYS:
             dtype = np.bool_ if name == "active" else np.float64
-            arr = np.asarray(getattr(self, name), dtype=dtype)
+            arr: NDArray = np.asarray(getattr(self, name), dtype=dtype)
             if arr.flags.writeable or arr.base is not None:  # fresh read-only arrays are kept as they are
                 arr = arr.copy()
             if name in expected and arr.shape != expected[name]:
@@ -90,7 +91,7 @@ class CGState:
     @property
     def shape(self) -> tuple[int, int]:
         """``(n, k)``."""
-        return self.x.shape  # type: ignore[return-value]
+        return self.x.shape
 
     def to_arrays(self) -> dict[str, NDArray]:
         """Plain arrays, one per field, e.g. to write into a Zarr group.
@@ -102,13 +103,13 @@ class CGState:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, ArrayLike]) -> CGState:
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> CGState:
         """Rebuild a state from :meth:`to_arrays` output (or Zarr arrays with those names)."""
         names = cls._ARRAYS + ("iteration",)
         missing = [name for name in names if name not in arrays]
         if missing:
             raise ValueError(f"state: missing array {missing[0]!r}; expected arrays {list(names)}")
-        values = {name: np.asarray(arrays[name][...]) for name in names}
+        values: dict[str, Any] = {name: np.asarray(arrays[name][...]) for name in names}
         values["iteration"] = int(values["iteration"])
         return cls(**values)
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import scipy.linalg
@@ -227,7 +227,7 @@ class LowRank(Preconditioner):
 
     @classmethod
     def _from_ordered_factor(cls, f: NDArray[np.float64], s: NDArray[np.float64], noise: float, *, name: str,
-                             info: dict[str, Any] | None = None) -> LowRank:
+                             info: dict[str, Any] | None = None) -> Self:
         """From ``F = U diag(s)`` already computed (orthogonal columns, ``s`` descending)."""
         self = cls.__new__(cls)
         self._set(f, s, noise, name, info)
