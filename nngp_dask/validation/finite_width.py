@@ -22,7 +22,7 @@ weight matrices (the literal definition) and serves as a check.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -64,7 +64,8 @@ def _draw(rngs: list[np.random.Generator], shape: tuple[int, ...], dtype: np.dty
     return buf
 
 
-def _prepare(arch, x, width, networks, seed, batch, dtype, method):
+def _prepare(arch, x, width, networks, seed, batch, dtype, method
+             ) -> tuple[NDArray, np.dtype, int, int, list[tuple[int, int, bool]], int]:
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype: expected float32 or float64, got {dt}")
@@ -86,10 +87,12 @@ def _prepare(arch, x, width, networks, seed, batch, dtype, method):
     return x, dt, networks, seed, plan, batch
 
 
-def _layer(h: NDArray, rngs, fan_in: int, fan_out: int, projected: bool, r0, sw: float, sb: float, dt) -> NDArray:
+def _layer(h: NDArray, rngs: list[np.random.Generator], fan_in: int, fan_out: int, projected: bool,
+           r0: NDArray | None, sw: float, sb: float, dt: np.dtype) -> NDArray:
     """Pre-activations ``h W + b`` of one layer for a batch of networks, shape (b, n, fan_out)."""
     if projected:
-        r = r0 if r0 is not None else np.linalg.qr(np.swapaxes(h, -1, -2), mode="r")
+        # numpy's stubs type qr as a QRResult whatever the mode; mode="r" returns R alone
+        r = r0 if r0 is not None else cast(NDArray, np.linalg.qr(np.swapaxes(h, -1, -2), mode="r"))
         z = np.swapaxes(r, -1, -2) @ _draw(rngs, (r.shape[-2], fan_out), dt)
     else:
         z = h @ _draw(rngs, (fan_in, fan_out), dt)
@@ -139,9 +142,9 @@ def simulate(arch: Architecture, x: ArrayLike, *, width: int, networks: int, see
     wv, bv = arch.weight_var, arch.bias_var
     sw, sb = float(np.sqrt(wv)), float(np.sqrt(bv))
     # The first layer's inputs are shared by every network: factor them once.
-    r0 = np.linalg.qr(x.T, mode="r") if plan[0][2] else None
+    r0 = cast(NDArray, np.linalg.qr(x.T, mode="r")) if plan[0][2] else None  # (R alone: see _layer)
     out = np.empty((networks, n), dtype=dt) if outputs else None
-    kern = None
+    kern: NDArray | None = None
     if kernels == "last":
         kern = np.empty((networks, 1, n, n), dtype=dt)
     elif kernels == "all":
@@ -159,14 +162,17 @@ def simulate(arch: Architecture, x: ArrayLike, *, width: int, networks: int, see
                 k = h @ np.swapaxes(h, -1, -2)
                 k *= dt.type(wv / fan_out)
                 k += dt.type(bv)
+                assert kern is not None  # kernels is "all" or "last"
                 kern[start:stop, -1 if kernels == "last" else layer + 1] = k
         if kernels == "last" and arch.depth == 0:
+            assert kern is not None
             kern[start:stop, 0] = bv + (wv / d) * (x @ x.T)
         if out is not None:
             fan_in, fan_out, projected = plan[-1]
             z = _layer(h, rngs, fan_in, fan_out, projected, r0 if arch.depth == 0 else None, sw, sb, dt)
             out[start:stop] = np.broadcast_to(z, (b, n, 1))[..., 0]
     if kernels == "last":
+        assert kern is not None
         kern = kern[:, 0]
     return out, kern
 
@@ -215,6 +221,7 @@ def sample_outputs(
     """
     out, _ = simulate(arch, x, width=width, networks=networks, seed=seed, batch=batch, dtype=dtype,
                        method=method, outputs=True, kernels=None)
+    assert out is not None  # outputs=True
     return out
 
 
@@ -254,6 +261,7 @@ def sample_kernels(
     """
     _, kern = simulate(arch, x, width=width, networks=networks, seed=seed, batch=batch, dtype=dtype,
                         method=method, outputs=False, kernels="all" if all_depths else "last")
+    assert kern is not None  # kernels is "all" or "last"
     return kern
 
 

@@ -411,10 +411,12 @@ def validate_kernel(
     for w in ws:
         outs, kh = simulate(arch, x, width=w, networks=int(networks), seed=_width_seed(seed, w), batch=None,
                              dtype=np.float64, method=method, outputs=estimator == "outputs", kernels="all")
+        assert kh is not None  # kernels="all"
         last = kh[:, depth]  # (S, n, n): per-network output covariance given the hidden layers
         if estimator == "readout":
             per_net = last
         else:
+            assert outs is not None  # outputs=True for this estimator
             per_net = outs[:, :, None] * outs[:, None, :]
         mean = per_net.mean(axis=0)
         se = per_net.std(axis=0, ddof=1) / math.sqrt(networks)
