@@ -96,7 +96,7 @@ def _test_rows_task(url: str, options: str, token: str, i: int, tile: int, alpha
     for j in range(-(-n // tile)):
         cols = slice(j * tile, min((j + 1) * tile, n))
         k = io.read(i, j, buf)
-        if mean_t is not None:
+        if mean_t is not None and alpha_t is not None:  # (set together)
             tile_matmat_t(k, alpha_t, mean_t, 0, cols.start, transpose_too=False)
         if factor is not None:
             k = np.asarray(k, dtype=np.float64)
@@ -105,17 +105,20 @@ def _test_rows_task(url: str, options: str, token: str, i: int, tile: int, alpha
     return i, (mean_t.T if mean_t is not None else None), sq, proj
 
 
+def _prefer(worker: str | None) -> dict[str, Any]:
+    """Submit options that prefer ``worker`` (None: any worker). ``allow_other_workers`` keeps it a
+    preference, so a dead worker's tasks still run elsewhere."""
+    return {"workers": [worker], "allow_other_workers": True} if worker else {}
+
+
 def _placement(client: Any, count: int) -> list[dict[str, Any]]:
     """Submit options spreading ``count`` tasks round-robin over the worker threads.
 
     Left to itself the scheduler may run every task on the worker holding the scattered inputs
-    (locality), one worker busy and the other idle. ``allow_other_workers`` keeps this a
-    preference, so a dead worker's tasks still run elsewhere.
+    (locality), one worker busy and the other idle.
     """
     slots = [w for w, threads in sorted(client.nthreads().items()) for _ in range(threads)]
-    if not slots:
-        return [{} for _ in range(count)]
-    return [{"workers": [slots[t % len(slots)]], "allow_other_workers": True} for t in range(count)]
+    return [_prefer(slots[t % len(slots)] if slots else None) for t in range(count)]
 
 
 def _balanced_groups(tiles: list[tuple[int, int]], groups: int) -> list[list[tuple[int, int]]]:
@@ -134,7 +137,7 @@ def _worker_runs(nthreads: dict[str, int], tiles: list[tuple[int, int]]
     row I needs, and returns, only rows ``I * tile:`` of V; a worker holding the bottom rows
     gets a fraction of V. ``None`` stands for "any worker" while none has joined.
     """
-    workers = sorted(nthreads.items()) or [(None, 1)]
+    workers: list[tuple[str | None, int]] = sorted(nthreads.items()) or [(None, 1)]
     groups = _balanced_groups(tiles, sum(max(t, 1) for _, t in workers))
     bounds = np.cumsum([0] + [max(t, 1) for _, t in workers])
     runs = [(w, groups[a:b]) for (w, _), a, b in zip(workers, bounds[:-1], bounds[1:])]
@@ -181,7 +184,7 @@ class StoredKernelOperator:
             parts = []
             for worker, groups in _worker_runs(self.client.nthreads(), self._tiles):
                 start = groups[0][0][0] * self.store.tile
-                where = {"workers": [worker], "allow_other_workers": True} if worker else {}
+                where = _prefer(worker)
                 # to this worker only, not broadcast (see _RETRYABLE)
                 vf = self.client.scatter(np.ascontiguousarray(v_t[:, start:]), hash=False,
                                          workers=[worker] if worker else None)
@@ -224,6 +227,6 @@ class StoredKernelOperator:
             rows = slice(i * tile, i * tile + (mb.shape[0] if mb is not None else sb.shape[0]))
             if mean is not None:
                 mean[rows] = mb
-            if sq is not None:
+            if sq is not None and proj is not None:  # (set together)
                 sq[rows], proj[rows] = sb, pb
         return mean, sq, proj

@@ -15,9 +15,10 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import zarr
 from numpy.typing import ArrayLike, NDArray
 
 from ..cluster import client_for
@@ -131,8 +132,8 @@ def _column_fn(ks: KernelStore):
     """``idx -> K[:, idx]`` computed from the stored inputs with the tile function (no pass over
     the stored kernel). Inputs are read once and kept (n x d float64)."""
     arch, kind = ks.architecture, ks.kind
-    x = ks.array(inputs_path("train"))[...]
-    diag = ks.array(diagonals_path("train"))[...]
+    x = np.asarray(ks.array(inputs_path("train"))[...])
+    diag = np.asarray(ks.array(diagonals_path("train"))[...])
 
     def columns(idx: NDArray) -> NDArray:
         idx = np.asarray(idx, dtype=np.intp)
@@ -166,11 +167,11 @@ class _Checkpoints:
         slot = self.group.attrs.get("slot")
         if slot is None:
             return None
-        g = self.group[f"slot{slot}"]
+        g = cast(zarr.Group, self.group[f"slot{slot}"])
         return CGState.from_arrays({name: arr[...] for name, arr in g.arrays()})
 
     def save(self, state: CGState) -> None:
-        slot = 1 - int(self.group.attrs.get("slot", 1))
+        slot = 1 - int(cast(int, self.group.attrs.get("slot", 1)))  # an int, as written below
         g = self.group.require_group(f"slot{slot}")
         for name, value in state.to_arrays().items():
             value = np.asarray(value)
@@ -266,7 +267,8 @@ def solve(
     attrs = ck.attrs
     if attrs.get("status") == "done" and (attrs.get("converged") or attrs.get("iterations", 0) >= maxiter):
         log.info("solve %s already done in %s; loading alpha", key, ks.url)
-        return finish(ck.group["alpha"][...], attrs["iterations"], ck.group["residuals"][...],
+        return finish(cast(zarr.Array, ck.group["alpha"])[...], attrs["iterations"],
+                      cast(zarr.Array, ck.group["residuals"])[...],
                       bool(attrs["converged"]), -1,
                       info={k: attrs.get(k) for k in ("preconditioner_rank", "preconditioner_used")})
 
@@ -375,21 +377,23 @@ def predict(
         mode = "exact" if m <= EXACT_VARIANCE_MAX else "lowrank"
     factor = None
     if mode == "lowrank":
-        g = ks.group.get(solve_path(result.key))
+        g = cast("zarr.Group | None", ks.group.get(solve_path(result.key)))  # solves/<key> is a group
         if g is None or "lowrank_factor" not in g:
             raise ValueError("variance: 'lowrank' needs a CG solve with a low-rank preconditioner "
                              "(preconditioner='pivoted_cholesky' or 'nystrom'); use variance='exact'")
         # columns of U diag(s) come in descending s: the leading ones carry the top spectrum
-        factor = g["lowrank_factor"][:, :variance_rank]
+        factor = np.asarray(cast(zarr.Array, g["lowrank_factor"])[:, :variance_rank])
     with client_for(client) as c:
         op = StoredKernelOperator(ks, result.noise, c)
         mean, sq, proj = op.test_products(a2, factor)
+        assert mean is not None  # alpha given
         mean = mean[:, 0] if squeeze else mean
         if not variance:
             return mean
         prior = ks.test_prior()
         noise = result.noise
         if mode == "lowrank":
+            assert proj is not None and factor is not None  # factor given: its projections came back
             return mean, variance_lowrank(prior, proj, factor, noise)
         if result.method == "cholesky":
             # factorised once for every batch of test points

@@ -220,33 +220,14 @@ def input_gram(x_rows: NDArray, x_cols: NDArray, dtype: np.dtype, symmetric: boo
 
 
 @overload
-def tile(  # type: ignore[overload-overlap]
-    arch: Architecture,
-    x_rows: NDArray,
-    x_cols: NDArray,
-    diag_rows: NDArray,
-    diag_cols: NDArray,
-    *,
-    kind: Literal["both"],
-    dtype: DTypeLike = ...,
-    all_depths: bool = ...,
-    symmetric: bool = ...,
-) -> tuple[NDArray, NDArray]: ...
+def tile(arch: Architecture, x_rows: NDArray, x_cols: NDArray, diag_rows: NDArray, diag_cols: NDArray, *,  # type: ignore[overload-overlap]
+         kind: Literal["both"], dtype: DTypeLike = ..., all_depths: bool = ..., symmetric: bool = ...
+        ) -> tuple[NDArray, NDArray]: ...
 
 
 @overload
-def tile(
-    arch: Architecture,
-    x_rows: NDArray,
-    x_cols: NDArray,
-    diag_rows: NDArray,
-    diag_cols: NDArray,
-    *,
-    kind: str = ...,
-    dtype: DTypeLike = ...,
-    all_depths: bool = ...,
-    symmetric: bool = ...,
-) -> NDArray: ...
+def tile(arch: Architecture, x_rows: NDArray, x_cols: NDArray, diag_rows: NDArray, diag_cols: NDArray, *,
+         kind: str = ..., dtype: DTypeLike = ..., all_depths: bool = ..., symmetric: bool = ...) -> NDArray: ...
 
 
 def tile(
@@ -294,33 +275,15 @@ def tile(
 
 
 @overload
-def tile_from_gram(  # type: ignore[overload-overlap]
-    arch: Architecture,
-    gram: NDArray,
-    diag_rows: NDArray,
-    diag_cols: NDArray,
-    *,
-    features: int,
-    kind: Literal["both"],
-    all_depths: bool = ...,
-    symmetric: bool = ...,
-    overwrite_gram: bool = ...,
-) -> tuple[NDArray, NDArray]: ...
+def tile_from_gram(arch: Architecture, gram: NDArray, diag_rows: NDArray, diag_cols: NDArray, *, features: int,  # type: ignore[overload-overlap]
+                   kind: Literal["both"], all_depths: bool = ..., symmetric: bool = ..., overwrite_gram: bool = ...
+                  ) -> tuple[NDArray, NDArray]: ...
 
 
 @overload
-def tile_from_gram(
-    arch: Architecture,
-    gram: NDArray,
-    diag_rows: NDArray,
-    diag_cols: NDArray,
-    *,
-    features: int,
-    kind: str = ...,
-    all_depths: bool = ...,
-    symmetric: bool = ...,
-    overwrite_gram: bool = ...,
-) -> NDArray: ...
+def tile_from_gram(arch: Architecture, gram: NDArray, diag_rows: NDArray, diag_cols: NDArray, *, features: int,
+                   kind: str = ..., all_depths: bool = ..., symmetric: bool = ..., overwrite_gram: bool = ...
+                  ) -> NDArray: ...
 
 
 def tile_from_gram(
@@ -385,27 +348,13 @@ def tile_from_gram(
 
 
 @overload
-def kernel(  # type: ignore[overload-overlap]
-    arch: Architecture,
-    x1: ArrayLike,
-    x2: ArrayLike | None = ...,
-    *,
-    kind: Literal["both"],
-    dtype: DTypeLike = ...,
-    all_depths: bool = ...,
-) -> tuple[NDArray, NDArray]: ...
+def kernel(arch: Architecture, x1: ArrayLike, x2: ArrayLike | None = ..., *, kind: Literal["both"],  # type: ignore[overload-overlap]
+           dtype: DTypeLike = ..., all_depths: bool = ...) -> tuple[NDArray, NDArray]: ...
 
 
 @overload
-def kernel(
-    arch: Architecture,
-    x1: ArrayLike,
-    x2: ArrayLike | None = ...,
-    *,
-    kind: str = ...,
-    dtype: DTypeLike = ...,
-    all_depths: bool = ...,
-) -> NDArray: ...
+def kernel(arch: Architecture, x1: ArrayLike, x2: ArrayLike | None = ..., *, kind: str = ..., dtype: DTypeLike = ...,
+           all_depths: bool = ...) -> NDArray: ...
 
 
 def kernel(

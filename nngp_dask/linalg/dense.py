@@ -8,7 +8,7 @@ log-determinant) factors here, so a failure reads the same everywhere.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import scipy.linalg
@@ -105,6 +105,17 @@ def cholesky_factor(k: ArrayLike, noise: float) -> tuple[NDArray[np.float64], bo
         raise np.linalg.LinAlgError(
             positive_definite_advice(noise, f"the Cholesky factorisation failed ({exc})", mean_diag=mean_diag)
         ) from exc
+
+
+@overload
+def dense_solve(k: ArrayLike, b: ArrayLike, noise: float, *, return_logdet: Literal[False] = ...
+                ) -> NDArray[np.float64]: ...
+@overload
+def dense_solve(k: ArrayLike, b: ArrayLike, noise: float, *, return_logdet: Literal[True]
+                ) -> tuple[NDArray[np.float64], float]: ...
+@overload
+def dense_solve(k: ArrayLike, b: ArrayLike, noise: float, *, return_logdet: bool
+                ) -> NDArray[np.float64] | tuple[NDArray[np.float64], float]: ...
 
 
 def dense_solve(k: ArrayLike, b: ArrayLike, noise: float, *, return_logdet: bool = False
