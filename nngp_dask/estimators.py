@@ -145,6 +145,12 @@ class NNGPKernel(Kernel):
 class _NNGPBase(BaseEstimator):
     """Shared parameters, fitting and the posterior mean of both estimators."""
 
+    # fitted in memory (the training inputs and the Cholesky factor) or out of core (the store): the other is None
+    cholesky_: NDArray | None
+    X_fit_: NDArray | None
+    diag_fit_: NDArray | None
+    store_: str | None
+
     def __init__(
         self,
         depth: int = 3,
@@ -224,7 +230,8 @@ class _NNGPBase(BaseEstimator):
             tmp = tempfile.mkdtemp(prefix="nngp_dask_")
             _TEMP_STORES.append(tmp)
             path = os.path.join(tmp, "kernel.zarr")
-        kw = dict(kind=self.kind, tile=self.tile, dtype=dt.name, normalize=self.normalize, progress=False)
+        kw: dict[str, Any] = dict(kind=self.kind, tile=self.tile, dtype=dt.name, normalize=self.normalize,
+                                  progress=False)
         try:
             ks = build_kernel(arch, X, path, **kw)
         except StoreMismatchError:
@@ -249,6 +256,7 @@ class _NNGPBase(BaseEstimator):
     def _open_store(self):
         from .store import open_kernel
 
+        assert self.store_ is not None  # fitted out of core
         ks = open_kernel(self.store_)
         if ks.identity.token() != self.store_token_:
             raise ValueError(f"store: {self.store_!r} was rebuilt for other data or settings since this estimator "
@@ -258,6 +266,7 @@ class _NNGPBase(BaseEstimator):
     def _train_chunks(self):
         """``(rows slice, x chunk, NNGP diagonals chunk)`` over the training inputs."""
         if not self.out_of_core_:
+            assert self.X_fit_ is not None  # fitted in memory
             yield slice(0, self.X_fit_.shape[0]), self.X_fit_, self.diag_fit_
             return
         ks = self._open_store()
@@ -296,6 +305,7 @@ class _NNGPBase(BaseEstimator):
                                    axis=1)  # (b, n)
             mean[sl] = posterior_mean(kstar, self.alpha_)
             if ks is None:
+                assert self.cholesky_ is not None  # fitted in memory
                 var[sl] = variance_from_cholesky(prior[sl], kstar.T, self.cholesky_)
             else:
                 from .gp import solve

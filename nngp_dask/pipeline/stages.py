@@ -90,6 +90,7 @@ def evaluate(task: str, y_test: np.ndarray, mean: np.ndarray, var: np.ndarray | 
     """Metrics of a prediction: accuracy and confusion (classification); RMSE, standardised RMSE
     and NLPD, the mean negative log predictive density (regression, in the targets' original units)."""
     if task == "classification":
+        assert targets.classes is not None  # classification targets carry their classes
         pred = predict_labels(mean, targets.classes)
         truth = np.asarray(y_test).astype(np.int64).ravel()
         return {"accuracy": accuracy(truth, pred), "errors": int(np.sum(pred != truth)),
@@ -210,7 +211,8 @@ class Pipeline:
                     try:
                         ks = self._kernel(arch, ds, client)
                         result = self._solve(ks, targets, client) if stop >= STAGES.index("solve") else None
-                        pred = self._predict(ks, result, client) if stop >= STAGES.index("predict") else None
+                        pred = (self._predict(ks, result, client)
+                                if stop >= STAGES.index("predict") and result is not None else None)
                         break
                     except CorruptTileError as exc:
                         # its record is cleared: the kernel stage rebuilds the tile, the solve resumes
@@ -267,7 +269,7 @@ class Pipeline:
                     if str(f["fingerprint"]) == rec.fingerprint:
                         return {k: f[k] for k in f.files if k != "fingerprint"}
             out = predict(ks, result, variance=variance, client=client)
-            pred = {"mean": out[0], "var": out[1]} if variance else {"mean": out}
+            pred = {"mean": out[0], "var": out[1]} if isinstance(out, tuple) else {"mean": out}  # (variance)
             buf = _npz_bytes(fingerprint=np.array(rec.fingerprint), **pred)
             _atomic_write(path, buf)
             rec.did_work = True
@@ -277,7 +279,7 @@ class Pipeline:
                 ds: Dataset, targets: Targets, peak: int, started: float, *, write: bool) -> dict[str, Any]:
         from importlib.metadata import version
 
-        figures: list[str] = []
+        figures: list[str] | None = []
         if write:
             with self._stage("report") as rec:
                 # figures are redrawn only when what they show changed
@@ -340,6 +342,7 @@ class Pipeline:
             kmat = kernel_fn(ks.architecture, x, kind=ks.kind, dtype="float64")
             out.append(plots.kernel_heatmap(kmat, self.out / "kernel_heatmap.png", labels=labels))
             if pred is not None:
+                assert result is not None  # a prediction comes from a solve
                 if targets.classes is not None:
                     yp = predict_labels(pred["mean"], targets.classes)
                     out.append(plots.confusion_matrix(np.asarray(ds.y_test).ravel(), yp, len(targets.classes),
@@ -365,7 +368,8 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    # numpy's stub gives savez an allow_pickle keyword, which a ** of arrays could bind in its eyes
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 

@@ -204,11 +204,12 @@ def evaluate_noises(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None
                 continue
             w = 1.0 / shifted
             alpha = u @ (w[:, None] * uty)
-            row = {"log_marginal_likelihood": log_marginal_likelihood(y, alpha, float(np.sum(np.log(shifted)))),
-                   "lml_stderr": 0.0, "lml_method": "exact"}
+            row: dict[str, Any] = {
+                "log_marginal_likelihood": log_marginal_likelihood(y, alpha, float(np.sum(np.log(shifted)))),
+                "lml_stderr": 0.0, "lml_method": "exact"}
             if kvu is not None:
                 pred = posterior_mean(kvu, w[:, None] * uty)  # K(X*, X) U diag(w) U^T y = K(X*, X) alpha
-                var = variance_from_eigh(prior_v, kvu, w) if prob.need_var else None
+                var = variance_from_eigh(prior_v, kvu, w) if prob.need_var and prior_v is not None else None
                 row.update(_metrics(pred, var, noise, prob))
             rows.append(row)
         return rows
@@ -224,7 +225,8 @@ def evaluate_noises(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None
             if k_vf is not None:
                 kv = _float64(k_vf)
                 pred = posterior_mean(kv, alpha)
-                var = variance_from_cholesky(prior_v, kv.T, factor[0]) if prob.need_var else None
+                var = (variance_from_cholesky(prior_v, kv.T, factor[0]) if prob.need_var and prior_v is not None
+                       else None)
                 row.update(_metrics(pred, var, noise, prob))
             rows.append(row)
         return rows
@@ -232,7 +234,7 @@ def evaluate_noises(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None
     n = k_ff.shape[0]
     for noise in noises:
         matmat = _matmat(k_ff, noise)
-        row: dict[str, Any] = {}
+        row = {}
         try:
             pre = _cg_preconditioner(k_ff, noise)
             with warnings.catch_warnings():
@@ -248,7 +250,7 @@ def evaluate_noises(k_ff: NDArray, k_vf: NDArray | None, prior_v: NDArray | None
             if k_vf is not None:
                 pred = posterior_mean(k_vf, res.x)
                 var = None
-                if prob.need_var:
+                if prob.need_var and prior_v is not None:  # (the sweep passes prior variances when it needs them)
                     var = np.empty(k_vf.shape[0])
                     for start in range(0, k_vf.shape[0], _VAR_BATCH):
                         kb = _float64(k_vf[start:start + _VAR_BATCH]).T

@@ -212,6 +212,8 @@ def run_sweep(
         raise InputError(f"y_train: expected {x.shape[0]} rows (one per input) of shape (n,) or (n, c), "
                          f"got shape {y.shape}")
     fit_index = val_index = None
+    xv: NDArray | None
+    yv: NDArray | None
     if x_val is not None:
         if y_val is None:
             raise ValueError("y_val: expected the validation targets together with x_val, got None")
