@@ -86,7 +86,8 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
     g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "ingesting": True}
     t, depth = ident.tile, arch.depth
     kw: dict[str, Any] = dict(overwrite=True, **array_codecs())  # every data chunk ends with its CRC32C
-    flags: dict[str, Any] = dict(compressors=None, overwrite=True)  # completion records: a lost or garbled one means "rebuild"
+    # completion records: a lost or garbled one means "rebuild"
+    flags: dict[str, Any] = dict(compressors=None, overwrite=True)
     parts = [("train", train)] + ([("test", test)] if test else [])
     for name, prep in parts:
         x = g.create_array(inputs_path(name), shape=(prep.n, prep.d), chunks=(t, prep.d), dtype="float64", **kw)

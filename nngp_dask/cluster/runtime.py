@@ -409,7 +409,7 @@ class LazyClient:
 
 
 @contextmanager
-def client_for(client: Any = None, **local: object) -> Iterator[Any]:
+def client_for(client: Any = None, **local: Any) -> Iterator[Any]:
     """Yield a client: the one given, one for a cluster file (``*.toml``, see
     :func:`load_cluster_file`), one connected to an address, the current default client, or a
     new embedded cluster (closed on exit; ``local`` are :func:`local_cluster_kwargs`)."""
@@ -439,7 +439,7 @@ def client_for(client: Any = None, **local: object) -> Iterator[Any]:
     if current is not None and client is None:
         yield current
         return
-    with local_cluster(**local_cluster_kwargs(**local)) as cluster, embedded_client(cluster) as c:  # type: ignore[arg-type]
+    with local_cluster(**local_cluster_kwargs(**local)) as cluster, embedded_client(cluster) as c:
         log.info("embedded cluster: %d workers%s; dashboard %s", len(cluster.workers),
                  ", mutual TLS" if cluster.security.require_encryption else "", c.dashboard_link)
         yield c

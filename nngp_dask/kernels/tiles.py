@@ -21,10 +21,10 @@ from .inputs import check_inputs
 __all__ = ["KINDS", "KernelOverflowError", "diagonals", "input_gram", "tile", "tile_from_gram", "kernel", "check_kind",
            "check_dtype", "check_architecture", "check_range", "overflow_reason", "all_finite", "diagonals_from_norms"]
 
-Kind = Literal["nngp", "ntk", "both"]
-# The overloads below type "both" (a literal at every call that wants it) as the (nngp, ntk) pair and any other
-# string as one kernel: kinds read at run time (a config, a store, an estimator's parameter) are single kinds,
-# refused by check_kind otherwise. mypy calls the two overlapping ([overload-overlap]): a str could hold "both".
+# The overloads of tile, tile_from_gram and kernel type kind="both" (a literal at every call that wants it) as the
+# (nngp, ntk) pair and any other string as one kernel: kinds read at run time (a config, a store, an estimator's
+# parameter) are single kinds, refused by check_kind otherwise. mypy calls the two overlapping ([overload-overlap]):
+# a str could hold "both".
 KINDS: tuple[str, ...] = ("nngp", "ntk")
 
 

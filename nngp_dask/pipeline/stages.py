@@ -269,7 +269,7 @@ class Pipeline:
                     if str(f["fingerprint"]) == rec.fingerprint:
                         return {k: f[k] for k in f.files if k != "fingerprint"}
             out = predict(ks, result, variance=variance, client=client)
-            pred = {"mean": out[0], "var": out[1]} if isinstance(out, tuple) else {"mean": out}  # (variance)
+            pred = {"mean": out[0], "var": out[1]} if isinstance(out, tuple) else {"mean": out}  # a pair with variance
             buf = _npz_bytes(fingerprint=np.array(rec.fingerprint), **pred)
             _atomic_write(path, buf)
             rec.did_work = True
