@@ -334,6 +334,9 @@ def test_shared_scheduler_concurrent_stores_and_retried_products(remote, tmp_pat
             pid = client.run(os.getpid, workers=[holder])[holder]
             victim = next(w for w in procs.workers if w.pid == pid)
             _replace_dead_worker(procs, client, victim)
+            # the retry must see the same threads: the tiles' grouping, and so the order of the
+            # float sums, follows the workers' threads (on a loaded machine the new worker lags)
+            client.wait_for_workers(2, timeout=120)
         return future
 
     # on the package's logger itself: the CLI (run by other tests) stops it propagating to caplog's
