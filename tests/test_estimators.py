@@ -45,7 +45,7 @@ def _data(n=80, m=25, d=4, seed=0, outputs=1):
 def test_regressor_equals_sklearn_gaussian_process(outputs, kind):
     x, y, xt = _data(outputs=outputs)
     params = dict(depth=3, activation="relu", weight_var=1.6, bias_var=0.1)
-    ours = NNGPRegressor(noise=0.02, kind=kind, **params).fit(x, y)
+    ours = NNGPRegressor(noise=0.02, kind=kind, optimizer=None, **params).fit(x, y)
     gpr = GaussianProcessRegressor(kernel=NNGPKernel(kind=kind, **params), alpha=0.02, optimizer=None).fit(x, y)
     mean, std = ours.predict(xt, return_std=True)
     ref_mean, ref_std = gpr.predict(xt, return_std=True)
@@ -60,7 +60,7 @@ def test_regressor_equals_sklearn_gaussian_process(outputs, kind):
 
 def test_grid_search_over_noise_in_a_pipeline():
     x, y, _ = _data(n=90)
-    pipe = make_pipeline(StandardScaler(), NNGPRegressor(depth=2))
+    pipe = make_pipeline(StandardScaler(), NNGPRegressor(depth=2, optimizer=None))
     search = GridSearchCV(pipe, {"nngpregressor__noise": [1e-3, 1e-2, 1e-1, 1.0],
                                  "nngpregressor__depth": [1, 2]}, cv=3).fit(x, y)
     assert search.best_params_["nngpregressor__noise"] in (1e-3, 1e-2, 1e-1, 1.0)
@@ -74,13 +74,13 @@ def test_classifier_accuracy_targets_and_decision_shapes():
     centers = np.array([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]])
     labels = np.array(["a", "b", "c"])[rng.integers(0, 3, 150)]
     x = centers[np.searchsorted(["a", "b", "c"], labels)] + rng.standard_normal((150, 3))
-    clf = NNGPClassifier(depth=2, noise=0.1).fit(x[:100], labels[:100])
+    clf = NNGPClassifier(depth=2, noise=0.1, optimizer=None).fit(x[:100], labels[:100])
     assert list(clf.classes_) == ["a", "b", "c"]
     assert clf.score(x[100:], labels[100:]) > 0.9
     assert clf.decision_function(x[100:]).shape == (50, 3)
-    onehot = NNGPClassifier(depth=2, noise=0.1, targets="onehot").fit(x[:100], labels[:100])
+    onehot = NNGPClassifier(depth=2, noise=0.1, targets="onehot", optimizer=None).fit(x[:100], labels[:100])
     np.testing.assert_array_equal(onehot.predict(x[100:]), clf.predict(x[100:]))
-    binary = NNGPClassifier(depth=2, noise=0.1).fit(x[:100], labels[:100] == "a")
+    binary = NNGPClassifier(depth=2, noise=0.1, optimizer=None).fit(x[:100], labels[:100] == "a")
     dec = binary.decision_function(x[100:])
     assert dec.shape == (50,)
     np.testing.assert_array_equal(binary.predict(x[100:]), dec > 0)
@@ -92,7 +92,7 @@ def test_failed_cholesky_advises_to_increase_noise():
     x = np.vstack([x, x])
     y = np.concatenate([y, y])
     with pytest.raises(np.linalg.LinAlgError, match="Increase noise"):
-        NNGPRegressor(noise=0.0).fit(x, y)
+        NNGPRegressor(noise=0.0, optimizer=None).fit(x, y)
     with pytest.raises(ValueError, match="noise"):
         NNGPRegressor(noise=-1.0).fit(x, y)
 
@@ -106,7 +106,7 @@ def inproc_client():
 
 def test_out_of_core_equals_in_memory(tmp_path, inproc_client):
     x, y, xt = _data(n=90, m=30)
-    kw = dict(depth=2, weight_var=1.4, bias_var=0.2, noise=0.01, normalize="unit_norm")
+    kw = dict(depth=2, weight_var=1.4, bias_var=0.2, noise=0.01, normalize="unit_norm", optimizer=None)
     mem = NNGPRegressor(**kw).fit(x, y)
     ooc = NNGPRegressor(out_of_core=True, store=str(tmp_path / "k.zarr"), tile=40, **kw).fit(x, y)
     assert not mem.out_of_core_ and ooc.out_of_core_ and ooc.store_.endswith("k.zarr")

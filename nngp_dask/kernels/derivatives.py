@@ -76,10 +76,12 @@ def with_log_hyperparameters(arch: Architecture, names: Sequence[str], theta: Ar
 
 
 def kernel_log_derivatives(arch: Architecture, x: ArrayLike, names: Sequence[str], *, kind: str = "nngp",
-                           step: float = _STEP) -> Iterator[NDArray[np.float64]]:
+                           step: float = _STEP, k: NDArray | None = None) -> Iterator[NDArray[np.float64]]:
     """``dK / d theta_p`` (n, n) float64 for each log-hyperparameter ``theta_p`` in order, one at a time.
 
-    Central differences of :func:`nngp_dask.kernels.kernel` in float64 (two kernels per parameter).
+    Central differences of :func:`nngp_dask.kernels.kernel` in float64 (two kernels per parameter),
+    or, given the kernel ``k`` of ``arch`` itself, forward differences (one kernel per parameter;
+    error ``O(step)``: pass a smaller ``step``, e.g. 1e-6, whose rounding error is ~1e-10).
     """
     x = check_inputs(x, "x")
     names = _check_names(names)
@@ -89,8 +91,12 @@ def kernel_log_derivatives(arch: Architecture, x: ArrayLike, names: Sequence[str
         up[p] += step
         down[p] -= step
         k_up = kernel(with_log_hyperparameters(arch, names, up), x, kind=kind, dtype="float64")
-        k_up -= kernel(with_log_hyperparameters(arch, names, down), x, kind=kind, dtype="float64")
-        k_up *= 1.0 / (2.0 * step)
+        if k is None:
+            k_up -= kernel(with_log_hyperparameters(arch, names, down), x, kind=kind, dtype="float64")
+            k_up *= 1.0 / (2.0 * step)
+        else:
+            k_up -= k
+            k_up *= 1.0 / step
         yield k_up
 
 

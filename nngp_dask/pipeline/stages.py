@@ -1,4 +1,9 @@
-"""A pipeline run: ingest -> kernel -> solve -> predict -> evaluate -> report, idempotent.
+"""A pipeline run: ingest -> fit -> kernel -> solve -> predict -> evaluate -> report, idempotent.
+
+The fit stage (``[fit] enabled = true``) maximises the marginal likelihood on a subset
+(:func:`nngp_dask.select.fit_hyperparameters`) and runs the rest with the fitted architecture,
+noise and amplitude; its result is kept in ``fit.json`` under its fingerprint (targets, inputs,
+settings), so a re-run reuses it.
 
 Every stage's output is named by a fingerprint of what it depends on, and the expensive ones
 resume rather than restart: the kernel store records finished tiles, the solver checkpoints
@@ -27,8 +32,9 @@ from .._version import __version__
 from ..build import build_kernel
 from ..cluster import LazyClient
 from ..gp import SolveResult, accuracy, confusion_matrix, encode_labels, nlpd, predict, predict_labels, rmse, solve
-from ..kernels import Architecture
+from ..kernels import Architecture, normalize as normalize_rows
 from ..monitor import PeakRSS
+from ..select import fit_hyperparameters
 from ..store import CorruptTileError, KernelStore, inputs_path, is_remote, store_contents, store_lock
 from .config import ConfigError
 from .datasets import Dataset, load_dataset
@@ -37,7 +43,7 @@ __all__ = ["STAGES", "Pipeline", "run_pipeline"]
 
 log = logging.getLogger("nngp_dask")
 
-STAGES = ("ingest", "kernel", "solve", "predict", "evaluate", "report")
+STAGES = ("ingest", "fit", "kernel", "solve", "predict", "evaluate", "report")
 
 
 def _hash(*parts: Any) -> str:
@@ -85,9 +91,10 @@ def _targets(ds: Dataset, task: str) -> Targets:
 
 
 def evaluate(task: str, y_test: np.ndarray, mean: np.ndarray, var: np.ndarray | None, noise: float,
-             targets: Targets) -> dict[str, Any]:
+             targets: Targets, amplitude: float = 1.0) -> dict[str, Any]:
     """Metrics of a prediction: accuracy and confusion (classification); RMSE, standardised RMSE
-    and NLPD, the mean negative log predictive density (regression, in the targets' original units)."""
+    and NLPD, the mean negative log predictive density (regression, in the targets' original units,
+    with the predictive variance ``amplitude (var + noise)``)."""
     if task == "classification":
         pred = predict_labels(mean, targets.classes)
         truth = np.asarray(y_test).astype(np.int64).ravel()
@@ -98,7 +105,7 @@ def evaluate(task: str, y_test: np.ndarray, mean: np.ndarray, var: np.ndarray | 
     err = rmse(y, mu)
     out = {"rmse": err, "srmse": err / float(np.std(y) or 1.0)}
     if var is not None:
-        out["nlpd"] = nlpd(y, mu, (var + noise) * targets.scale ** 2)
+        out["nlpd"] = nlpd(y, mu, amplitude * (var + noise) * targets.scale ** 2)
     return out
 
 
@@ -201,8 +208,13 @@ class Pipeline:
                 rec.did_work = True
                 rec.detail = {"dataset": ds.description, "n_train": ds.x_train.shape[0], "n_test": ds.x_test.shape[0]}
                 log.info("data: %s", ds.description)
+            if cfg["fit"]["enabled"] or stop == STAGES.index("fit"):
+                cfg = self.cfg = self._fit(ds, targets)
+            if stop == STAGES.index("fit"):
+                return {"fit": self.records["fit"].detail, "config": cfg}
             a = cfg["architecture"]
-            arch = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"])
+            arch = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"],
+                                input_weight_var=a["input_weight_var"] or None)
             # the cluster starts only for a stage with work to do
             with LazyClient(self._cluster(), **self._local_kwargs()) as client:
                 for attempt in (1, 2):
@@ -220,11 +232,48 @@ class Pipeline:
             if stop >= STAGES.index("evaluate") and pred is not None:
                 with self._stage("evaluate") as rec:
                     metrics = evaluate(cfg["run"]["task"], ds.y_test, pred["mean"], pred.get("var"),
-                                       cfg["solver"]["noise"], targets)
+                                       cfg["solver"]["noise"], targets, cfg["solver"]["amplitude"])
                     rec.did_work = True
             report = self._report(ks, result, pred, metrics, ds, targets, peak.sample(), started,
                                   write=stop >= STAGES.index("report"))
         return report
+
+    def _fit(self, ds: Dataset, targets: Targets) -> dict[str, dict[str, Any]]:
+        """The configuration with the fitted values (the fit stage); reused from ``fit.json`` when
+        its fingerprint (targets, inputs, starting values, fit settings) matches."""
+        from dask.utils import parse_bytes
+
+        cfg, f, a = self.cfg, self.cfg["fit"], self.cfg["architecture"]
+        path = self.out / "fit.json"
+        with self._stage("fit") as rec:
+            x = np.asarray(normalize_rows(np.asarray(ds.x_train, dtype=np.float64), cfg["data"]["normalize"]))
+            rec.fingerprint = _hash(targets.y_train, x, f, a, cfg["solver"]["noise"], cfg["kernel"]["kind"])
+            try:
+                last = json.loads(path.read_text())
+                fitted = last["overrides"] if last["fingerprint"] == rec.fingerprint else None
+                rec.detail = last["detail"]
+            except (OSError, ValueError, KeyError, TypeError):
+                fitted = None
+            if fitted is None:
+                start = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"],
+                                     input_weight_var=a["input_weight_var"] or None)
+                res = fit_hyperparameters(x, targets.y_train, arch=start, noise=cfg["solver"]["noise"] or 1e-2,
+                                          kind=cfg["kernel"]["kind"], depths=range(f["depth_min"], f["depth_max"] + 1),
+                                          ard=f["ard"], subset=f["subset"] or None, memory=parse_bytes(f["memory"]),
+                                          restarts=f["restarts"], seed=f["seed"], maxiter=f["maxiter"])
+                fitted = res.pipeline_overrides()
+                rec.detail = {"log_marginal_likelihood": res.log_marginal_likelihood, "n_subset": res.n_subset,
+                              "per_depth": {str(k): v for k, v in res.per_depth.items()},
+                              "evaluations": res.evaluations, "fitted": fitted}
+                _atomic_write(path, json.dumps({"fingerprint": rec.fingerprint, "overrides": fitted,
+                                                "detail": rec.detail}, indent=2).encode())
+                rec.did_work = True
+                log.info("fit: %s", res.summary().replace("\n", "; "))
+        out = {section: dict(values) for section, values in cfg.items()}
+        for dotted, value in fitted.items():
+            section, _, key = dotted.partition(".")
+            out[section][key] = value
+        return out
 
     def _kernel(self, arch: Architecture, ds: Dataset, client: Any) -> KernelStore:
         k = self.cfg["kernel"]
@@ -351,7 +400,8 @@ class Pipeline:
                     out.append(plots.predicted_vs_true(np.asarray(ds.y_test).ravel(), mu,
                                                        self.out / "predicted_vs_true.png"))
                     err = np.abs(mu - np.asarray(ds.y_test).ravel())
-                    std = np.sqrt(pred["var"] + result.noise) * targets.scale if "var" in pred else None
+                    std = (np.sqrt(self.cfg["solver"]["amplitude"] * (pred["var"] + result.noise)) * targets.scale
+                           if "var" in pred else None)
                 if std is not None:
                     out.append(plots.calibration(err, std, self.out / "calibration.png"))
         except ImportError as exc:
