@@ -125,3 +125,57 @@ def test_out_of_core_equals_in_memory(tmp_path, inproc_client):
     NNGPRegressor(out_of_core=True, store=str(tmp_path / "k.zarr"), tile=40, **kw).fit(x[:60], y[:60])
     with pytest.raises(ValueError, match="rebuilt"):
         ooc.predict(xt)
+
+
+def test_nngp_kernel_in_gaussian_process_regressor_with_gradients():
+    from sklearn.gaussian_process.kernels import WhiteKernel
+
+    x, y, xt = _data(n=40)
+    kern = NNGPKernel(depth=2, weight_var=1.6, bias_var=0.1)
+    k, grad = kern(x, eval_gradient=True)
+    assert grad.shape == (40, 40, 2)  # theta = (log bias_var, log weight_var), scikit-learn's order
+    assert [h.name for h in kern.hyperparameters] == ["bias_var", "weight_var"]
+    h = 1e-5
+    for p in range(2):
+        up, down = kern.clone_with_theta(kern.theta + h * np.eye(2)[p]), kern.clone_with_theta(kern.theta - h * np.eye(2)[p])
+        np.testing.assert_allclose(grad[..., p], (up(x) - down(x)) / (2 * h), rtol=1e-6, atol=1e-9)
+    fixed = NNGPKernel(depth=2, weight_var_bounds="fixed", bias_var_bounds="fixed")
+    assert fixed(x, eval_gradient=True)[1].shape == (40, 40, 0)
+    gpr = GaussianProcessRegressor(kernel=NNGPKernel(depth=2) + WhiteKernel(1e-2), random_state=0).fit(x, y)
+    assert gpr.log_marginal_likelihood_value_ > GaussianProcessRegressor(
+        kernel=NNGPKernel(depth=2) + WhiteKernel(1e-2), optimizer=None).fit(x, y).log_marginal_likelihood_value_
+    assert gpr.score(xt, np.sin(xt[:, 0] + 0.5 * xt[:, 1])) > 0.8
+
+
+def test_normalize_y_sample_y_and_likelihood_equal_gaussian_process_regressor():
+    x, y, xt = _data(n=50)
+    y = 3.0 * y + 10.0
+    params = dict(depth=2, weight_var=1.6, bias_var=0.1)
+    ours = NNGPRegressor(noise=0.02, optimizer=None, normalize_y=True, **params).fit(x, y)
+    gpr = GaussianProcessRegressor(kernel=NNGPKernel(**params), alpha=0.02, optimizer=None, normalize_y=True).fit(x, y)
+    assert ours.log_marginal_likelihood_value_ == pytest.approx(gpr.log_marginal_likelihood_value_, rel=1e-9)
+    for a, b in zip(ours.predict(xt[:8], return_std=True), gpr.predict(xt[:8], return_std=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    draws, ref = ours.sample_y(xt[:8], 3, random_state=1), gpr.sample_y(xt[:8], 3, random_state=1)
+    assert draws.shape == ref.shape == (8, 3)
+    np.testing.assert_allclose(draws, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_default_optimizer_fits_then_solves_with_the_fitted_values():
+    from nngp_dask.select import fit_hyperparameters
+
+    x, y, xt = _data(n=60)
+    reg = NNGPRegressor(fit_depths=(1, 2), fit_subset=40, random_state=0).fit(x, y)
+    seed = int(np.random.RandomState(0).randint(2**31 - 1))
+    ref = fit_hyperparameters(x, y, arch=reg.arch_.replace(depth=3, weight_var=1.6, bias_var=0.1), noise=1e-2,
+                              depths=(1, 2), subset=40, seed=seed)
+    assert reg.arch_ == ref.architecture and reg.noise_ == ref.noise and reg.amplitude_ == ref.amplitude
+    assert reg.log_marginal_likelihood_value_ != ref.log_marginal_likelihood  # the full set's, not the subset's
+    fixed = NNGPRegressor(optimizer=None, depth=ref.architecture.depth, weight_var=ref.architecture.weight_var,
+                          bias_var=ref.architecture.bias_var, noise=ref.noise).fit(x, y)
+    np.testing.assert_allclose(reg.predict(xt), fixed.predict(xt), rtol=1e-10)
+    np.testing.assert_allclose(reg.predict(xt, return_std=True)[1],
+                               np.sqrt(ref.amplitude) * fixed.predict(xt, return_std=True)[1], rtol=1e-8)
+    assert reg.score(xt, np.sin(xt[:, 0] + 0.5 * xt[:, 1])) > 0.8
+    with pytest.raises(ValueError, match="optimizer: expected None or one of"):
+        NNGPRegressor(optimizer="adam").fit(x, y)
