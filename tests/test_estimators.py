@@ -27,7 +27,13 @@ def _expected_failed_checks(estimator):
     return {}
 
 
-@parametrize_with_checks([NNGPRegressor(), NNGPClassifier()], expected_failed_checks=_expected_failed_checks)
+# The optimizer (the default) runs in every check, on a small subset at one depth: the checks test
+# the conventions, and the defaults' four depths on up to 1,000 points would cost ~30 s of CPU.
+_FAST_FIT = dict(fit_depths=(2,), fit_subset=50)
+
+
+@parametrize_with_checks([NNGPRegressor(**_FAST_FIT), NNGPClassifier(**_FAST_FIT)],
+                         expected_failed_checks=_expected_failed_checks)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 

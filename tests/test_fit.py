@@ -124,3 +124,31 @@ def test_subset_size_from_a_memory_budget():
     assert subset_size(300, 2000, memory=1 << 30) == 300
     with pytest.raises(ValueError, match="at least 2 points"):
         subset_size(10, 1)
+
+
+QUICK = __import__("pathlib").Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.toml"
+
+
+def test_cli_fit_prints_and_writes_a_pipeline_that_runs_with_the_fitted_values(tmp_path, capsys):
+    from nngp_dask.cli import main
+    from nngp_dask.pipeline import load_config
+
+    out = tmp_path / "fitted.toml"
+    argv = ["fit", str(QUICK), "--set", f"run.output={tmp_path / 'run'}", "--set", "data.n_train=120",
+            "--subset", "60", "--depths", "2", "--ard", "--no-progress", "--write", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "fitted on 60 points" in text and "solver.noise" in text
+    fit = __import__("json").loads((tmp_path / "run" / "fit.json").read_text())
+    cfg = load_config(out)
+    assert cfg["fit"]["enabled"] is False
+    for dotted, value in fit["overrides"].items():
+        section, _, key = dotted.partition(".")
+        assert cfg[section][key] == pytest.approx(value, rel=1e-12)
+    assert len(cfg["architecture"]["input_weight_var"]) == 8 and cfg["architecture"]["depth"] == 2
+    assert main(argv) == 0  # a re-run reuses fit.json (same fingerprint)
+    assert __import__("json").loads((tmp_path / "run" / "fit.json").read_text()) == fit
+    assert main(["fit", str(QUICK), "--depths", "x"]) == 2
+    assert "--depths: expected MIN:MAX" in capsys.readouterr().err
+    assert main(["fit", str(QUICK), "--set", "fit.depth_min=3", "--set", "fit.depth_max=2"]) == 2
+    assert "fit.depth_max: expected a depth >= fit.depth_min (3), got 2" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from ..cluster import LazyClient
 from ..gp import SolveResult, accuracy, confusion_matrix, encode_labels, nlpd, predict, predict_labels, rmse, solve
 from ..kernels import Architecture, normalize as normalize_rows
 from ..monitor import PeakRSS
-from ..select import fit_hyperparameters
+from ..select import fit_hyperparameters, subset_size
 from ..store import CorruptTileError, KernelStore, inputs_path, is_remote, store_contents, store_lock
 from .config import ConfigError
 from .datasets import Dataset, load_dataset
@@ -246,8 +246,12 @@ class Pipeline:
         cfg, f, a = self.cfg, self.cfg["fit"], self.cfg["architecture"]
         path = self.out / "fit.json"
         with self._stage("fit") as rec:
-            x = np.asarray(normalize_rows(np.asarray(ds.x_train, dtype=np.float64), cfg["data"]["normalize"]))
-            rec.fingerprint = _hash(targets.y_train, x, f, a, cfg["solver"]["noise"], cfg["kernel"]["kind"])
+            n = ds.x_train.shape[0]
+            size = subset_size(n, f["subset"] or None, parse_bytes(f["memory"]))
+            idx = np.sort(np.random.default_rng(f["seed"]).choice(n, size, replace=False)) if size < n else None
+            x = np.asarray(normalize_rows(_rows(ds.x_train, idx), cfg["data"]["normalize"]), dtype=np.float64)
+            y = targets.y_train if idx is None else targets.y_train[idx]
+            rec.fingerprint = _hash(y, x, f, a, cfg["solver"]["noise"], cfg["kernel"]["kind"])
             try:
                 last = json.loads(path.read_text())
                 fitted = last["overrides"] if last["fingerprint"] == rec.fingerprint else None
@@ -257,10 +261,10 @@ class Pipeline:
             if fitted is None:
                 start = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"],
                                      input_weight_var=a["input_weight_var"] or None)
-                res = fit_hyperparameters(x, targets.y_train, arch=start, noise=cfg["solver"]["noise"] or 1e-2,
+                res = fit_hyperparameters(x, y, arch=start, noise=cfg["solver"]["noise"] or 1e-2,
                                           kind=cfg["kernel"]["kind"], depths=range(f["depth_min"], f["depth_max"] + 1),
-                                          ard=f["ard"], subset=f["subset"] or None, memory=parse_bytes(f["memory"]),
-                                          restarts=f["restarts"], seed=f["seed"], maxiter=f["maxiter"])
+                                          ard=f["ard"], subset=None, restarts=f["restarts"], seed=f["seed"],
+                                          maxiter=f["maxiter"])
                 fitted = res.pipeline_overrides()
                 rec.detail = {"log_marginal_likelihood": res.log_marginal_likelihood, "n_subset": res.n_subset,
                               "per_depth": {str(k): v for k, v in res.per_depth.items()},
@@ -407,6 +411,19 @@ class Pipeline:
         except ImportError as exc:
             log.warning("no figures: %s", exc)
         return [p.name for p in out]
+
+
+def _rows(source: Any, idx: np.ndarray | None, chunk: int = 65536) -> np.ndarray:
+    """The rows ``idx`` (sorted; None: all) of a row source, read a chunk at a time."""
+    n = source.shape[0]
+    parts = []
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        block = np.asarray(source.read(start, stop), dtype=np.float64)
+        if idx is not None:
+            block = block[idx[(idx >= start) & (idx < stop)] - start]
+        parts.append(block.reshape(block.shape[0], -1))
+    return np.concatenate(parts)
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
