@@ -13,7 +13,7 @@ Part 2 (``--kin40k N``, needs the UCI bundle under ``$NNGP_DASK_DATA/uci``): the
 ``--kin40k-test`` test points, standardised RMSE and NLPD with the file's settings and with
 ``[fit] enabled = true`` (subset ``--subset``).
 
-    python benchmarks/bench_fit.py [--kin40k 4000]
+    python benchmarks/bench_fit.py [--kin40k 3000 [--only-kin40k]]
 """
 
 from __future__ import annotations
@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kin40k", type=int, default=0, help="also kin40k with this many training points (0: skip)")
     p.add_argument("--kin40k-test", type=int, default=1000)
     p.add_argument("--subset", type=int, default=1000, help="kin40k: fit.subset")
+    p.add_argument("--only-kin40k", action="store_true", help="skip the diabetes part")
     args = p.parse_args(argv)
-    diabetes()
+    if not args.only_kin40k:
+        diabetes()
     if args.kin40k:
         kin40k(args.kin40k, args.kin40k_test, args.subset)
     return 0

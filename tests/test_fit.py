@@ -152,3 +152,33 @@ def test_cli_fit_prints_and_writes_a_pipeline_that_runs_with_the_fitted_values(t
     assert "--depths: expected MIN:MAX" in capsys.readouterr().err
     assert main(["fit", str(QUICK), "--set", "fit.depth_min=3", "--set", "fit.depth_max=2"]) == 2
     assert "fit.depth_max: expected a depth >= fit.depth_min (3), got 2" in capsys.readouterr().err
+
+
+def test_pipeline_fit_stage_solves_and_scores_with_the_fitted_values(tmp_path, cluster_client):
+    from nngp_dask.pipeline import load_config, run_pipeline
+    from nngp_dask.pipeline.datasets import load_dataset
+
+    cfg = load_config(QUICK, {"run.output": str(tmp_path / "run"), "data.n_train": 150, "data.n_test": 40,
+                              "kernel.dtype": "float64", "solver.method": "cholesky", "fit.enabled": True,
+                              "fit.subset": 80, "fit.depth_min": 2, "fit.depth_max": 2})
+    rep = run_pipeline(cfg, client=cluster_client, plots=False, progress=False)
+    fitted = rep["stages"]["fit"]["detail"]["fitted"]
+    a, s = rep["config"]["architecture"], rep["config"]["solver"]
+    assert (a["weight_var"], a["bias_var"], s["noise"], s["amplitude"]) == (
+        fitted["architecture.weight_var"], fitted["architecture.bias_var"], fitted["solver.noise"],
+        fitted["solver.amplitude"])
+    assert rep["kernel"]["architecture"]["weight_var"] == a["weight_var"]  # the store holds the fitted kernel
+    # oracle: the dense GP with the fitted values, in the pipeline's standardised target units
+    ds = load_dataset(cfg["data"], task="regression", seed=0)
+    xtr, xte = ds.x_train.read(0, 150), ds.x_test.read(0, 40)
+    ytr, yte = np.asarray(ds.y_train).ravel(), np.asarray(ds.y_test).ravel()
+    mu_y, sd_y = ytr.mean(), ytr.std()
+    arch = Architecture(2, "relu", a["weight_var"], a["bias_var"])
+    c = kernel(arch, xtr, dtype="float64") + s["noise"] * np.eye(150)
+    ks = kernel(arch, xte, xtr, dtype="float64")
+    mean = ks @ np.linalg.solve(c, (ytr - mu_y) / sd_y)
+    var = s["amplitude"] * (np.diag(kernel(arch, xte, dtype="float64")) - np.sum(ks * np.linalg.solve(c, ks.T).T, 1)
+                            + s["noise"])
+    nlpd = -np.mean(scipy.stats.norm(mean * sd_y + mu_y, np.sqrt(var) * sd_y).logpdf(yte))
+    assert rep["metrics"]["nlpd"] == pytest.approx(nlpd, rel=1e-6)
+    assert rep["metrics"]["rmse"] == pytest.approx(np.sqrt(np.mean((mean * sd_y + mu_y - yte) ** 2)), rel=1e-8)
