@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,7 +90,8 @@ def kin40k(n: int, n_test: int, subset: int) -> None:
                 d = rep["stages"]["fit"]
                 extra = (f"; fit stage {d['seconds']:.1f} s on {d['detail']['n_subset']} points, "
                          f"LML {d['detail']['log_marginal_likelihood']:.1f}")
-            print(f"  {'fitted ' if fit else 'untuned'}: srmse {m['srmse']:.4f}, nlpd {m['nlpd']:.4f}, wall {secs:.1f} s "
+            print(f"  {'fitted ' if fit else 'untuned'}: srmse {m['srmse']:.4f}, nlpd {m['nlpd']:.4f}, "
+                  f"wall {secs:.1f} s "
                   f"(depth {a['depth']}, weight_var {a['weight_var']:.4g}, bias_var {a['bias_var']:.4g}, "
                   f"noise {s['noise']:.4g}, amplitude {s['amplitude']:.4g}{extra})")
 

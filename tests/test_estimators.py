@@ -143,7 +143,8 @@ def test_nngp_kernel_in_gaussian_process_regressor_with_gradients():
     assert [h.name for h in kern.hyperparameters] == ["bias_var", "weight_var"]
     h = 1e-5
     for p in range(2):
-        up, down = kern.clone_with_theta(kern.theta + h * np.eye(2)[p]), kern.clone_with_theta(kern.theta - h * np.eye(2)[p])
+        step = h * np.eye(2)[p]
+        up, down = kern.clone_with_theta(kern.theta + step), kern.clone_with_theta(kern.theta - step)
         np.testing.assert_allclose(grad[..., p], (up(x) - down(x)) / (2 * h), rtol=1e-6, atol=1e-9)
     fixed = NNGPKernel(depth=2, weight_var_bounds="fixed", bias_var_bounds="fixed")
     assert fixed(x, eval_gradient=True)[1].shape == (40, 40, 0)

@@ -16,7 +16,7 @@ import scipy.stats
 
 from nngp_dask.kernels import Architecture, diagonals, kernel, kernel_log_gradient, tile, with_log_hyperparameters
 from nngp_dask.select import fit_hyperparameters, profile_log_marginal_likelihood, subset_size
-from nngp_dask.select.fit import _Objective  # noqa: F401 - the objective's gradient is what is tested
+from nngp_dask.select.fit import _Objective  # the objective's gradient is what is tested
 
 RNG = np.random.default_rng(7)
 X = RNG.standard_normal((40, 3))

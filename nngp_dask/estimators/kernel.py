@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 try:
     from sklearn.gaussian_process.kernels import Hyperparameter, Kernel
 except ImportError as exc:  # pragma: no cover - depends on the installation

@@ -7,7 +7,8 @@ from .derivatives import (LOG_HYPERPARAMETERS, kernel_log_derivatives, kernel_lo
                           with_log_hyperparameters)
 from .gram import GramBlock, depth_kernels, gram_block, point_diagonals, recurse_gram
 from .inputs import NORMALIZATIONS, InputError, check_inputs, first_nonfinite_row, nonfinite_message, normalize
-from .tiles import (KINDS, KernelOverflowError, all_finite, ard_scaled, check_architecture, check_dtype, check_kind, check_range,
+from .tiles import (KINDS, KernelOverflowError, all_finite, ard_scaled, check_architecture, check_dtype, check_kind,
+                    check_range,
                     diagonals, diagonals_from_norms, input_gram, kernel, overflow_reason, tile, tile_from_gram)
 
 __all__ = [

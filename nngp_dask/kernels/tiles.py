@@ -19,7 +19,8 @@ from .architecture import Architecture
 from .inputs import check_inputs
 
 __all__ = ["KINDS", "KernelOverflowError", "ard_scaled", "diagonals", "input_gram", "tile", "tile_from_gram", "kernel",
-           "check_kind", "check_dtype", "check_architecture", "check_range", "overflow_reason", "all_finite", "diagonals_from_norms"]
+           "check_kind", "check_dtype", "check_architecture", "check_range", "overflow_reason", "all_finite",
+           "diagonals_from_norms"]
 
 Kind = Literal["nngp", "ntk", "both"]
 KINDS: tuple[str, ...] = ("nngp", "ntk")
