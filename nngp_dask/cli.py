@@ -86,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
              "predict": "run a pipeline up to predictions and metrics (no report)"}
     for name, text in helps.items():
         _add_pipeline_args(sub.add_parser(name, help=text, description=text))
+    text = ("fit the hyperparameters of a pipeline by the exact marginal likelihood on a subset of its training "
+            "data; print them, and with --write a pipeline file that runs with them")
+    p = sub.add_parser("fit", help=text, description=text)
+    _add_pipeline_args(p)
+    p.add_argument("--write", metavar="PIPELINE.toml", default=None,
+                   help="write the pipeline with the fitted values (and [fit] enabled = false) to this file")
+    p.add_argument("--subset", type=int, default=None, help="points to fit on (overrides fit.subset)")
+    p.add_argument("--restarts", type=int, default=None, help="random starts per depth (overrides fit.restarts)")
+    p.add_argument("--ard", action="store_true", help="also fit one input variance per feature (fit.ard)")
+    p.add_argument("--depths", default=None, metavar="MIN:MAX", help="depths tried, e.g. 1:4 (fit.depth_min/max)")
     p = sub.add_parser("validate", help="check a pipeline file without running it; print the resolved settings")
     p.add_argument("pipeline", nargs="?", help="pipeline file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -158,6 +168,8 @@ def _run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     if args.cluster:
         overrides["cluster.address"] = args.cluster
+    if args.command == "fit":
+        return _fit(args, overrides)
     cfg = load_config(args.pipeline, overrides)
     from .pipeline import run_pipeline
 
@@ -171,6 +183,42 @@ def _run(args: argparse.Namespace) -> int:
               "complete and its report written. Raise solver.maxiter or solver.noise, or a stronger preconditioner; "
               "--set solver.allow_unconverged=true accepts it (exit 0)", file=sys.stderr)
         return 3
+    return 0
+
+
+def _fit(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """``nngp-dask fit``: ingest and the fit stage only (no cluster), then print or write the values."""
+    from pathlib import Path
+
+    from .pipeline import load_config, run_pipeline, to_toml
+
+    given = (("fit.subset", args.subset), ("fit.restarts", args.restarts))
+    overrides.update({key: value for key, value in given if value is not None})
+    if args.ard:
+        overrides["fit.ard"] = True
+    if args.depths is not None:
+        lo, sep, hi = args.depths.partition(":")
+        if not (lo.isdigit() and (not sep or hi.isdigit())):
+            raise _Usage(f"--depths: expected MIN:MAX (e.g. 1:4) or one depth, got {args.depths!r}")
+        overrides["fit.depth_min"], overrides["fit.depth_max"] = int(lo), int(hi if sep else lo)
+    cfg = load_config(args.pipeline, overrides)
+    if args.write is not None and Path(args.write).is_dir():
+        raise _Usage(f"--write: {args.write!r} is a folder; expected a file name for the pipeline")
+    out = run_pipeline(cfg, until="fit", plots=False, progress=not args.no_progress)
+    detail = out["fit"]
+    fitted = detail["fitted"]
+    print(f"nngp-dask: fitted on {detail['n_subset']} points: log marginal likelihood "
+          f"{detail['log_marginal_likelihood']:.4f} (per depth: "
+          + ", ".join(f"{d}: {v:.4f}" for d, v in detail["per_depth"].items()) + ")")
+    for key, value in fitted.items():
+        shown = ", ".join(f"{v:.4g}" for v in value) if isinstance(value, list) else \
+            f"{value:.6g}" if isinstance(value, float) else str(value)
+        print(f"  {key} = {shown or '[] (isotropic)'}")
+    if args.write is not None:
+        written = out["config"]
+        written["fit"]["enabled"] = False
+        Path(args.write).write_text(f"# fitted by nngp-dask fit {args.pipeline}\n" + to_toml(written))
+        print(f"  pipeline with the fitted values: {args.write}")
     return 0
 
 

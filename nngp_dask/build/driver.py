@@ -126,7 +126,12 @@ def _refuse_overflow(arch: Architecture, kind: str, dt: np.dtype, prep: Prepared
     would overflow. The diagonals at the smallest and largest norm bound every diagonal (the
     activations that can overflow grow with the norm), and the diagonals bound the kernel; the
     exact diagonals are checked again as they are ingested."""
+    if arch.input_weight_var is not None and len(arch.input_weight_var) != prep.d:
+        raise ValueError(f"input_weight_var: expected {prep.d} values (one per feature of {prep.name}), "
+                         f"got {len(arch.input_weight_var)}")
     sq = np.array(prep.sqnorm_range, dtype=np.float64)
+    if arch.input_weight_var is not None:  # ARD: the weighted norms lie within these bounds
+        sq = sq * np.array([min(arch.input_weight_var), max(arch.input_weight_var)])
     used = [diagonals_from_norms(arch, sq, prep.d)]
     if kind == "ntk":
         used.append(diagonals_from_norms(arch, sq, prep.d, kind="ntk"))

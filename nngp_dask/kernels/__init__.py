@@ -3,23 +3,31 @@ compiled NNGP/NTK recursion and one tile of the kernel. Pure functions on arrays
 
 from .activations import ACTIVATIONS, Activation, Elementwise, Erf, Step, TwoSlope, get_activation
 from .architecture import Architecture
+from .derivatives import (
+                          LOG_HYPERPARAMETERS,
+                          kernel_log_derivatives,
+                          kernel_log_gradient,
+                          log_hyperparameters,
+                          with_log_hyperparameters,
+)
 from .gram import GramBlock, depth_kernels, gram_block, point_diagonals, recurse_gram
 from .inputs import NORMALIZATIONS, InputError, check_inputs, first_nonfinite_row, nonfinite_message, normalize
 from .tiles import (
-                    KINDS,
-                    KernelOverflowError,
-                    all_finite,
-                    check_architecture,
-                    check_dtype,
-                    check_kind,
-                    check_range,
-                    diagonals,
-                    diagonals_from_norms,
-                    input_gram,
-                    kernel,
-                    overflow_reason,
-                    tile,
-                    tile_from_gram,
+                          KINDS,
+                          KernelOverflowError,
+                          all_finite,
+                          ard_scaled,
+                          check_architecture,
+                          check_dtype,
+                          check_kind,
+                          check_range,
+                          diagonals,
+                          diagonals_from_norms,
+                          input_gram,
+                          kernel,
+                          overflow_reason,
+                          tile,
+                          tile_from_gram,
 )
 
 __all__ = [
@@ -37,6 +45,12 @@ __all__ = [
     "first_nonfinite_row",
     "nonfinite_message",
     "normalize",
+    "LOG_HYPERPARAMETERS",
+    "kernel_log_derivatives",
+    "kernel_log_gradient",
+    "log_hyperparameters",
+    "with_log_hyperparameters",
+    "ard_scaled",
     "KINDS",
     "KernelOverflowError",
     "all_finite",

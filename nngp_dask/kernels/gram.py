@@ -111,6 +111,9 @@ def recurse_gram(arch: Architecture, block: GramBlock, *, kind: str = "nngp", al
     ndarray, shape (m, n) or (L + 1, m, n)
     """
     check_kind(kind, arch)
+    if arch.input_weight_var is not None:
+        raise ValueError("input_weight_var: a shared Gram block holds unscaled inputs; expected an isotropic "
+                         "architecture (input_weight_var=None), or nngp_dask.kernels.kernel for ARD")
     d = block.features
     diag_rows, _ = point_diagonals(arch, block.sqnorm_rows, d, "nngp")
     diag_cols = diag_rows if block.symmetric else point_diagonals(arch, block.sqnorm_cols, d, "nngp")[0]

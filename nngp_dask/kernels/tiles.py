@@ -18,8 +18,9 @@ from .activations import FAMILY_HERMITE, Elementwise
 from .architecture import Architecture
 from .inputs import check_inputs
 
-__all__ = ["KINDS", "KernelOverflowError", "diagonals", "input_gram", "tile", "tile_from_gram", "kernel", "check_kind",
-           "check_dtype", "check_architecture", "check_range", "overflow_reason", "all_finite", "diagonals_from_norms"]
+__all__ = ["KINDS", "KernelOverflowError", "ard_scaled", "diagonals", "input_gram", "tile", "tile_from_gram", "kernel",
+           "check_kind", "check_dtype", "check_architecture", "check_range", "overflow_reason", "all_finite",
+           "diagonals_from_norms"]
 
 # The overloads of tile, tile_from_gram and kernel type kind="both" (a literal at every call that wants it) as the
 # (nngp, ntk) pair and any other string as one kernel: kinds read at run time (a config, a store, an estimator's
@@ -39,6 +40,26 @@ def check_architecture(arch: object) -> Architecture:
         raise TypeError(f"arch: expected an Architecture (e.g. Architecture(depth=3, activation='relu')), "
                         f"got {type(arch).__name__} {arch!r:.60}")
     return arch
+
+
+def ard_scaled(arch: Architecture, x: NDArray) -> NDArray:
+    """``x`` with feature ``i`` scaled by ``sqrt(input_weight_var[i])`` (ARD), or ``x`` itself.
+
+    Every kernel function applies it at its entry, so stored inputs stay unscaled and the ARD
+    weights live in the architecture (the store's identity) alone.
+
+    Raises
+    ------
+    ValueError
+        When ``input_weight_var`` does not hold one value per column of ``x``.
+    """
+    scale = arch.input_scale
+    if scale is None:
+        return x
+    if scale.shape[0] != x.shape[-1]:
+        raise ValueError(f"input_weight_var: expected {x.shape[-1]} values (one per input feature), "
+                         f"got {scale.shape[0]}")
+    return x * scale.astype(x.dtype if x.dtype == np.float32 else np.float64)
 
 
 def all_finite(values: NDArray) -> bool:
@@ -130,7 +151,7 @@ def _point_recursion(arch: Architecture, sqnorm: NDArray, d: int, *, ntk: bool) 
     """
     n = sqnorm.shape[0]
     k = np.empty((arch.depth + 1, n))
-    k[0] = arch.bias_var + arch.weight_var / d * sqnorm
+    k[0] = arch.bias_var + arch.input_layer_weight / d * sqnorm
     t = None
     if ntk:
         t = np.empty((arch.depth + 1, n))
@@ -157,7 +178,7 @@ def diagonals(arch: Architecture, x: ArrayLike, *, kind: str = "nngp") -> NDArra
     ----------
     arch : Architecture
     x : array_like, shape (n, d)
-        Inputs (already normalised).
+        Inputs (already normalised; ARD scaling is applied here).
     kind : {"nngp", "ntk"}
 
     Returns
@@ -165,7 +186,7 @@ def diagonals(arch: Architecture, x: ArrayLike, *, kind: str = "nngp") -> NDArra
     ndarray, shape (L + 1, n), float64
     """
     check_kind(kind, check_architecture(arch))
-    x = check_inputs(x, "x")
+    x = ard_scaled(arch, check_inputs(x, "x"))
     with np.errstate(over="ignore"):  # overflow shows as inf, which check_range names
         sqnorm = np.einsum("ij,ij->i", x, x, dtype=np.float64)
     k, t = _point_recursion(arch, sqnorm, x.shape[1], ntk=kind == "ntk")
@@ -269,7 +290,8 @@ def tile(
     ndarray, shape (m, n) or (L + 1, m, n)
     """
     dt = check_dtype(dtype)
-    gram = input_gram(x_rows, x_cols, dt, symmetric)
+    x_rows = ard_scaled(arch, x_rows)
+    gram = input_gram(x_rows, x_rows if symmetric else ard_scaled(arch, x_cols), dt, symmetric)
     return tile_from_gram(arch, gram, diag_rows, diag_cols, features=x_rows.shape[1], kind=kind,
                           all_depths=all_depths, symmetric=symmetric, overwrite_gram=True)
 
@@ -306,8 +328,8 @@ def tile_from_gram(
     Parameters
     ----------
     gram : ndarray, shape (m, n), float32 or float64
-        Raw inner products (not divided by ``features``); its dtype is the output dtype. With
-        ``symmetric`` only its upper triangle is read.
+        Raw inner products (not divided by ``features``) of the inputs after :func:`ard_scaled`;
+        its dtype is the output dtype. With ``symmetric`` only its upper triangle is read.
     features : int
         Input dimension d (the input layer is ``bias_var + weight_var <x, x'> / d``).
     overwrite_gram : bool
@@ -331,7 +353,7 @@ def tile_from_gram(
         ha_j, hb_j = _hermite(arch, diag_cols)
     p0, p1 = arch.activation.params
     k0_i = np.ascontiguousarray(diag_rows[0], dtype=np.float64)
-    rec.recurse_block(gram, k0_i, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, arch.weight_var / features,
+    rec.recurse_block(gram, k0_i, s_i, s_j, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, arch.input_layer_weight / features,
                       arch.weight_var, arch.bias_var, arch.activation.family, p0, p1, ntk, all_depths,
                       symmetric, out_k, out_t)
     if symmetric:
@@ -403,7 +425,7 @@ def kernel(
     # overflow is refused before any tile work: the diagonals bound every entry
     for name, x, d in (("x1", a, diag_a), ("x2", b, diag_b)) if x2 is not None else (("x1", a, diag_a),):
         used = [d] + ([diagonals(arch, x, kind="ntk")] if kind != "nngp" else [])
-        check_range(arch, used, dtype=dt, sqnorm_max=_sqnorm_max(x), all_depths=all_depths,
+        check_range(arch, used, dtype=dt, sqnorm_max=_sqnorm_max(ard_scaled(arch, x)), all_depths=all_depths,
                     where=f"kernel of {name}")
     if x2 is None:
         out = tile(arch, a, a, diag_a, diag_a, kind=kind, dtype=dt, all_depths=all_depths, symmetric=True)

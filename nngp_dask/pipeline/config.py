@@ -8,6 +8,7 @@ types, allowed values and the one-line documentation printed by ``nngp-dask vali
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,6 +62,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "weight_var": Field(float, 1.6, "weight variance sigma_w^2 (weights ~ N(0, weight_var / fan_in))",
                             minimum=0.0, exclusive_minimum=True),
         "bias_var": Field(float, 0.1, "bias variance sigma_b^2", minimum=0.0),
+        "input_weight_var": Field(list, [], "ARD: one first-layer weight variance per input feature, replacing "
+                                  "weight_var in the input layer (empty: isotropic)"),
     },
     "kernel": {
         "kind": Field(str, "nngp", "nngp (Bayesian posterior) or ntk (gradient-descent training)",
@@ -73,6 +76,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "solver": {
         "noise": Field(float, 0.01, "observation noise variance added to the kernel diagonal", minimum=0.0),
+        "amplitude": Field(float, 1.0, "prior amplitude s: the targets' covariance is s (K + noise I); scales the "
+                           "predictive variances (NLPD), not the mean", minimum=0.0, exclusive_minimum=True),
         "tol": Field(float, 1e-4, "relative residual per right-hand side", minimum=0.0, exclusive_minimum=True),
         "maxiter": Field(int, 0, "CG iteration cap (0: automatic)", minimum=0),
         "preconditioner": Field(str, "auto", "CG preconditioner", choices=PRECONDITIONERS),
@@ -82,6 +87,20 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "checkpoint_every": Field(int, 5, "CG iterations between checkpoints", minimum=1),
         "allow_unconverged": Field(bool, False, "finish with exit code 0 when CG stops before tol (default: the run "
                                    "completes, then the CLI exits 3)"),
+    },
+    "fit": {
+        "enabled": Field(bool, False, "before the kernel stage, fit depth, weight_var, bias_var, solver.noise, "
+                         "solver.amplitude (and ARD) by the exact marginal likelihood on a subset; the given "
+                         "values are the starting point"),
+        "subset": Field(int, 2000, "training points the likelihood is maximised on (random; 0: as many as "
+                        "fit.memory allows)", minimum=0),
+        "memory": Field(str, "2GiB", "memory budget of the fit (7 n^2 float64 for n points), e.g. '8GiB'"),
+        "restarts": Field(int, 0, "random starts per depth besides the given values", minimum=0),
+        "ard": Field(bool, False, "also fit one input variance per feature (architecture.input_weight_var)"),
+        "depth_min": Field(int, 1, "smallest depth tried", minimum=0),
+        "depth_max": Field(int, 4, "largest depth tried", minimum=0),
+        "maxiter": Field(int, 200, "L-BFGS-B iterations per start", minimum=1),
+        "seed": Field(int, 0, "seed of the subset and the restarts", minimum=0),
     },
     "predict": {
         "variance": Field(str, "auto", "predictive variance: none, auto, exact or lowrank",
@@ -161,9 +180,25 @@ def resolve(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, 
     _check_tls_address(out["cluster"]["address"])
     if out["data"]["source"] != "synthetic" and not out["data"]["path"]:
         raise ConfigError(f"data.path: expected a file or directory for source {out['data']['source']!r}, got ''")
+    _check_fit(out)
     if out["data"]["test_fraction"] >= 1:
         raise ConfigError(f"data.test_fraction: expected a number in (0, 1), got {out['data']['test_fraction']}")
     return out
+
+
+def _check_fit(out: dict[str, dict[str, Any]]) -> None:
+    for i, v in enumerate(out["architecture"]["input_weight_var"]):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"architecture.input_weight_var[{i}]: expected a number > 0, got {v!r}")
+    f = out["fit"]
+    if f["depth_min"] > f["depth_max"]:
+        raise ConfigError(f"fit.depth_max: expected a depth >= fit.depth_min ({f['depth_min']}), got {f['depth_max']}")
+    try:
+        from dask.utils import parse_bytes
+
+        parse_bytes(f["memory"])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"fit.memory: expected a size such as '2GiB', got {f['memory']!r}") from exc
 
 
 def _check_tls_address(address: str) -> None:

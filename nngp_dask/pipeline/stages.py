@@ -1,4 +1,9 @@
-"""A pipeline run: ingest -> kernel -> solve -> predict -> evaluate -> report, idempotent.
+"""A pipeline run: ingest -> fit -> kernel -> solve -> predict -> evaluate -> report, idempotent.
+
+The fit stage (``[fit] enabled = true``) maximises the marginal likelihood on a subset
+(:func:`nngp_dask.select.fit_hyperparameters`) and runs the rest with the fitted architecture,
+noise and amplitude; its result is kept in ``fit.json`` under its fingerprint (targets, inputs,
+settings), so a re-run reuses it.
 
 Every stage's output is named by a fingerprint of what it depends on, and the expensive ones
 resume rather than restart: the kernel store records finished tiles, the solver checkpoints
@@ -28,8 +33,9 @@ from .._version import __version__
 from ..build import build_kernel
 from ..cluster import LazyClient
 from ..gp import SolveResult, accuracy, confusion_matrix, encode_labels, nlpd, predict, predict_labels, rmse, solve
-from ..kernels import Architecture
+from ..kernels import Architecture, normalize as normalize_rows
 from ..monitor import PeakRSS
+from ..select import fit_hyperparameters, subset_size
 from ..store import CorruptTileError, KernelStore, inputs_path, is_remote, store_contents, store_lock
 from .config import ConfigError
 from .datasets import Dataset, load_dataset
@@ -38,7 +44,7 @@ __all__ = ["STAGES", "Pipeline", "run_pipeline"]
 
 log = logging.getLogger("nngp_dask")
 
-STAGES = ("ingest", "kernel", "solve", "predict", "evaluate", "report")
+STAGES = ("ingest", "fit", "kernel", "solve", "predict", "evaluate", "report")
 
 
 def _hash(*parts: Any) -> str:
@@ -86,9 +92,10 @@ def _targets(ds: Dataset, task: str) -> Targets:
 
 
 def evaluate(task: str, y_test: np.ndarray, mean: np.ndarray, var: np.ndarray | None, noise: float,
-             targets: Targets) -> dict[str, Any]:
+             targets: Targets, amplitude: float = 1.0) -> dict[str, Any]:
     """Metrics of a prediction: accuracy and confusion (classification); RMSE, standardised RMSE
-    and NLPD, the mean negative log predictive density (regression, in the targets' original units)."""
+    and NLPD, the mean negative log predictive density (regression, in the targets' original units,
+    with the predictive variance ``amplitude (var + noise)``)."""
     if task == "classification":
         assert targets.classes is not None  # classification targets carry their classes
         pred = predict_labels(mean, targets.classes)
@@ -100,7 +107,7 @@ def evaluate(task: str, y_test: np.ndarray, mean: np.ndarray, var: np.ndarray | 
     err = rmse(y, mu)
     out = {"rmse": err, "srmse": err / float(np.std(y) or 1.0)}
     if var is not None:
-        out["nlpd"] = nlpd(y, mu, (var + noise) * targets.scale ** 2)
+        out["nlpd"] = nlpd(y, mu, amplitude * (var + noise) * targets.scale ** 2)
     return out
 
 
@@ -203,8 +210,13 @@ class Pipeline:
                 rec.did_work = True
                 rec.detail = {"dataset": ds.description, "n_train": ds.x_train.shape[0], "n_test": ds.x_test.shape[0]}
                 log.info("data: %s", ds.description)
+            if cfg["fit"]["enabled"] or stop == STAGES.index("fit"):
+                cfg = self.cfg = self._fit(ds, targets)
+            if stop == STAGES.index("fit"):
+                return {"fit": self.records["fit"].detail, "config": cfg}
             a = cfg["architecture"]
-            arch = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"])
+            arch = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"],
+                                input_weight_var=a["input_weight_var"] or None)
             # the cluster starts only for a stage with work to do
             with LazyClient(self._cluster(), **self._local_kwargs()) as client:
                 for attempt in (1, 2):
@@ -223,11 +235,52 @@ class Pipeline:
             if stop >= STAGES.index("evaluate") and pred is not None:
                 with self._stage("evaluate") as rec:
                     metrics = evaluate(cfg["run"]["task"], ds.y_test, pred["mean"], pred.get("var"),
-                                       cfg["solver"]["noise"], targets)
+                                       cfg["solver"]["noise"], targets, cfg["solver"]["amplitude"])
                     rec.did_work = True
             report = self._report(ks, result, pred, metrics, ds, targets, peak.sample(), started,
                                   write=stop >= STAGES.index("report"))
         return report
+
+    def _fit(self, ds: Dataset, targets: Targets) -> dict[str, dict[str, Any]]:
+        """The configuration with the fitted values (the fit stage); reused from ``fit.json`` when
+        its fingerprint (targets, inputs, starting values, fit settings) matches."""
+        from dask.utils import parse_bytes
+
+        cfg, f, a = self.cfg, self.cfg["fit"], self.cfg["architecture"]
+        path = self.out / "fit.json"
+        with self._stage("fit") as rec:
+            n = ds.x_train.shape[0]
+            size = subset_size(n, f["subset"] or None, parse_bytes(f["memory"]))
+            idx = np.sort(np.random.default_rng(f["seed"]).choice(n, size, replace=False)) if size < n else None
+            x = np.asarray(normalize_rows(_rows(ds.x_train, idx), cfg["data"]["normalize"]), dtype=np.float64)
+            y = targets.y_train if idx is None else targets.y_train[idx]
+            rec.fingerprint = _hash(y, x, f, a, cfg["solver"]["noise"], cfg["kernel"]["kind"])
+            try:
+                last = json.loads(path.read_text())
+                fitted = last["overrides"] if last["fingerprint"] == rec.fingerprint else None
+                rec.detail = last["detail"]
+            except (OSError, ValueError, KeyError, TypeError):
+                fitted = None
+            if fitted is None:
+                start = Architecture(a["depth"], a["activation"], a["weight_var"], a["bias_var"],
+                                     input_weight_var=a["input_weight_var"] or None)
+                res = fit_hyperparameters(x, y, arch=start, noise=cfg["solver"]["noise"] or 1e-2,
+                                          kind=cfg["kernel"]["kind"], depths=range(f["depth_min"], f["depth_max"] + 1),
+                                          ard=f["ard"], subset=None, restarts=f["restarts"], seed=f["seed"],
+                                          maxiter=f["maxiter"])
+                fitted = res.pipeline_overrides()
+                rec.detail = {"log_marginal_likelihood": res.log_marginal_likelihood, "n_subset": res.n_subset,
+                              "per_depth": {str(k): v for k, v in res.per_depth.items()},
+                              "evaluations": res.evaluations, "fitted": fitted}
+                _atomic_write(path, json.dumps({"fingerprint": rec.fingerprint, "overrides": fitted,
+                                                "detail": rec.detail}, indent=2).encode())
+                rec.did_work = True
+                log.info("fit: %s", res.summary().replace("\n", "; "))
+        out = {section: dict(values) for section, values in cfg.items()}
+        for dotted, value in fitted.items():
+            section, _, key = dotted.partition(".")
+            out[section][key] = value
+        return out
 
     def _kernel(self, arch: Architecture, ds: Dataset, client: Any) -> KernelStore:
         k = self.cfg["kernel"]
@@ -356,12 +409,26 @@ class Pipeline:
                     out.append(plots.predicted_vs_true(np.asarray(ds.y_test).ravel(), mu,
                                                        self.out / "predicted_vs_true.png"))
                     err = np.abs(mu - np.asarray(ds.y_test).ravel())
-                    std = np.sqrt(pred["var"] + result.noise) * targets.scale if "var" in pred else None
+                    std = (np.sqrt(self.cfg["solver"]["amplitude"] * (pred["var"] + result.noise)) * targets.scale
+                           if "var" in pred else None)
                 if std is not None:
                     out.append(plots.calibration(err, std, self.out / "calibration.png"))
         except ImportError as exc:
             log.warning("no figures: %s", exc)
         return [p.name for p in out]
+
+
+def _rows(source: Any, idx: np.ndarray | None, chunk: int = 65536) -> np.ndarray:
+    """The rows ``idx`` (sorted; None: all) of a row source, read a chunk at a time."""
+    n = source.shape[0]
+    parts = []
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        block = np.asarray(source.read(start, stop), dtype=np.float64)
+        if idx is not None:
+            block = block[idx[(idx >= start) & (idx < stop)] - start]
+        parts.append(block.reshape(block.shape[0], -1))
+    return np.concatenate(parts)
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
