@@ -5,6 +5,7 @@ from typing import Any
 
 from .runtime import (CLUSTER_SCHEMA, ClusterConfigError, LazyClient, client_for, embedded_client, is_cluster_file,
                       jobqueue_kwargs, kubernetes_kwargs, load_cluster_file, local_cluster, local_cluster_kwargs)
+from .batch import ClusterSubmitError, jobqueue_cluster
 from .workerenv import MALLOC_ENV, WORKER_ENV
 
 __all__ = [
@@ -13,10 +14,12 @@ __all__ = [
     "EmbeddedCluster",
     "CLUSTER_SCHEMA",
     "ClusterConfigError",
+    "ClusterSubmitError",
     "LazyClient",
     "client_for",
     "embedded_client",
     "is_cluster_file",
+    "jobqueue_cluster",
     "jobqueue_kwargs",
     "kubernetes_kwargs",
     "load_cluster_file",
