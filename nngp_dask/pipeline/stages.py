@@ -265,7 +265,7 @@ class Pipeline:
                 with np.load(path, allow_pickle=False) as f:
                     if str(f["fingerprint"]) == rec.fingerprint:
                         return {k: f[k] for k in f.files if k != "fingerprint"}
-            out = predict(ks, result, variance=variance, client=client)
+            out = predict(ks, result, variance=variance, client=client, progress=self.progress)
             pred = {"mean": out[0], "var": out[1]} if variance else {"mean": out}
             buf = _npz_bytes(fingerprint=np.array(rec.fingerprint), **pred)
             _atomic_write(path, buf)
