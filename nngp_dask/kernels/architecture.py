@@ -30,7 +30,7 @@ def _check_real(field: str, value: Any, *, positive: bool) -> float:
 
 @dataclass(frozen=True)
 class Architecture:
-    """A fully connected network of infinite width (DESIGN.md section 2).
+    """A fully connected network of infinite width (docs/DESIGN.md section 2).
 
     Parameters
     ----------
