@@ -105,7 +105,8 @@ def test_batch_and_kubernetes_keys_pass_through_owned_keys_checked(tmp_path, mon
     monkeypatch.setenv("NNGP_TEST_TEAM", "gp")
     raw = tomllib.loads(_slurm_copy(tmp_path).read_text()) | {
         "shared_temp_directory": str(tmp_path / "shared"), "log_directory": str(tmp_path / "logs"),
-        "job_directives_skip": ["--mem", "-p"], "job_name": "nngp-${NNGP_TEST_TEAM}", "scheduler_options": {"idle_timeout": 60}}
+        "job_directives_skip": ["--mem", "-p"], "job_name": "nngp-${NNGP_TEST_TEAM}",
+        "scheduler_options": {"idle_timeout": 60}}
     kw = jobqueue_kwargs(resolve_cluster(raw, base_dir=tmp_path, name="slurm.toml"))
     assert kw["job_directives_skip"] == ["--mem", "-p"] and kw["job_name"] == "nngp-gp"
     assert kw["scheduler_options"] == {"dashboard_address": "127.0.0.1:0", "idle_timeout": 60}

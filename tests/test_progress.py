@@ -41,8 +41,8 @@ def test_heartbeat_logs_on_a_timer_while_nothing_finishes(caplog, rng):
     lines = _lines(caplog, "demo tiles")
     assert re.fullmatch(r"demo tiles: 0/4 after \d+ s \(none finished yet, no estimate\)", lines[0]), lines[0]
     assert re.fullmatch(r"demo tiles: 0/4 after \d+ s \(none finished yet, no estimate\)", lines[1]), lines[1]
-    assert re.fullmatch(r"demo tiles: 1/4 after \d+ (s|min) \([0-9.e+-]+/s; est\. ~\d+ (s|min|h) left\) after the first",
-                        lines[-1]), lines[-1]
+    assert re.fullmatch(r"demo tiles: 1/4 after \d+ (s|min) \([0-9.e+-]+/s; est\. ~\d+ (s|min|h) left\) "
+                        r"after the first", lines[-1]), lines[-1]
     assert not beat._thread.is_alive()  # the block's end stops the lines
 
 
