@@ -83,6 +83,8 @@ def _readable(key: str, value: Any) -> str:
     if key in _TIMES and isinstance(value, (int, float)):
         return datetime.datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
     if isinstance(value, dict):
+        if list(value) == ["name"]:  # an activation without parameters
+            return str(value["name"])
         return ", ".join(f"{k}={_readable(k, v)}" for k, v in value.items())
     if isinstance(value, float):
         return f"{value:.6g}"

@@ -358,7 +358,9 @@ class Pipeline:
             if targets.classes is not None:
                 labels = np.asarray(ds.y_train).ravel()[:m]
             kmat = kernel_fn(ks.architecture, x, kind=ks.kind, dtype="float64")
-            out.append(plots.kernel_heatmap(kmat, self.out / "kernel_heatmap.png", labels=labels))
+            values = None if labels is not None else np.asarray(ds.y_train, dtype=np.float64)[:m]
+            out.append(plots.kernel_heatmap(kmat, self.out / "kernel_heatmap.png", labels=labels, targets=values,
+                                            kind=ks.kind, correlation=True))
             if pred is not None:
                 if targets.classes is not None:
                     yp = predict_labels(pred["mean"], targets.classes)
