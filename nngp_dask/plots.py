@@ -422,7 +422,7 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int,
     if n_classes <= 20:
         for i in range(n_classes):
             for j in range(n_classes):
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7 if n_classes > 6 else 11,
                         color="w" if frac[i, j] > 0.5 else "k")
         ax.set_xticks(range(n_classes))
         ax.set_yticks(range(n_classes))

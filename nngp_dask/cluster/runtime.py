@@ -4,9 +4,11 @@ cluster (:mod:`nngp_dask.cluster.embedded`).
 A *cluster file* (``cluster/*.toml``, passed as ``--cluster FILE`` or ``cluster.address``)
 describes a deployment separately from the pipeline: the same pipeline runs on a laptop, on a
 ``dask scheduler`` somewhere, on SLURM or PBS (through ``dask-jobqueue``) or on Kubernetes
-(through the ``dask-kubernetes`` operator). Its ``type`` key picks the deployment; every other
-key is validated against :data:`CLUSTER_SCHEMA`, and errors name the file and the dotted key
-(``cluster/slurm.toml: cores: expected an integer, got str '16'``). ``${VAR}`` in string values
+(through the ``dask-kubernetes`` operator). Its ``type`` key picks the deployment; the keys
+nngp-dask owns are validated against :data:`CLUSTER_SCHEMA`, and errors name the file and the
+dotted key (``cluster/slurm.toml: cores: expected an integer, got str '16'``). Other keys of a
+``slurm``, ``pbs`` or ``kubernetes`` file go to the dask-jobqueue / dask-kubernetes class as
+written (``spec["passthrough"]``), which checks them. ``${VAR}`` in string values
 is taken from the environment; relative paths resolve against the file's directory.
 
 Secure defaults: the embedded cluster, its workers and its dashboard listen on 127.0.0.1 only,
