@@ -23,10 +23,16 @@ def test_python_dash_m_runs_the_cli():
 def test_schema_lists_the_choices_of_every_enumerated_key(capsys):
     assert main(["validate", "--schema"]) == 0
     text = capsys.readouterr().out
+    lines, section = {}, ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif " = " in line:
+            lines[section, line.split(" = ")[0]] = line
     for section, fields in SCHEMA.items():
         for key, spec in fields.items():
             if spec.choices:
-                line = next(l for l in text.splitlines() if l.startswith(f"{key} = "))
+                line = lines[section, key]
                 assert f"(one of: {', '.join(map(str, spec.choices))})" in line, line
 
 
