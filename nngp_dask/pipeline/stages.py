@@ -326,7 +326,7 @@ class Pipeline:
             prev = last.get(name) if isinstance(last, dict) else None
             if not r.did_work and isinstance(prev, dict) and prev.get("fingerprint") == r.fingerprint:
                 entry.update(seconds=prev.get("seconds", entry["seconds"]), ran_at=prev.get("ran_at"))
-                detail = r.detail or prev.get("detail")
+                detail = prev.get("detail") or r.detail  # what that run did, matching its time
             else:
                 detail = r.detail
             out[name] = entry | ({"detail": detail} if detail else {})
