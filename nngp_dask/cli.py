@@ -47,7 +47,10 @@ def _summary(report: dict[str, Any]) -> str:
         lines.append("  metrics: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in shown.items()))
     for name, st in report["stages"].items():
-        lines.append(f"  {name:<9} {st['seconds']:9.1f} s  {'ran' if st['did_work'] else 'up to date'}")
+        when = st.get("ran_at")
+        state = "ran" if st["did_work"] else "up to date" + (
+            f" (time of the run of {when})" if when and when != report.get("started") else "")
+        lines.append(f"  {name:<9} {st['seconds']:9.1f} s  {state}")
     solve = report["stages"].get("solve", {}).get("detail")
     if solve:
         lines.append(f"  solver: {solve['method']} ({solve['preconditioner']}), {solve['iterations']} iterations, "
@@ -56,6 +59,48 @@ def _summary(report: dict[str, Any]) -> str:
                  f"wall {report['wall_s']:.1f} s")
     lines.append(f"  report: {report['config']['run']['output']}/report.json")
     return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    """``1.23 GB``: decimal units, as ``du --si`` and disk vendors print them."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+#: Keys of a store summary holding a POSIX time (seconds since 1970): printed as ISO 8601 dates.
+_TIMES = ("created", "finished", "heartbeat", "since")
+
+
+def _readable(key: str, value: Any) -> str:
+    """One value of ``inspect``'s summary as a person reads it: sizes in kB/MB/GB, times as ISO
+    8601 dates in local time, tables as ``key=value`` lists."""
+    import datetime
+
+    if key.endswith("bytes") and isinstance(value, int):
+        return f"{_bytes(value)} ({value:,} bytes)"
+    if key in _TIMES and isinstance(value, (int, float)):
+        return datetime.datetime.fromtimestamp(value).astimezone().isoformat(timespec="seconds")
+    if isinstance(value, dict):
+        if list(value) == ["name"]:  # an activation without parameters
+            return str(value["name"])
+        return ", ".join(f"{k}={_readable(k, v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    for k, v in summary.items():
+        if k == "solves" and isinstance(v, dict):
+            print(f"{k:>18}: {len(v)}")
+            for name, attrs in v.items():
+                print(f"{'':>18}  {name}")
+                for a, av in attrs.items():
+                    print(f"{'':>20}{a:>20}: {_readable(a, av)}")
+        else:
+            print(f"{k:>18}: {_readable(k, v)}")
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -96,13 +141,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=None, help="random starts per depth (overrides fit.restarts)")
     p.add_argument("--ard", action="store_true", help="also fit one input variance per feature (fit.ard)")
     p.add_argument("--depths", default=None, metavar="MIN:MAX", help="depths tried, e.g. 1:4 (fit.depth_min/max)")
-    p = sub.add_parser("validate", help="check a pipeline file without running it; print the resolved settings")
+    text = "check a pipeline file without running it; print the resolved settings"
+    p = sub.add_parser("validate", help=text, description=f"{text[0].upper()}{text[1:]} as TOML (defaults filled "
+                       "in, ${VAR} expanded, --set applied); exit 2 with one line naming the key if it is invalid. "
+                       "--schema prints every key with its type, default, allowed values and meaning.")
     p.add_argument("pipeline", nargs="?", help="pipeline file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--schema", action="store_true", help="print the documented schema with defaults")
-    p = sub.add_parser("inspect", help="describe a kernel store: architecture, shape, tiles done, size, solves")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a setting before checking, e.g. --set solver.noise=1e-3 (repeatable)")
+    p.add_argument("--schema", action="store_true", help="print the documented schema with defaults and choices")
+    text = "describe a kernel store: architecture, shape, tiles done, size, solves"
+    p = sub.add_parser("inspect", help=text, description=f"{text[0].upper()}{text[1:]}. Sizes are printed in "
+                       "decimal units (kB, MB, GB) and times as ISO 8601 dates in local time; --json prints the "
+                       "raw values (bytes, seconds since 1970).")
     p.add_argument("store", help="store path or URL")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help="print JSON (raw numbers)")
     from .validate_cli import add_arguments
 
     add_arguments(sub.add_parser("validate-kernel", help="compare finite-width networks with the NNGP kernel",
@@ -158,8 +210,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(summary, indent=2, default=str))
         else:
-            for k, v in summary.items():
-                print(f"{k:>18}: {v}")
+            _print_summary(summary)
         return 0
     if args.command == "validate-kernel":
         from .validate_cli import run_from_args

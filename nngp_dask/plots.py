@@ -19,18 +19,8 @@ from numpy.typing import ArrayLike
 if TYPE_CHECKING:  # pragma: no cover - annotations only: plots draws, it computes nothing
     from .validation import JointSamples, ValidationResult
 
-__all__ = [
-    "MATPLOTLIB_HINT",
-    "figure",
-    "save_figure",
-    "joint_distribution",
-    "error_vs_width",
-    "cg_residuals",
-    "kernel_heatmap",
-    "predicted_vs_true",
-    "confusion_matrix",
-    "calibration",
-]
+__all__ = ["MATPLOTLIB_HINT", "figure", "save_figure", "joint_distribution", "error_vs_width", "cg_residuals",
+           "kernel_heatmap", "predicted_vs_true", "confusion_matrix", "calibration"]
 
 MATPLOTLIB_HINT = "matplotlib is required for figures: pip install 'nngp-dask[plots]'"
 DPI = 100
@@ -139,7 +129,7 @@ def joint_distribution(samples: JointSamples, path: str | Path = "joint_distribu
             ax.set_ylabel("$f(x_2)$")
     axes[0].legend(loc="lower right", fontsize=7, title="NNGP", title_fontsize=7)
     fig.suptitle(
-        f"{networks} random networks ({arch.activation.name}, depth {arch.depth}) vs the NNGP Gaussian: "
+        f"{networks} random networks per width ({arch.activation.name}, depth {arch.depth}) vs the NNGP Gaussian: "
         f"var {k[0, 0]:.2f}, {k[1, 1]:.2f}, corr {corr_nngp:.2f}",
         fontsize=10,
     )
@@ -259,16 +249,26 @@ def cg_residuals(residuals: ArrayLike, path: str | Path = "cg_residuals.png") ->
 
 
 def kernel_heatmap(k_sample: ArrayLike, path: str | Path = "kernel_heatmap.png",
-                   labels: ArrayLike | None = None) -> Path:
-    """Heat map of a kernel matrix (a sample of rows and columns), sorted by class when ``labels`` are given.
+                   labels: ArrayLike | None = None, *, targets: ArrayLike | None = None,
+                   kind: str = "nngp", correlation: bool = False) -> Path:
+    """Heat map of a kernel matrix (a sample of rows and columns), sorted by class when ``labels``
+    are given and by target value when ``targets`` are, so that the structure shows.
 
     Parameters
     ----------
     k_sample : array_like, shape (m, n)
-        Square when ``labels`` are given.
+        Square when ``labels`` or ``targets`` are given.
     labels : array_like of int or str, shape (m,), optional
         Classes of the rows/columns (or one-hot rows, shape (m, c)): rows and columns are
         sorted by class (stable), class boundaries are drawn and ticks name the classes.
+    targets : array_like of float, shape (m,) or (m, k), optional
+        Regression targets of the rows/columns (the first column when 2-D): rows and columns are
+        sorted by it, and the axes say so.
+    kind : str
+        ``"nngp"`` or ``"ntk"``, named on the colour bar.
+    correlation : bool
+        Draw ``k_ij / sqrt(k_ii k_jj)`` (square samples): without the inputs' norms, which
+        otherwise paint every row and column as a stripe, the similarity structure shows.
 
     Returns
     -------
@@ -277,6 +277,9 @@ def kernel_heatmap(k_sample: ArrayLike, path: str | Path = "kernel_heatmap.png",
     k = np.asarray(k_sample, dtype=np.float64)
     if k.ndim != 2:
         raise ValueError(f"k_sample: expected a 2-D array, got shape {k.shape}")
+    if correlation and k.shape[0] == k.shape[1]:
+        d = np.sqrt(np.maximum(np.diag(k), 1e-300))
+        k = k / d[:, None] / d[None, :]
     lab = None
     if labels is not None:
         lab = np.asarray(labels)
@@ -287,15 +290,32 @@ def kernel_heatmap(k_sample: ArrayLike, path: str | Path = "kernel_heatmap.png",
                              f"{np.shape(labels)} with kernel {k.shape}")
         order = np.argsort(lab, kind="stable")
         k, lab = k[np.ix_(order, order)], lab[order]
+    elif targets is not None:
+        t = np.asarray(targets, dtype=np.float64)
+        t = t[:, 0] if t.ndim == 2 else t
+        if t.shape != (k.shape[0],) or k.shape[0] != k.shape[1]:
+            raise ValueError(f"targets: expected shape ({k.shape[0]},) for a square kernel sample, got "
+                             f"{np.shape(targets)} with kernel {k.shape}")
+        order = np.argsort(t, kind="stable")
+        k = k[np.ix_(order, order)]
     fig = figure((6.0, 5.2), layout="constrained")
     ax = fig.subplots()
     finite = k[np.isfinite(k)]
     if finite.size and finite.min() < 0 < finite.max():
         v = float(np.abs(finite).max())
         im = ax.imshow(k, cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
-    else:
-        im = ax.imshow(k, cmap="viridis", interpolation="nearest")
-    fig.colorbar(im, ax=ax, shrink=0.85)
+    else:  # colours for the off-diagonal values: the larger k(x, x) would flatten them
+        off = k[~np.eye(*k.shape, dtype=bool)] if k.shape[0] == k.shape[1] and k.shape[0] > 1 else finite
+        off = off[np.isfinite(off)]
+        top = float(np.percentile(off, 99.5)) if off.size else None
+        im = ax.imshow(k, cmap="viridis", interpolation="nearest", vmax=top)
+    what = "correlation (k_ij / sqrt(k_ii k_jj))" if correlation else "$k(x_i, x_j)$"
+    fig.colorbar(im, ax=ax, shrink=0.85, label=f"{kind.upper()} kernel {what}",
+                 extend="max" if finite.size and float(finite.max()) > im.norm.vmax else "neither")
+    if lab is None:
+        by = ", sorted by target" if targets is not None else ""
+        ax.set_xlabel(f"training point $j${by}")
+        ax.set_ylabel(f"training point $i${by}")
     if lab is not None and lab.size:
         change = np.flatnonzero(lab[1:] != lab[:-1]) + 1
         for c in change:
@@ -310,7 +330,8 @@ def kernel_heatmap(k_sample: ArrayLike, path: str | Path = "kernel_heatmap.png",
             ax.set_yticks(centres, names, fontsize=7)
         ax.set_xlabel("class")
         ax.set_ylabel("class")
-    ax.set_title(f"kernel sample {k.shape[0]} x {k.shape[1]}" + (" (sorted by class)" if lab is not None else ""),
+    ax.set_title(f"{kind.upper()} kernel of {k.shape[0]} x {k.shape[1]} training points"
+                 + (" (sorted by class)" if lab is not None else " (sorted by target)" if targets is not None else ""),
                  fontsize=10)
     return save_figure(fig, path)
 
@@ -401,7 +422,7 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int,
     if n_classes <= 20:
         for i in range(n_classes):
             for j in range(n_classes):
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7 if n_classes > 6 else 11,
                         color="w" if frac[i, j] > 0.5 else "k")
         ax.set_xticks(range(n_classes))
         ax.set_yticks(range(n_classes))
@@ -440,8 +461,9 @@ def calibration(abs_error: ArrayLike, predictive_std: ArrayLike, path: str | Pat
         raise ValueError("abs_error: expected at least one finite value")
     fig = figure((5.6, 5.0), layout="constrained")
     ax = fig.subplots()
-    pos = np.concatenate([e[e > 0], s[s > 0]])
-    logscale = pos.size > 0 and pos.max() / pos.min() > 100.0
+    # each axis on a log scale only when its own values span more than two decades: a narrow
+    # range of stds (0.13-0.28) on a log axis got one overlapping label per minor tick
+    xlog, ylog = (v.size > 0 and v.max() / v.min() > 100.0 for v in (s[s > 0], e[e > 0]))
     shown = np.random.default_rng(0).permutation(e.size)[:5000]
     ax.scatter(s[shown], e[shown], s=5, alpha=max(0.05, min(0.5, 300.0 / shown.size)), color="C0", linewidths=0,
                label="points")
@@ -457,17 +479,21 @@ def calibration(abs_error: ArrayLike, predictive_std: ArrayLike, path: str | Pat
     s_pos = s[s > 0]
     lo = float(s_pos.min()) if s_pos.size else 1e-3
     hi = float(s_pos.max()) if s_pos.size else 1.0
-    grid = np.geomspace(lo, hi, 100) if logscale else np.linspace(0.0, hi, 100)
+    grid = np.geomspace(lo, hi, 100) if xlog else np.linspace(0.0 if not ylog else lo, hi, 100)
     ax.plot(grid, math.sqrt(2.0 / math.pi) * grid, color="k", linewidth=1.0,
             label="calibrated: $\\sqrt{2/\\pi}\\,s$")
     ax.plot(grid, grid, color="0.5", linewidth=0.8, linestyle="--", label="y = x")
-    if logscale:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    for log_axis, axis, scale in ((xlog, ax.xaxis, ax.set_xscale), (ylog, ax.yaxis, ax.set_yscale)):
+        if log_axis:
+            scale("log")
+            axis.set_major_locator(LogLocator(base=10.0))
+            axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("predictive std $s$")
     ax.set_ylabel("absolute error")
     ratio = e.mean() / (math.sqrt(2.0 / math.pi) * s.mean()) if s.mean() > 0 else float("nan")
-    ax.set_title(f"{e.size} predictions: mean|error| / calibrated = {ratio:.2f}", fontsize=10)
+    ax.set_title(f"{e.size} predictions: mean |error| {ratio:.2f}x a calibrated Gaussian's", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     return save_figure(fig, path)

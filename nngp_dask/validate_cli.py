@@ -58,7 +58,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             paths = [plots.error_vs_width(result, out / "error_vs_width.png")]
             if x.shape[0] >= 2:
                 joint_widths = sorted({1, 4, 32, int(args.max_width)})
-                joint = joint_samples(arch, x[:2], joint_widths, networks=2000, seed=args.seed)
+                joint = joint_samples(arch, x[:2], joint_widths, networks=args.networks, seed=args.seed)
                 paths.append(plots.joint_distribution(joint, path=out / "joint_distribution.png"))
             if not getattr(args, "json", False):
                 print("\nfigures: " + ", ".join(str(p) for p in paths))

@@ -86,7 +86,7 @@ def gauss_hermite_2d(fn: Callable, k11, k22, k12, degree: int = 200) -> np.ndarr
 
 
 def reference_kernel(arch: Architecture, x: np.ndarray, dual: Callable, dual_deriv: Callable | None = None):
-    """Pairwise float64 recursion of DESIGN.md section 2 with a vectorised oracle ``dual(k11, k22, k12)``.
+    """Pairwise float64 recursion of docs/DESIGN.md section 2 with a vectorised oracle ``dual(k11, k22, k12)``.
 
     Returns (K, Theta) with Theta None when ``dual_deriv`` is None.
     """

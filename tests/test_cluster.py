@@ -401,7 +401,7 @@ def test_every_shipped_cluster_file_loads(monkeypatch, certs):
     ('type = "yarn"', "type: expected one of ['local', 'scheduler', 'slurm', 'pbs', 'kubernetes'], got 'yarn'"),
     ('type = "slurm"\ncores = "16"\nmemory = "8GiB"', "cores: expected an integer, got str '16'"),
     ('type = "slurm"\nmemory = "8GiB"', "cores: required for type 'slurm'"),
-    ('type = "pbs"\ncores = 4\nmemory = "8GB"\nnodes = 2', "nodes: unknown key for type 'pbs'"),
+    ('type = "local"\nnodes = 2', "nodes: unknown key for type 'local'"),
     ('type = "local"\nn_workers = -1', "n_workers: expected a number >= 0, got -1"),
     ('type = "scheduler"', "address: expected exactly one of address or scheduler_file, got neither"),
     ('type = "scheduler"\naddress = "tls://h:1"', "tls: a tls:// address needs a [tls] table"),

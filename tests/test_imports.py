@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline", "estimators"),  # the declarative pipeline; scikit-learn estimators
     ("validate_cli",),
     ("cli",),
+    ("__main__",),  # python -m nngp_dask
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,17 @@ def test_quickstart_idempotent_and_noise_change_reruns_only_solve(tmp_path, caps
     again = _report(tmp_path)
     assert not any(again["stages"][s]["did_work"] for s in ("kernel", "solve", "predict"))
     assert again["metrics"] == first["metrics"]
+    for s in ("kernel", "solve", "predict"):  # the times of the run that did the work, marked as such
+        assert again["stages"][s]["seconds"] == first["stages"][s]["seconds"] > 0
+        assert again["stages"][s]["status"] == "up to date" and again["stages"][s]["ran_at"] == first["started"]
+        assert first["stages"][s]["status"] == "ran" and first["stages"][s]["ran_at"] == first["started"]
+    tiles = [r["stages"]["kernel"]["detail"]["tiles_computed"] for r in (first, again)]
+    assert tiles[0] == tiles[1] > 0
+    assert f"up to date (time of the run of {first['started']})" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "run" / "kernel.zarr")]) == 0
+    shown = capsys.readouterr().out
+    assert re.search(r"kernel_bytes: \d+\.\d\d (kB|MB|GB) \([\d,]+ bytes\)", shown), shown
+    assert re.search(r"created: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", shown), shown
 
     assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--set", "solver.noise=0.05", "--no-plots"]) == 0
     changed = _report(tmp_path)

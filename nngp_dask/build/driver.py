@@ -24,7 +24,7 @@ from .._version import __version__
 from ..cluster import client_for
 from ..kernels import (Architecture, KernelOverflowError, check_dtype, check_kind, check_range, diagonals,
                        diagonals_from_norms)
-from ..monitor import Heartbeat
+from ..monitor import tracked
 from ..store import (ATTR, FORMAT_VERSION, TEST_PRIOR, ArraySource, KernelStore, NotAKernelStoreError, StoreIdentity,
                      StoreMismatchError, array_codecs, check_policy, diagonals_path, done_path, format_message,
                      inputs_path, is_remote, kernel_path, normalise_url, remove_interrupted_writes, store_contents,
@@ -295,7 +295,6 @@ def build_kernel(
 def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: np.dtype, tile: int,
                token: str, client: Any, progress: bool, page_cache: str, stats: BuildStats) -> None:
     from distributed import as_completed
-    from tqdm.auto import tqdm
 
     options = json.dumps(ks.storage_options or {}, sort_keys=True)
     t_start = time.perf_counter()
@@ -315,26 +314,22 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
         futures = [c.submit(tile_task, ks.url, options, token, part, i, j, arch, kind, dt.name, tile, page_cache,
                             stored, key=f"nngp-tile-{token}-{where}-{part}-{i}-{j}", pure=False)
                    for part, i, j in todo]
-        bar = tqdm(total=len(todo), unit="tile", disable=None if progress else True, desc="kernel tiles",
-                   smoothing=0.1)
-        heartbeat = Heartbeat("kernel tiles", len(todo))
-        for finished, fut in enumerate(as_completed(futures, loop=c.loop), 1):  # c: not always the default
-            if fut.status == "error":
-                exc = fut.exception()
-                stats.failed.append((*_parse_key(fut.key), exc))
-            else:
-                part, i, j, read, compute, write = fut.result()
-                stats.tiles_computed += 1
-                stats.read_s += read
-                stats.compute_s += compute
-                stats.write_s += write
-                grid = ks.grid if part == "train_train" else ks.test_grid
-                assert grid is not None  # a test_train tile: the store has test inputs
-                stats.bytes_written += grid.entries([(i, j)]) * dt.itemsize
-            fut.release()
-            bar.update(1)
-            heartbeat(finished)  # not bar.n: a disabled bar (progress=False, batch jobs) counts nothing
-        bar.close()
+        with tracked("kernel tiles", len(todo), progress=progress, unit="tile") as beat:
+            for finished, fut in enumerate(as_completed(futures, loop=c.loop), 1):  # c: not always the default
+                if fut.status == "error":
+                    exc = fut.exception()
+                    stats.failed.append((*_parse_key(fut.key), exc))
+                else:
+                    part, i, j, read, compute, write = fut.result()
+                    stats.tiles_computed += 1
+                    stats.read_s += read
+                    stats.compute_s += compute
+                    stats.write_s += write
+                    grid = ks.grid if part == "train_train" else ks.test_grid
+                    assert grid is not None  # a test_train tile: the store has test inputs
+                    stats.bytes_written += grid.entries([(i, j)]) * dt.itemsize
+                fut.release()
+                beat(finished)
     elapsed = time.perf_counter() - t_start
     log.info("wrote %d tiles in %.1f s (%.1f tiles/s, %.2f GB/s); summed over the tasks: %.1f s computing, "
              "%.1f s writing, %.1f s reading inputs", stats.tiles_computed, elapsed,

@@ -3,6 +3,7 @@ the client every distributed step asks for (:func:`client_for`)."""
 
 from typing import Any
 
+from .batch import ClusterSubmitError, jobqueue_cluster
 from .runtime import (
     CLUSTER_SCHEMA,
     ClusterConfigError,
@@ -24,10 +25,12 @@ __all__ = [
     "EmbeddedCluster",
     "CLUSTER_SCHEMA",
     "ClusterConfigError",
+    "ClusterSubmitError",
     "LazyClient",
     "client_for",
     "embedded_client",
     "is_cluster_file",
+    "jobqueue_cluster",
     "jobqueue_kwargs",
     "kubernetes_kwargs",
     "load_cluster_file",

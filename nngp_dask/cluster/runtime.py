@@ -4,9 +4,11 @@ cluster (:mod:`nngp_dask.cluster.embedded`).
 A *cluster file* (``cluster/*.toml``, passed as ``--cluster FILE`` or ``cluster.address``)
 describes a deployment separately from the pipeline: the same pipeline runs on a laptop, on a
 ``dask scheduler`` somewhere, on SLURM or PBS (through ``dask-jobqueue``) or on Kubernetes
-(through the ``dask-kubernetes`` operator). Its ``type`` key picks the deployment; every other
-key is validated against :data:`CLUSTER_SCHEMA`, and errors name the file and the dotted key
-(``cluster/slurm.toml: cores: expected an integer, got str '16'``). ``${VAR}`` in string values
+(through the ``dask-kubernetes`` operator). Its ``type`` key picks the deployment; the keys
+nngp-dask owns are validated against :data:`CLUSTER_SCHEMA`, and errors name the file and the
+dotted key (``cluster/slurm.toml: cores: expected an integer, got str '16'``). Other keys of a
+``slurm``, ``pbs`` or ``kubernetes`` file go to the dask-jobqueue / dask-kubernetes class as
+written (``spec["passthrough"]``), which checks them. ``${VAR}`` in string values
 is taken from the environment; relative paths resolve against the file's directory.
 
 Secure defaults: the embedded cluster, its workers and its dashboard listen on 127.0.0.1 only,
@@ -81,11 +83,12 @@ def embedded_client(cluster: Any, **kwargs: Any) -> Any:
 
 # --- cluster files ------------------------------------------------------------------------
 _REQUIRED = object()
+_SHARED_TEMP = "~/.nngp-dask/jobqueue"
 _WAIT = {
     "wait_for_workers": Field(int, None, "block until this many workers have joined (default: 0 for local and "
                               "scheduler, 1 for batch systems and Kubernetes)", minimum=0),
-    "wait_timeout": Field(float, 0.0, "seconds to wait for them (0: no limit; a batch queue may take hours)",
-                          minimum=0.0),
+    "wait_timeout": Field(float, 3600.0, "seconds to wait for them, then fail (0: no limit; a batch queue may "
+                          "take hours)", minimum=0.0),
 }
 _JOBQUEUE = {
     "cores": Field(int, _REQUIRED, "cores per batch job", minimum=1),
@@ -97,9 +100,11 @@ _JOBQUEUE = {
     "account": Field(str, "", "account / project to charge"),
     "interface": Field(str, "", "network interface of scheduler and workers, e.g. 'ib0' (empty: default route)"),
     "local_directory": Field(str, "", "node-local scratch for worker spill files, e.g. '$TMPDIR'"),
-    "log_directory": Field(str, "", "where job logs go (a shared path)", path=True),
-    "shared_temp_directory": Field(str, "", "shared path for the temporary TLS files of the workers (default: "
-                                   "the current directory)", path=True),
+    "log_directory": Field(str, "", "where job logs go (a shared path; empty: the batch system's default, the "
+                           "directory the driver submits from)", path=True),
+    "shared_temp_directory": Field(str, _SHARED_TEMP, "shared path for the temporary TLS files of the "
+                                   "workers (a private folder per run inside it, removed when the run ends)",
+                                   path=True),
     "python": Field(str, "", "python executable on the compute nodes (default: this one)"),
     "tls": Field(bool, True, "TLS between scheduler and workers with temporary certificates (needs cryptography)"),
     "dashboard_address": Field(str, "127.0.0.1:8787", "scheduler dashboard (loopback: reach it by SSH tunnel)"),
@@ -186,11 +191,17 @@ def resolve_cluster(raw: Mapping[str, Any], *, base_dir: str | Path = ".", name:
         raise err(f"type: expected one of {list(CLUSTER_SCHEMA)}, got {kind!r}")
     schema = CLUSTER_SCHEMA[kind]
     tls_raw = data.pop("tls", None) if kind == "scheduler" else None
-    for key in data:
-        if key not in schema:
+    spec: dict[str, Any] = {"type": kind, "_file": name, "passthrough": {}}
+    for key in [k for k in data if k not in schema]:
+        if kind not in _BATCH_TYPES:
             raise err(f"{key}: unknown key for type {kind!r}; expected one of {['type', *schema]}"
                       + (" or a [tls] table" if kind == "scheduler" else ""))
-    spec: dict[str, Any] = {"type": kind, "_file": name}
+        # dask-jobqueue and dask-kubernetes take many more options than the ones named here; they
+        # check their own arguments when the cluster object is made
+        try:
+            spec["passthrough"][key] = _passthrough(key, data.pop(key))
+        except ConfigError as exc:
+            raise err(str(exc)) from None
 
     def take(fields: Mapping[str, Field], given: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         out = {}
@@ -200,6 +211,8 @@ def resolve_cluster(raw: Mapping[str, Any], *, base_dir: str | Path = ".", name:
                 if f.default is _REQUIRED:
                     raise err(f"{dotted}: required for type {kind!r} ({f.doc})")
                 out[key] = f.default if not isinstance(f.default, (list, dict)) else type(f.default)(f.default)
+                if f.path and f.default:
+                    out[key] = _value(f, dotted, f.default, base_dir)
                 continue
             try:
                 out[key] = _value(f, dotted, given[key], base_dir)
@@ -257,8 +270,25 @@ def _value(f: Field, dotted: str, value: Any, base_dir: str | Path) -> Any:
     return value
 
 
+def _passthrough(key: str, value: Any) -> Any:
+    """A key that nngp-dask does not own, for the cluster class: ``${VAR}`` expanded in strings."""
+    if isinstance(value, str):
+        return expand_env(key, value, {})
+    if isinstance(value, list):
+        return [_passthrough(key, v) for v in value]
+    if isinstance(value, dict):
+        return {k: _passthrough(f"{key}.{k}", v) for k, v in value.items()}
+    return value
+
+
 def jobqueue_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of ``dask_jobqueue.SLURMCluster`` / ``PBSCluster`` for a resolved spec."""
+    """Keyword arguments of ``dask_jobqueue.SLURMCluster`` / ``PBSCluster`` for a resolved spec.
+
+    With ``tls`` it creates ``shared_temp_directory`` (mode 700) if it does not exist, since
+    dask-jobqueue writes the workers' certificate files there when the cluster object is made.
+    Keys of the cluster file that nngp-dask does not own (``job_directives_skip``, ...) are passed
+    as they are; a ``scheduler_options`` table is merged with the dashboard address.
+    """
     kw: dict[str, Any] = {
         "cores": spec["cores"],
         "memory": spec["memory"],
@@ -281,7 +311,11 @@ def jobqueue_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
         kw["resource_spec"] = spec["resource_spec"]
     if spec["tls"]:
         kw["security"] = True  # dask-jobqueue: temporary CA and certificates, workers get theirs by file
-    return kw
+        kw["shared_temp_directory"] = spec["shared_temp_directory"] or os.path.expanduser(_SHARED_TEMP)
+        os.makedirs(kw["shared_temp_directory"], mode=0o700, exist_ok=True)
+    extra = dict(spec.get("passthrough") or {})
+    kw["scheduler_options"].update(extra.pop("scheduler_options", {}))
+    return {**kw, **extra}
 
 
 def kubernetes_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -303,7 +337,7 @@ def kubernetes_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
             kw["image"] = spec["image"]
         if spec["idle_timeout"]:
             kw["idle_timeout"] = spec["idle_timeout"]
-    return kw
+    return {**kw, **(spec.get("passthrough") or {})}
 
 
 def _missing(package: str, extra: str, kind: str, exc: ImportError) -> ImportError:
@@ -356,11 +390,10 @@ def _client_from_spec(spec: Mapping[str, Any]) -> Iterator[Any]:
             import dask_jobqueue
         except ImportError as exc:
             raise _missing("dask-jobqueue", "jobqueue", kind, exc) from None
+        from .batch import jobqueue_cluster
+
         cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
-        if spec["tls"] and spec["shared_temp_directory"]:
-            os.makedirs(spec["shared_temp_directory"], mode=0o700, exist_ok=True)
-        with cls(**jobqueue_kwargs(spec)) as cluster:
-            cluster.scale(jobs=spec["jobs"])
+        with jobqueue_cluster(cls, spec, jobqueue_kwargs(spec)) as cluster:
             with Client(cluster) as c:
                 log.info("%s cluster from %s: %d job(s) of %d cores submitted; scheduler %s; dashboard %s",
                          kind.upper(), spec["_file"], spec["jobs"], spec["cores"], cluster.scheduler_address,

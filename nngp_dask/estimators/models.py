@@ -40,7 +40,7 @@ class NNGPRegressor(RegressorMixin, NNGPBase):
     activation : str, default "relu"
         Any name of :data:`nngp_dask.ACTIVATIONS`.
     weight_var, bias_var : float, default 1.6, 0.1
-        ``sigma_w^2`` and ``sigma_b^2`` (DESIGN.md section 2).
+        ``sigma_w^2`` and ``sigma_b^2`` (docs/DESIGN.md section 2).
     noise : float, default 1e-2
         Observation noise variance added to the kernel diagonal (scikit-learn's GP ``alpha``);
         the starting value when an optimizer fits it.

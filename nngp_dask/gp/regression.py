@@ -35,7 +35,7 @@ from ..linalg import (
     dense_solve,
     make_preconditioner,
 )
-from ..monitor import Heartbeat
+from ..monitor import tracked
 from ..store import KernelStore, diagonals_path, inputs_path, open_kernel, solve_path
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
@@ -140,6 +140,38 @@ def _column_fn(ks: KernelStore):
         return tile_fn(arch, x, x[idx], diag, diag[:, idx], kind=kind, dtype=np.float64)
 
     return columns
+
+
+def _preconditioner(ks: KernelStore, name: str, noise: float, rank: int | None, progress: bool) -> Any:
+    """:func:`make_preconditioner` for the stored kernel, its column computations counted in a
+    progress bar and timed log lines (a rank-1024 Nystrom build takes tens of seconds)."""
+    n = ks.shape[0]
+    rank = min(rank or AUTO_RANK, n)
+    columns = _column_fn(ks)
+    if name in ("none", "jacobi"):
+        return make_preconditioner(name, diag=ks.diagonal(), column_fn=columns, noise=max(noise, 1e-12), rank=rank,
+                                   n=n)
+    with tracked("preconditioner columns", rank, progress=progress, unit="col") as beat:
+        def counted(idx: NDArray) -> NDArray:
+            out = columns(idx)
+            beat(beat.done + len(idx))
+            return out
+
+        return make_preconditioner(name, diag=ks.diagonal(), column_fn=counted, noise=max(noise, 1e-12), rank=rank,
+                                   n=n)
+
+
+def _expected_iterations(residuals: list, tol: float, first: int, maxiter: int) -> int | None:
+    """CG iterations to reach ``tol``, extrapolated from the worst column's residual decay so far
+    (log-linear: an estimate; CG often speeds up later)."""
+    done = len(residuals) - 1
+    if done - first < 2:
+        return None
+    start, now = float(np.max(residuals[first])), float(np.max(residuals[-1]))
+    if not 0 < now < start:
+        return None
+    per_iteration = np.log(now / start) / (done - first)
+    return int(min(maxiter, done + max(np.ceil(np.log(tol / now) / per_iteration), 0)))
 
 
 def _solve_key(ks: KernelStore, y: NDArray, noise: float, tol: float, preconditioner: str, rank: int | None,
@@ -283,8 +315,7 @@ def solve(
     with client_for(client) as c:
         op = StoredKernelOperator(ks, noise, c)
         t_pre = time.perf_counter()
-        pre = make_preconditioner(pre_name, diag=ks.diagonal(), column_fn=_column_fn(ks), noise=max(noise, 1e-12),
-                                  rank=min(rank or AUTO_RANK, n), n=n)
+        pre = _preconditioner(ks, pre_name, noise, rank, progress)
         pre_s = time.perf_counter() - t_pre
         if isinstance(pre, LowRank):
             ck.save_factor(pre.lowrank_factor)
@@ -294,25 +325,20 @@ def solve(
             log.info("resuming solve %s from its checkpoint at iteration %d", key, resumed)
         log.info("CG on %d x %d kernel, %d right-hand side(s), noise %g, preconditioner %s (rank %d, %.1f s)",
                  n, n, y2.shape[1], noise, pre.name, pre.rank, pre_s)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="CG", unit="it", disable=None if progress else True, initial=resumed)
-
-        heartbeat = Heartbeat("CG iterations", maxiter)
+        beat = tracked("CG iterations", maxiter, progress=progress, initial=resumed, bound=True)
 
         def callback(s: CGState) -> None:
-            bar.update(1)
-            heartbeat(s.iteration, f"worst relative residual {float(np.max(s.residuals[-1])):.2e}, "
-                                   f"{int(np.sum(s.active))} column(s) active")
-            bar.set_postfix(residual=f"{float(np.max(s.residuals[-1])):.2e}", active=int(np.sum(s.active)))
+            worst = float(np.max(s.residuals[-1]))
+            beat(s.iteration, f"worst relative residual {worst:.2e}, {int(np.sum(s.active))} column(s) active",
+                 expected=_expected_iterations(s.residuals, tol, resumed, maxiter))
+            beat.bar.set_postfix(residual=f"{worst:.2e}", active=int(np.sum(s.active)))
             if s.iteration % checkpoint_every == 0:
                 ck.save(s)
 
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, beat:
             warnings.simplefilter("always", ConvergenceWarning)
             result = batched_cg(op.matmat, y2, tol=tol, maxiter=maxiter, preconditioner=pre, state=state,
                                 callback=callback)
-        bar.close()
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         ck.save(result.state)
@@ -331,6 +357,7 @@ def predict(
     client: Any = None,
     batch: int = 256,
     variance_rank: int = VARIANCE_RANK,
+    progress: bool = True,
 ) -> NDArray | tuple[NDArray, NDArray]:
     """Posterior mean ``K(X*, X) alpha`` and, optionally, variance
     ``K(x*, x*) - k*^T (K + noise I)^{-1} k*`` (the latent function's, without noise).
@@ -350,6 +377,9 @@ def predict(
         variance further, so the result errs on the conservative side; its error against the
         exact variance is measured in benchmarks/RESULTS.md. Uses the leading ``variance_rank``
         components of the factor.
+    progress : bool
+        Progress bars (on a terminal) for the preconditioner and the test points; timed lines
+        in the log either way.
 
     Returns
     -------
@@ -383,11 +413,14 @@ def predict(
                              "(preconditioner='pivoted_cholesky' or 'nystrom'); use variance='exact'")
         # columns of U diag(s) come in descending s: the leading ones carry the top spectrum
         factor = np.asarray(cast(zarr.Array, g["lowrank_factor"])[:, :variance_rank])
-    with client_for(client) as c:
+    with client_for(client) as c, tracked("predict: test points", m, progress=progress, unit="pt") as beat:
         op = StoredKernelOperator(ks, result.noise, c)
+        beat(0, "posterior means: one pass over K(X*, X)")
         mean, sq, proj = op.test_products(a2, factor)
         assert mean is not None  # alpha given
         mean = mean[:, 0] if squeeze else mean
+        if not variance or mode == "lowrank":
+            beat(m)
         if not variance:
             return mean
         prior = ks.test_prior()
@@ -400,14 +433,15 @@ def predict(
             lower = cholesky_factor(ks.to_dask().compute(), noise)[0]
             block_variance = lambda p, kstar: variance_from_cholesky(p, kstar, lower)  # noqa: E731
         else:
-            pre = make_preconditioner(result.preconditioner, diag=ks.diagonal(), column_fn=_column_fn(ks),
-                                      noise=max(noise, 1e-12), rank=result.info.get("preconditioner_rank") or None,
-                                      n=ks.shape[0])
+            beat(0, "exact variances: the solve's preconditioner")
+            pre = _preconditioner(ks, result.preconditioner, noise, result.info.get("preconditioner_rank"), progress)
             block_variance = lambda p, kstar: variance_from_solve(  # noqa: E731
                 p, kstar, batched_cg(op.matmat, kstar, tol=result.tol, preconditioner=pre).x)
         var = np.empty(m)
         for start in range(0, m, batch):
             stop = min(start + batch, m)
             kstar = np.asarray(ks.read_rows("test_train", slice(start, stop)), dtype=np.float64).T  # (n, b), verified
+            beat(start, f"exact variances: one batched CG for points {start}-{stop - 1}")
             var[start:stop] = block_variance(prior[start:stop], kstar)
+        beat(m, "exact variances")
         return mean, var

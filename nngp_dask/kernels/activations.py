@@ -2,7 +2,7 @@
 
 For an activation ``phi`` and a centred Gaussian pair ``(u, v)`` with covariance
 ``[[k11, k12], [k12, k22]]`` the NNGP recursion needs ``E[phi(u) phi(v)]`` and the
-NTK recursion needs ``E[phi'(u) phi'(v)]`` (DESIGN.md section 2).
+NTK recursion needs ``E[phi'(u) phi'(v)]`` (docs/DESIGN.md section 2).
 
 Closed forms exist for the two-slope family (relu, leaky_relu, abs, identity;
 Cho & Saul 2009), the step function and erf (Williams 1998). Any other

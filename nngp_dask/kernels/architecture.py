@@ -43,7 +43,7 @@ def _check_ard(value: Any) -> tuple[float, ...] | None:
 
 @dataclass(frozen=True)
 class Architecture:
-    """A fully connected network of infinite width (DESIGN.md section 2).
+    """A fully connected network of infinite width (docs/DESIGN.md section 2).
 
     Parameters
     ----------

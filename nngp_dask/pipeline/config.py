@@ -246,6 +246,7 @@ def schema_text() -> str:
             default = spec.default
             shown = f'"{default}"' if isinstance(default, str) else str(default).lower() if isinstance(default, bool) \
                 else repr(default)
-            lines.append(f"{key} = {shown:<14} # {spec.doc}")
+            choices = f" (one of: {', '.join(map(str, spec.choices))})" if spec.choices else ""
+            lines.append(f"{key} = {shown:<14} # {spec.doc}{choices}")
         lines.append("")
     return "\n".join(lines)

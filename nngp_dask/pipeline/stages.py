@@ -321,8 +321,8 @@ class Pipeline:
                 with np.load(path, allow_pickle=False) as f:
                     if str(f["fingerprint"]) == rec.fingerprint:
                         return {k: f[k] for k in f.files if k != "fingerprint"}
-            out = predict(ks, result, variance=variance, client=client)
-            pred = {"mean": out[0], "var": out[1]} if isinstance(out, tuple) else {"mean": out}  # a pair with variance
+            out = predict(ks, result, variance=variance, client=client, progress=self.progress)
+            pred = {"mean": out[0], "var": out[1]} if isinstance(out, tuple) else {"mean": out}
             buf = _npz_bytes(fingerprint=np.array(rec.fingerprint), **pred)
             _atomic_write(path, buf)
             rec.did_work = True
@@ -343,18 +343,18 @@ class Pipeline:
                     figures = self._figures(ks, result, pred, ds, targets) if self.plots and metrics is not None \
                         else []
                     rec.did_work = True
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))
         report = {
             "name": self.cfg["run"]["name"],
             "task": self.cfg["run"]["task"],
             "dataset": self.records["ingest"].detail,
             "metrics": metrics,
-            "stages": {name: {"seconds": round(r.seconds, 3), "did_work": r.did_work, "fingerprint": r.fingerprint,
-                              **({"detail": r.detail} if r.detail else {})} for name, r in self.records.items()},
+            "stages": self._stage_report(stamp),
             "kernel": ks.summary() | {"store": self.store_url},
             "cg_residuals": result.residuals.tolist() if result is not None and result.method == "cg" else None,
             "peak_rss_bytes": peak,
             "wall_s": round(time.time() - started, 3),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "started": stamp,
             "figures": figures,
             # from the installed metadata: importing distributed only for its version took a second
             "versions": {"nngp_dask": __version__, "python": platform.python_version(),
@@ -366,6 +366,28 @@ class Pipeline:
         if write:
             _atomic_write(self.out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
         return report
+
+    def _stage_report(self, stamp: str) -> dict[str, dict[str, Any]]:
+        """Each stage's entry of report.json. ``seconds`` is the time of the run that did the work
+        (``ran_at``); a stage that was up to date keeps the time of the run that did it, from the
+        last report (same fingerprint), and ``this_run_s`` is what checking it cost now."""
+        try:
+            last = json.loads((self.out / "report.json").read_text())["stages"]
+        except (OSError, ValueError, KeyError, TypeError):
+            last = {}
+        out = {}
+        for name, r in self.records.items():
+            entry: dict[str, Any] = {"seconds": round(r.seconds, 3), "did_work": r.did_work,
+                                     "status": "ran" if r.did_work else "up to date", "ran_at": stamp,
+                                     "this_run_s": round(r.seconds, 3), "fingerprint": r.fingerprint}
+            prev = last.get(name) if isinstance(last, dict) else None
+            if not r.did_work and isinstance(prev, dict) and prev.get("fingerprint") == r.fingerprint:
+                entry.update(seconds=prev.get("seconds", entry["seconds"]), ran_at=prev.get("ran_at"))
+                detail = prev.get("detail") or r.detail  # what that run did, matching its time
+            else:
+                detail = r.detail
+            out[name] = entry | ({"detail": detail} if detail else {})
+        return out
 
     def _previous_figures(self, fingerprint: str) -> list[str] | None:
         """The figures of the last report when it had this fingerprint and they are all there."""
@@ -393,7 +415,9 @@ class Pipeline:
             if targets.classes is not None:
                 labels = np.asarray(ds.y_train).ravel()[:m]
             kmat = kernel_fn(ks.architecture, x, kind=ks.kind, dtype="float64")
-            out.append(plots.kernel_heatmap(kmat, self.out / "kernel_heatmap.png", labels=labels))
+            values = None if labels is not None else np.asarray(ds.y_train, dtype=np.float64)[:m]
+            out.append(plots.kernel_heatmap(kmat, self.out / "kernel_heatmap.png", labels=labels, targets=values,
+                                            kind=ks.kind, correlation=True))
             if pred is not None:
                 assert result is not None  # a prediction comes from a solve
                 if targets.classes is not None:

@@ -150,24 +150,34 @@ class SweepResult:
         fig = figure((3.6 * len(bvs) + 0.8, 3.8))
         axes = fig.subplots(1, len(bvs), sharey=True, squeeze=False)[0]
         best = self.rows[self.best_index] if self.best_index is not None else None
+        # depths often tie (the same accuracy): distinct markers, the first the largest, keep
+        # every line visible where they overlap
+        styles = [dict(marker=m, markersize=ms, linestyle=ls, markerfacecolor="none" if i == 0 else None)
+                  for i, (m, ms, ls) in enumerate(zip("osD^v<>ph" * 3, np.linspace(11, 4, max(len(depths), 2)),
+                                                      ["-", "--", ":", "-."] * 8))]
         for ax, bv in zip(axes, bvs):
-            for depth in depths:
+            for depth, style in zip(depths, styles):
                 ys = []
                 for wv in wvs:
                     vals = [r[col] for r in self.rows if r["bias_var"] == bv and r["weight_var"] == wv
                             and r["depth"] == depth and r.get(col) is not None and math.isfinite(r[col])
                             and not r.get("error")]
                     ys.append((max(vals) if larger else min(vals)) if vals else np.nan)
-                ax.plot(wvs, ys, marker="o", label=f"depth {depth}")
+                ax.plot(wvs, ys, label=f"depth {depth}", **style)
             if best is not None and best["bias_var"] == bv:
                 ax.plot([best["weight_var"]], [best[col]], marker="*", markersize=16, color="k", linestyle="none",
                         label="chosen")
             ax.set_title(f"bias_var = {bv:g}")
             ax.set_xlabel("weight_var")
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel(f"{col} (best over noise)")
-        axes[-1].legend(fontsize=8)
-        fig.suptitle(title or f"{self.settings.get('activation_name', '')} sweep: {self.criterion}")
+        what = "validation " + col if col in ("accuracy", "rmse", "nlpd") else col
+        axes[0].set_ylabel(f"{what} (best over noise)")
+        if col == "accuracy":
+            axes[0].set_ylim(top=1.0)  # shared y: no room above a perfect score
+        shown = {lbl: h for ax in axes for h, lbl in zip(*ax.get_legend_handles_labels())}
+        axes[-1].legend(shown.values(), shown.keys(), fontsize=8)
+        fig.suptitle(title or f"{self.settings.get('activation_name', '')} sweep: {what}, "
+                     f"{'higher' if larger else 'lower'} is better")
         fig.tight_layout()
         return save_figure(fig, path)
 

@@ -1,7 +1,7 @@
 """Model selection at scale: hyperparameter sweeps that reuse work, and their criteria.
 
 Three pieces of work are shared between the candidates of a grid over
-``(weight_var, bias_var, depth, noise)`` (DESIGN.md section 2):
+``(weight_var, bias_var, depth, noise)`` (docs/DESIGN.md section 2):
 
 1. the input Gram ``<x, x'>`` (the only GEMM, ``O(n^2 d)``) does not depend on any
    hyperparameter: it is computed **once** (:func:`~nngp_dask.kernels.gram_block`) and every
