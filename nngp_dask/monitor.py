@@ -102,7 +102,8 @@ class Heartbeat:
                  bound: bool = False, bar: Any = None) -> None:
         self.what, self.total, self.initial, self.bound, self.bar = what, total, initial, bound, bar
         self.every = float(os.environ.get("NNGP_DASK_PROGRESS_EVERY", PROGRESS_EVERY)) if every is None else every
-        self.done, self.detail, self.expected = initial, "", None
+        self.done, self.detail = initial, ""
+        self.expected: int | None = None
         self.start = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"nngp-dask-progress-{what}", daemon=True)

@@ -305,7 +305,8 @@ def kernel_heatmap(k_sample: ArrayLike, path: str | Path = "kernel_heatmap.png",
         v = float(np.abs(finite).max())
         im = ax.imshow(k, cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
     else:  # colours for the off-diagonal values: the larger k(x, x) would flatten them
-        off = k[~np.eye(*k.shape, dtype=bool)] if k.shape[0] == k.shape[1] and k.shape[0] > 1 else finite
+        square = k.shape[0] == k.shape[1] and k.shape[0] > 1
+        off = k[~np.eye(k.shape[0], k.shape[1], dtype=np.bool_)] if square else finite
         off = off[np.isfinite(off)]
         top = float(np.percentile(off, 99.5)) if off.size else None
         im = ax.imshow(k, cmap="viridis", interpolation="nearest", vmax=top)

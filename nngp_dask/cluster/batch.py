@@ -33,7 +33,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if lines else type(exc).__name__
 
 
-def accepted_keywords(cls: type) -> set[str]:
+def accepted_keywords(cls: Any) -> set[str]:
     """The keyword arguments a dask-jobqueue cluster class takes, its job class's included.
 
     Checked before the cluster object is made: by then dask-jobqueue has written the workers'
@@ -60,7 +60,7 @@ def _remove_tls_files(clusters: list[Any], run_dir: str) -> None:
 
 
 @contextmanager
-def jobqueue_cluster(cls: type, spec: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Iterator[Any]:
+def jobqueue_cluster(cls: Any, spec: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Iterator[Any]:
     """A started dask-jobqueue cluster with ``spec["jobs"]`` jobs submitted, closed on exit.
 
     Parameters
@@ -83,9 +83,9 @@ def jobqueue_cluster(cls: type, spec: Mapping[str, Any], kwargs: Mapping[str, An
         job failed; the cluster is closed and the run's TLS folder removed first.
     """
     name, kind = spec["_file"], spec["type"]
-    submit = shlex.split(cls.job_cls.submit_command)[0]
-    if spec["jobs"] and shutil.which(submit) is None:
-        raise ClusterSubmitError(f"{name}: cannot submit {kind} jobs: {submit!r} is not on PATH (run the driver "
+    command = shlex.split(cls.job_cls.submit_command)[0]
+    if spec["jobs"] and shutil.which(command) is None:
+        raise ClusterSubmitError(f"{name}: cannot submit {kind} jobs: {command!r} is not on PATH (run the driver "
                                  f"on a host that submits {kind.upper()} jobs, e.g. a login node)")
     unknown = sorted(set(kwargs) - accepted_keywords(cls))
     if unknown:

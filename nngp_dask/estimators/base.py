@@ -78,6 +78,12 @@ def validate(est: BaseEstimator, X: Any, y: Any = "no_validation", **kwargs: Any
 class NNGPBase(BaseEstimator):
     """Shared parameters, fitting and the posterior of both estimators (documented on :class:`NNGPRegressor`)."""
 
+    # fitted in memory (the training inputs and the Cholesky factor) or out of core (the store): the other is None
+    cholesky_: NDArray | None
+    X_fit_: NDArray | None
+    diag_fit_: NDArray | None
+    store_: str | None
+
     def __init__(
         self,
         depth: int = 3,
@@ -204,7 +210,8 @@ class NNGPBase(BaseEstimator):
             tmp = tempfile.mkdtemp(prefix="nngp_dask_")
             _TEMP_STORES.append(tmp)
             path = os.path.join(tmp, "kernel.zarr")
-        kw = dict(kind=self.kind, tile=self.tile, dtype=dt.name, normalize=self.normalize, progress=False)
+        kw: dict[str, Any] = dict(kind=self.kind, tile=self.tile, dtype=dt.name, normalize=self.normalize,
+                                  progress=False)
         try:
             ks = build_kernel(arch, X, path, **kw)
         except StoreMismatchError:
@@ -229,6 +236,7 @@ class NNGPBase(BaseEstimator):
     def _open_store(self):
         from ..store import open_kernel
 
+        assert self.store_ is not None  # fitted out of core
         ks = open_kernel(self.store_)
         if ks.identity.token() != self.store_token_:
             raise ValueError(f"store: {self.store_!r} was rebuilt for other data or settings since this estimator "
@@ -238,6 +246,7 @@ class NNGPBase(BaseEstimator):
     def _train_chunks(self):
         """``(rows slice, x chunk, NNGP diagonals chunk)`` over the training inputs."""
         if not self.out_of_core_:
+            assert self.X_fit_ is not None  # fitted in memory
             yield slice(0, self.X_fit_.shape[0]), self.X_fit_, self.diag_fit_
             return
         ks = self._open_store()
@@ -268,6 +277,7 @@ class NNGPBase(BaseEstimator):
     def _solve_train(self, ks: Any, b: NDArray) -> NDArray:
         """``(K + noise_ I)^{-1} b`` (n, k): from the Cholesky factor, or against the store (``ks``)."""
         if ks is None:
+            assert self.cholesky_ is not None  # fitted in memory
             return scipy.linalg.cho_solve((self.cholesky_, True), b, check_finite=False)
         from ..gp import solve
 
@@ -295,6 +305,7 @@ class NNGPBase(BaseEstimator):
             kstar = self._kstar(xs[sl], ds[:, sl])  # (b, n)
             mean[sl] = posterior_mean(kstar, self.alpha_)
             if ks is None:
+                assert self.cholesky_ is not None  # fitted in memory
                 var[sl] = variance_from_cholesky(prior[sl], kstar.T, self.cholesky_)
             else:
                 var[sl] = variance_from_solve(prior[sl], kstar.T, self._solve_train(ks, kstar.T))

@@ -161,7 +161,7 @@ def _preconditioner(ks: KernelStore, name: str, noise: float, rank: int | None, 
                                    n=n)
 
 
-def _expected_iterations(residuals: list, tol: float, first: int, maxiter: int) -> int | None:
+def _expected_iterations(residuals: NDArray, tol: float, first: int, maxiter: int) -> int | None:
     """CG iterations to reach ``tol``, extrapolated from the worst column's residual decay so far
     (log-linear: an estimate; CG often speeds up later)."""
     done = len(residuals) - 1

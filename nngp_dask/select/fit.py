@@ -183,6 +183,7 @@ class _Objective:
             k, m = self.scaled_kernel(arch)
             r = math.exp(theta[0])
             value, _, w = profile_log_marginal_likelihood(k, self.y, r, gradient=True)
+            assert w is not None  # asked for with gradient=True
         except (np.linalg.LinAlgError, KernelOverflowError, FloatingPointError):
             # outside the usable region: a large value, and a push towards more noise
             grad = np.zeros_like(theta)
