@@ -27,7 +27,8 @@ import numpy as np
 from .._version import __version__
 from ..build import build_kernel
 from ..cluster import LazyClient
-from ..gp import SolveResult, accuracy, confusion_matrix, encode_labels, nlpd, predict, predict_labels, rmse, solve
+from ..gp import (SolveResult, accuracy, confusion_matrix, encode_labels, nlpd, predict, predict_labels, rmse, solve,
+                  variance_mode)
 from ..kernels import Architecture
 from ..monitor import PeakRSS
 from ..store import CorruptTileError, KernelStore, inputs_path, is_remote, store_contents, store_lock
@@ -263,7 +264,8 @@ class Pipeline:
         variance: bool | str = False if mode == "none" else mode
         path = self.out / "predictions.npz"
         with self._stage("predict") as rec:
-            rec.fingerprint = _hash(result.key, mode)
+            # keyed on the method "auto" resolves to, so predictions made by another method are redone
+            rec.fingerprint = _hash(result.key, mode, variance_mode(ks, result, variance))
             if path.exists():
                 with np.load(path, allow_pickle=False) as f:
                     if str(f["fingerprint"]) == rec.fingerprint:
