@@ -346,6 +346,20 @@ def solve(
         return finish(result.x, result.iterations, result.residuals, result.converged, resumed, op.seconds, info)
 
 
+def _dense_kernel(ks: KernelStore) -> NDArray:
+    """The train x train kernel in memory, as stored (float32 or float64): each upper tile read
+    once in this process (verified) and mirrored. ``to_dask().compute()`` moves the same bytes
+    through the cluster: 23 s against 1.5 s at n = 4,000 (both measured on a machine at load 20)."""
+    io, t, n = ks.tiles("train_train"), ks.tile, ks.shape[0]
+    out = np.empty((n, n), dtype=ks.dtype)
+    for i, j in ks.grid.upper_tiles():
+        block = io.read(i, j)
+        out[i * t:i * t + block.shape[0], j * t:j * t + block.shape[1]] = block
+        if i != j:
+            out[j * t:j * t + block.shape[1], i * t:i * t + block.shape[0]] = block.T
+    return out
+
+
 def _lowrank_factor(ks: KernelStore, result: SolveResult) -> zarr.Array | None:
     """The solve's stored low-rank preconditioner factor, or None."""
     g = cast("zarr.Group | None", ks.group.get(solve_path(result.key)))  # solves/<key> is a group
@@ -455,7 +469,7 @@ def predict(
             return mean, variance_lowrank(prior, proj, factor, noise)
         if mode == "dense" or result.method == "cholesky":
             # factorised once for every batch of test points
-            lower = cholesky_factor(ks.to_dask().compute(), noise)[0]
+            lower = cholesky_factor(_dense_kernel(ks), noise)[0]
             block_variance = lambda p, kstar: variance_from_cholesky(p, kstar, lower)  # noqa: E731
         else:
             pre = make_preconditioner(result.preconditioner, diag=ks.diagonal(), column_fn=_column_fn(ks),
