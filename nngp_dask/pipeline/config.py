@@ -86,7 +86,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "predict": {
         "variance": Field(str, "auto", "predictive variance: none; auto (dense up to 16384 training points, "
                           "else exact up to 1024 test points, else lowrank); dense (one in-memory Cholesky of "
-                          "K + noise I, 12 n^2 bytes); exact (one CG per test point); lowrank (conservative)",
+                          "K + noise I, 12 n^2 bytes); exact (one CG per test point); lowrank (cheap, coarse)",
                           choices=("none", "auto", "dense", "exact", "lowrank")),
     },
     "report": {
