@@ -7,19 +7,19 @@ killed solve resumes from its last complete checkpoint and a finished one is not
 
 Variances: why a dense factor and not a Lanczos (LOVE) cache. The exact variance of a CG solve
 costs one preconditioned CG per test point, ``2 n^2`` flops per point and iteration (batched, so
-flop-bound): on kin40k, n = 10,000, 1,000 test points, 115.7 s against 6.7 s for the mean's solve.
-A cache reused by every test point (Pleiss et al. 2018) needs the test cross-covariances to lie
-in a space of small rank ``r``, and on NNGP kernels of low-dimensional inputs they do not: the
-posterior variance is ~1 % of the prior there (the reduction must be right to ~1e-4), and even
-the *exact* leading eigenvectors of K, the best rank-r space there is, leave a median relative
-variance error of 34 % at r = 300, 3.9 % at r = 1,000 and 0.8 % at r = 2,000 (kin40k, n = 5,000,
-noise 0.1); a Lanczos basis of r = 100-300 steps, preconditioned or not, with or without the
-preconditioner as a control variate, is no better (benchmarks/bench_variance.py measures it).
-Factorising ``K + noise I`` once costs ``n^3 / 3`` flops and each test point ``n^2`` (one
-triangular solve), against ``2 n^2 x iterations`` per point for CG: at n = 10,000 and 1,000
-points 24x fewer flops, exact to rounding, so ``variance="auto"`` takes it while the float64
-factor fits in memory (``DENSE_VARIANCE_MAX_N``); it is not out of core (memory ``12 n^2``
-bytes at its peak). Above that size ``"exact"`` (CG) and ``"lowrank"`` remain.
+flop-bound): on kin40k, n = 10,000, 1,000 test points, 115.7 s against 6.7 s for the mean's solve
+(issue 18). A cache reused by every test point (Pleiss et al. 2018) needs the test
+cross-covariances to lie in a space of small rank ``r``, and with NNGP kernels of low-dimensional
+inputs they do not: the latent variance is ~1 % of the prior there (the reduction must be right to
+~1e-4 relative). On kin40k (n = 5,000, noise 0.1) a Lanczos cache of r = 300 steps leaves a median
+relative error of 50 %, 79 % preconditioned with the preconditioner as control variate, and even
+K's exact leading eigenvectors, the best rank-r space there is, need r in the thousands
+(benchmarks/RESULTS.md, section 11). Factorising ``K + noise I`` once costs ``n^3 / 3`` flops and
+each test point ``n^2`` (one triangular solve), against ``2 n^2`` per point and CG iteration: there
+it took 0.54x the mean's solve against 20x for the batched CG, exact to rounding, so
+``variance="auto"`` takes it while the float64 factor fits in memory (``DENSE_VARIANCE_MAX_N``);
+it is not out of core (``12 n^2`` bytes at its peak). Above that size ``"exact"`` (CG) and
+``"lowrank"`` remain.
 """
 
 from __future__ import annotations
