@@ -27,8 +27,18 @@ import numpy as np
 from .._version import __version__
 from ..build import build_kernel
 from ..cluster import LazyClient
-from ..gp import (SolveResult, accuracy, confusion_matrix, encode_labels, nlpd, predict, predict_labels, rmse, solve,
-                  variance_mode)
+from ..gp import (
+    SolveResult,
+    accuracy,
+    confusion_matrix,
+    encode_labels,
+    nlpd,
+    predict,
+    predict_labels,
+    rmse,
+    solve,
+    variance_mode,
+)
 from ..kernels import Architecture
 from ..monitor import PeakRSS
 from ..store import CorruptTileError, KernelStore, inputs_path, is_remote, store_contents, store_lock
