@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import zarr
 from nngp_dask import Architecture, kernel
 from nngp_dask.build import build_kernel
 from nngp_dask.linalg import ConvergenceWarning
-from nngp_dask.gp import predict, solve
+from nngp_dask.gp import predict, solve, variance_mode
 from nngp_dask.store import IncompleteKernelError
 
 ARCH = Architecture(3, "relu", 1.6, 0.1)
@@ -73,6 +74,38 @@ def test_lowrank_variance_is_conservative_and_close(problem, cluster_client):
     _, var = predict(problem["ks"], r, variance="lowrank", client=cluster_client)
     assert np.median(var - problem["var"]) >= 0  # errs on the conservative side
     assert _rel(var, problem["var"]) < 0.1
+
+
+def test_dense_variance_of_a_cg_solve_matches_dense_oracle_and_is_deterministic(problem, cluster_client):
+    # a CG solve (ragged tiles: 157 points against tile 50) whose variance comes from one in-memory
+    # factor of the stored tiles: only rounding separates it from the oracle, no CG tolerance
+    r = solve(problem["ks"], problem["y"], noise=NOISE, tol=1e-10, method="cg", preconditioner="nystrom", rank=40,
+              client=cluster_client, progress=False)
+    assert variance_mode(problem["ks"], r, "auto") == "dense"
+    mean, var = predict(problem["ks"], r, variance="auto", client=cluster_client)
+    assert _rel(var, problem["var"]) < 1e-9
+    assert _rel(mean, problem["mean"]) < 1e-6
+    _, again = predict(problem["ks"], r, variance="dense", client=cluster_client)
+    np.testing.assert_array_equal(again, var)
+
+
+def test_auto_variance_picks_by_size_and_bad_mode_is_refused(problem, cluster_client, monkeypatch):
+    import nngp_dask.gp.regression as regression
+
+    ks = problem["ks"]
+    kw = dict(noise=NOISE, tol=1e-10, client=cluster_client, progress=False)  # the other tests' solves, reused
+    chol = solve(ks, problem["y"], method="cholesky", **kw)
+    pc = solve(ks, problem["y"], method="cg", preconditioner="pivoted_cholesky", rank=40, **kw)
+    monkeypatch.setattr(regression, "DENSE_VARIANCE_MAX_N", 100)  # 157 training points: "too many"
+    assert variance_mode(ks, chol, True) == "dense"  # its factor is the solve's own
+    assert variance_mode(ks, pc, "auto") == "exact"  # 23 test points
+    monkeypatch.setattr(regression, "EXACT_VARIANCE_MAX", 10)
+    assert variance_mode(ks, pc, "auto") == "lowrank"
+    assert variance_mode(ks, replace(chol, method="cg"), "auto") == "exact"  # no low-rank factor stored
+    assert variance_mode(ks, pc, False) is None and variance_mode(ks, pc, "exact") == "exact"
+    for bad in ("lanczos", 1, None):
+        with pytest.raises(ValueError, match=r"variance: expected False, True, 'auto', 'exact', 'dense'"):
+            predict(ks, pc, variance=bad, client=cluster_client)
 
 
 def test_finished_solve_is_loaded_not_redone(problem, cluster_client):

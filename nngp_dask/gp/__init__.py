@@ -4,7 +4,15 @@ posterior mean and variance, targets and metrics."""
 from .metrics import accuracy, confusion_matrix, nlpd, rmse
 from .operator import StoredKernelOperator
 from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve, variance_lowrank
-from .regression import DIRECT_MAX_N, EXACT_VARIANCE_MAX, SolveResult, predict, solve
+from .regression import (
+                         DENSE_VARIANCE_MAX_N,
+                         DIRECT_MAX_N,
+                         EXACT_VARIANCE_MAX,
+                         SolveResult,
+                         predict,
+                         solve,
+                         variance_mode,
+)
 from .targets import TARGETS, class_index, encode_labels, one_hot_targets, predict_labels
 
 __all__ = [
@@ -24,8 +32,10 @@ __all__ = [
     "variance_lowrank",
     "StoredKernelOperator",
     "DIRECT_MAX_N",
+    "DENSE_VARIANCE_MAX_N",
     "EXACT_VARIANCE_MAX",
     "SolveResult",
     "predict",
     "solve",
+    "variance_mode",
 ]

@@ -107,9 +107,9 @@ def variance_lowrank(prior: ArrayLike, projections: NDArray, factor: NDArray, no
 
     Projects ``k*`` on the span of ``F = U diag(s)``:
     ``k^T (K + noise I)^{-1} k ~= sum_i (u_i^T k)^2 / (s_i^2 + noise)`` with
-    ``u_i^T k = (f_i^T k) / s_i``. The left-out spectrum tail would only add to the
-    reduction, so this variance is an upper bound up to the factor's error (conservative,
-    never collapsing to 0).
+    ``u_i^T k = (f_i^T k) / s_i``. Cheap, but not a bound: the factor's own error can push
+    the reduction either way, and on kin40k some variances come out 0 (median error 70 %,
+    benchmarks/RESULTS.md section 12); ``predict(variance="dense")`` is exact up to 16,384 points.
 
     Parameters
     ----------

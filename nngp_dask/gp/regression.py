@@ -4,6 +4,22 @@ Two solvers: a dense Cholesky (SciPy) for ``n <= DIRECT_MAX_N`` and batched prec
 over the stored tiles above it (or on request). CG state is checkpointed into the store
 every few iterations in two alternating slots, and the slot pointer is written last, so a
 killed solve resumes from its last complete checkpoint and a finished one is not redone.
+
+Variances: why a dense factor and not a Lanczos (LOVE) cache. The exact variance of a CG solve
+costs one preconditioned CG per test point, ``2 n^2`` flops per point and iteration (batched, so
+flop-bound): on kin40k, n = 10,000, 1,000 test points, 115.7 s against 6.7 s for the mean's solve
+(issue 18). A cache reused by every test point (Pleiss et al. 2018) needs the test
+cross-covariances to lie in a space of small rank ``r``, and with NNGP kernels of low-dimensional
+inputs they do not: the latent variance is ~1 % of the prior there (the reduction must be right to
+~1e-4 relative). On kin40k (n = 5,000, noise 0.1) a Lanczos cache of r = 300 steps leaves a median
+relative error of 50 %, 79 % preconditioned with the preconditioner as control variate, and even
+K's exact leading eigenvectors, the best rank-r space there is, need r in the thousands
+(benchmarks/RESULTS.md, section 12). Factorising ``K + noise I`` once costs ``n^3 / 3`` flops and
+each test point ``n^2`` (one triangular solve), against ``2 n^2`` per point and CG iteration: there
+it took 0.54x the mean's solve against 20x for the batched CG, exact to rounding, so
+``variance="auto"`` takes it while the float64 factor fits in memory (``DENSE_VARIANCE_MAX_N``);
+it is not out of core (``12 n^2`` bytes at its peak). Above that size ``"exact"`` (CG) and
+``"lowrank"`` remain.
 """
 
 from __future__ import annotations
@@ -40,19 +56,26 @@ from ..store import KernelStore, diagonals_path, inputs_path, open_kernel, solve
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
 
-__all__ = ["DIRECT_MAX_N", "SolveResult", "solve", "predict", "EXACT_VARIANCE_MAX"]
+__all__ = ["DIRECT_MAX_N", "DENSE_VARIANCE_MAX_N", "SolveResult", "solve", "predict", "variance_mode",
+           "EXACT_VARIANCE_MAX"]
 
 log = logging.getLogger("nngp_dask")
 
 #: Below this many training points ``method="auto"`` factorises the dense kernel (float64
 #: copy: 8 n^2 bytes, 200 MB at the threshold; a Cholesky of that size takes ~1 s).
 DIRECT_MAX_N = 5000
-#: ``variance="auto"`` is exact (one batched CG per 256 test points) up to this many test points.
+#: ``variance="auto"`` factorises ``K + noise I`` in memory for the variance up to this many
+#: training points: a float64 copy of 8 n^2 bytes (2 GiB at the cap) next to the kernel as read,
+#: 4 n^2 bytes for float32 tiles, so 3 GiB at the peak; a Cholesky of ``n^3 / 3`` flops.
+DENSE_VARIANCE_MAX_N = 16384
+#: Above ``DENSE_VARIANCE_MAX_N``, ``variance="auto"`` is exact (one batched CG per 256 test points)
+#: up to this many test points, else low-rank.
 EXACT_VARIANCE_MAX = 1024
 #: Leading components of the preconditioner's factor used by the low-rank variance: its cost is
 #: 2 m n r flops, so the full rank of a strong preconditioner (thousands) would dominate a run.
 VARIANCE_RANK = 256
 METHODS = ("auto", "cg", "cholesky")
+VARIANCES = (False, True, "auto", "exact", "dense", "lowrank")
 
 
 @dataclass(frozen=True)
@@ -349,6 +372,54 @@ def solve(
         return finish(result.x, result.iterations, result.residuals, result.converged, resumed, op.seconds, info)
 
 
+def _dense_kernel(ks: KernelStore) -> NDArray:
+    """The train x train kernel in memory, as stored (float32 or float64): each upper tile read
+    once in this process (verified) and mirrored. ``to_dask().compute()`` moves the same bytes
+    through the cluster: 23 s against 1.5 s at n = 4,000 (both measured on a machine at load 20)."""
+    io, t, n = ks.tiles("train_train"), ks.tile, ks.shape[0]
+    out = np.empty((n, n), dtype=ks.dtype)
+    for i, j in ks.grid.upper_tiles():
+        block = io.read(i, j)
+        out[i * t:i * t + block.shape[0], j * t:j * t + block.shape[1]] = block
+        if i != j:
+            out[j * t:j * t + block.shape[1], i * t:i * t + block.shape[0]] = block.T
+    return out
+
+
+def _lowrank_factor(ks: KernelStore, result: SolveResult) -> zarr.Array | None:
+    """The solve's stored low-rank preconditioner factor, or None."""
+    g = cast("zarr.Group | None", ks.group.get(solve_path(result.key)))  # solves/<key> is a group
+    return cast(zarr.Array, g["lowrank_factor"]) if g is not None and "lowrank_factor" in g else None
+
+
+def variance_mode(store: KernelStore | str | os.PathLike, result: SolveResult, variance: bool | str) -> str | None:
+    """The variance method :func:`predict` runs for ``variance``: ``None`` (no variance),
+    ``"dense"``, ``"exact"`` or ``"lowrank"``.
+
+    ``True``/``"auto"`` resolve to ``"dense"`` for a Cholesky solve or up to
+    ``DENSE_VARIANCE_MAX_N`` training points; above that to ``"exact"`` up to
+    ``EXACT_VARIANCE_MAX`` test points, else ``"lowrank"`` when the solve stored a low-rank
+    factor (else ``"exact"``). A caller that caches predictions keys them on this.
+
+    Raises
+    ------
+    ValueError
+        ``variance`` not one of ``False, True, "auto", "exact", "dense", "lowrank"``.
+    """
+    if not any(variance is v or (isinstance(v, str) and variance == v) for v in VARIANCES):
+        raise ValueError(f"variance: expected False, True, 'auto', 'exact', 'dense' or 'lowrank', got {variance!r}")
+    if variance is False:
+        return None
+    if variance not in (True, "auto"):
+        return str(variance)
+    ks = _open(store)
+    if result.method == "cholesky" or ks.shape[0] <= DENSE_VARIANCE_MAX_N:
+        return "dense"
+    if ks.n_test <= EXACT_VARIANCE_MAX or _lowrank_factor(ks, result) is None:
+        return "exact"
+    return "lowrank"
+
+
 def predict(
     store: KernelStore | str | os.PathLike,
     result: SolveResult,
@@ -368,14 +439,19 @@ def predict(
         Built with ``x_test``.
     result : SolveResult
         From :func:`solve` on the same store.
-    variance : bool or {"exact", "lowrank", "auto"}
-        ``True``/``"auto"``: exact for at most ``EXACT_VARIANCE_MAX`` test points, else low-rank.
-        ``"exact"``: one batched CG (``batch`` test points at a time; Cholesky for small n).
+    variance : bool or {"auto", "dense", "exact", "lowrank"}
+        ``True``/``"auto"``: see :func:`variance_mode` (``"dense"`` while the factor fits).
+        ``"dense"``: factorises ``K + noise I`` (float64, in memory: ``12 n^2`` bytes at the
+        peak) once, then one triangular solve per ``batch`` test points; exact to rounding, and
+        at n = 10,000 it costs a fraction of ``"exact"`` (benchmarks/RESULTS.md, section 12).
+        ``"exact"``: one batched CG (``batch`` test points at a time; the dense factor for a
+        Cholesky solve), streamed over the stored tiles; ``2 n^2`` flops per test point and
+        CG iteration.
         ``"lowrank"``: projects ``k*`` on the span of the solve's low-rank preconditioner factor
         ``F`` (``F F^T ~= K``, pivoted Cholesky or Nystrom) and inverts ``K + noise I`` there, in
-        one pass over the test tiles. The spectrum tail it leaves out would only reduce the
-        variance further, so the result errs on the conservative side; its error against the
-        exact variance is measured in benchmarks/RESULTS.md. Uses the leading ``variance_rank``
+        one pass over the test tiles. Cheap but coarse where the spectrum decays slowly: on
+        kin40k (n = 5,000, rank 256) its median relative error is 70 % and some variances come
+        out 0 (benchmarks/RESULTS.md, section 12). Uses the leading ``variance_rank``
         components of the factor.
     progress : bool
         Progress bars (on a terminal) for the preconditioner and the test points; timed lines
@@ -390,47 +466,43 @@ def predict(
         raise TypeError(f"result: expected the SolveResult of nngp_dask.solve on this store, got "
                         f"{type(result).__name__}")
     ks = _open(store)
-    if variance not in (False, True, "exact", "lowrank", "auto"):
-        raise ValueError(f"variance: expected False, True, 'exact', 'lowrank' or 'auto', got {variance!r}")
     if not ks.n_test:
         raise ValueError(f"store: {ks.url!r} holds no test inputs; pass x_test to build_kernel")
     alpha = np.asarray(result.alpha, dtype=np.float64)
     if alpha.shape[0] != ks.shape[0]:
         raise ValueError(f"result: alpha has {alpha.shape[0]} rows, the store's kernel {ks.shape[0]}; "
                          "expected a solve of this store")
+    mode = variance_mode(ks, result, variance)
     squeeze = alpha.ndim == 1
     a2 = alpha.reshape(alpha.shape[0], -1)
     ks.require_complete("test_train")
     m = ks.n_test
-    mode = variance
-    if variance in (True, "auto"):
-        mode = "exact" if m <= EXACT_VARIANCE_MAX else "lowrank"
     factor = None
     if mode == "lowrank":
-        g = cast("zarr.Group | None", ks.group.get(solve_path(result.key)))  # solves/<key> is a group
-        if g is None or "lowrank_factor" not in g:
+        stored = _lowrank_factor(ks, result)
+        if stored is None:
             raise ValueError("variance: 'lowrank' needs a CG solve with a low-rank preconditioner "
-                             "(preconditioner='pivoted_cholesky' or 'nystrom'); use variance='exact'")
+                             "(preconditioner='pivoted_cholesky' or 'nystrom'); use variance='dense' or 'exact'")
         # columns of U diag(s) come in descending s: the leading ones carry the top spectrum
-        factor = np.asarray(cast(zarr.Array, g["lowrank_factor"])[:, :variance_rank])
+        factor = np.asarray(stored[:, :variance_rank])
     with client_for(client) as c, tracked("predict: test points", m, progress=progress, unit="pt") as beat:
         op = StoredKernelOperator(ks, result.noise, c)
         beat(0, "posterior means: one pass over K(X*, X)")
         mean, sq, proj = op.test_products(a2, factor)
         assert mean is not None  # alpha given
         mean = mean[:, 0] if squeeze else mean
-        if not variance or mode == "lowrank":
+        if mode is None or mode == "lowrank":
             beat(m)
-        if not variance:
+        if mode is None:
             return mean
         prior = ks.test_prior()
         noise = result.noise
         if mode == "lowrank":
             assert proj is not None and factor is not None  # factor given: its projections came back
             return mean, variance_lowrank(prior, proj, factor, noise)
-        if result.method == "cholesky":
+        if mode == "dense" or result.method == "cholesky":
             # factorised once for every batch of test points
-            lower = cholesky_factor(ks.to_dask().compute(), noise)[0]
+            lower = cholesky_factor(_dense_kernel(ks), noise)[0]
             block_variance = lambda p, kstar: variance_from_cholesky(p, kstar, lower)  # noqa: E731
         else:
             beat(0, "exact variances: the solve's preconditioner")

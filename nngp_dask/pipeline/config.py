@@ -103,8 +103,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "seed": Field(int, 0, "seed of the subset and the restarts", minimum=0),
     },
     "predict": {
-        "variance": Field(str, "auto", "predictive variance: none, auto, exact or lowrank",
-                          choices=("none", "auto", "exact", "lowrank")),
+        "variance": Field(str, "auto", "predictive variance: none; auto (dense up to 16384 training points, "
+                          "else exact up to 1024 test points, else lowrank); dense (one in-memory Cholesky of "
+                          "K + noise I, 12 n^2 bytes); exact (one CG per test point); lowrank (cheap, coarse)",
+                          choices=("none", "auto", "dense", "exact", "lowrank")),
     },
     "report": {
         "plots": Field(bool, True, "write PNG figures beside report.json (needs matplotlib)"),

@@ -32,7 +32,18 @@ import numpy as np
 from .._version import __version__
 from ..build import build_kernel
 from ..cluster import LazyClient
-from ..gp import SolveResult, accuracy, confusion_matrix, encode_labels, nlpd, predict, predict_labels, rmse, solve
+from ..gp import (
+    SolveResult,
+    accuracy,
+    confusion_matrix,
+    encode_labels,
+    nlpd,
+    predict,
+    predict_labels,
+    rmse,
+    solve,
+    variance_mode,
+)
 from ..kernels import Architecture, normalize as normalize_rows
 from ..monitor import PeakRSS
 from ..select import fit_hyperparameters, subset_size
@@ -316,7 +327,8 @@ class Pipeline:
         variance: bool | str = False if mode == "none" else mode
         path = self.out / "predictions.npz"
         with self._stage("predict") as rec:
-            rec.fingerprint = _hash(result.key, mode)
+            # keyed on the method "auto" resolves to, so predictions made by another method are redone
+            rec.fingerprint = _hash(result.key, mode, variance_mode(ks, result, variance))
             if path.exists():
                 with np.load(path, allow_pickle=False) as f:
                     if str(f["fingerprint"]) == rec.fingerprint:
