@@ -26,6 +26,7 @@ from ..linalg import (AUTO_RANK, PRECONDITIONERS, CGState, ConvergenceWarning, L
                       default_maxiter, dense_solve, make_preconditioner)
 from ..monitor import Heartbeat
 from ..store import KernelStore, diagonals_path, inputs_path, open_kernel, solve_path
+from .nystrom_store import stored_nystrom
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
 
@@ -131,6 +132,16 @@ def _column_fn(ks: KernelStore):
     return columns
 
 
+def _preconditioner(ks: KernelStore, name: str, noise: float, rank: int | None, client: Any) -> Any:
+    """The solve's preconditioner: Nystrom (also what ``"auto"`` picks) from the stored tiles on the
+    workers (:mod:`nngp_dask.gp.nystrom_store`), the others from kernel columns of the inputs."""
+    n = ks.shape[0]
+    rank = min(rank or AUTO_RANK, n)
+    if name in ("nystrom", "auto"):
+        return stored_nystrom(ks, client, rank, noise)
+    return make_preconditioner(name, diag=ks.diagonal(), column_fn=_column_fn(ks), noise=noise, rank=rank, n=n)
+
+
 def _solve_key(ks: KernelStore, y: NDArray, noise: float, tol: float, preconditioner: str, rank: int | None,
                method: str) -> str:
     h = hashlib.blake2b(digest_size=10)
@@ -173,9 +184,13 @@ class _Checkpoints:
                                     compressors=None)[...] = value
         self.group.attrs.update({**info, "status": "done"})
 
-    def save_factor(self, factor: NDArray) -> None:
-        self.group.create_array("lowrank_factor", shape=factor.shape, dtype="float64", overwrite=True,
-                                compressors=None)[...] = factor
+    def save_factor(self, pre: LowRank) -> None:
+        # float32 (the low-rank variance's precision needs no more), a block of columns at a time
+        # so no second float64 copy of a large factor is made
+        arr = self.group.create_array("lowrank_factor", shape=(pre.n, pre.rank), dtype="float32", overwrite=True,
+                                      chunks=(pre.n, 256), compressors=None)
+        for a in range(0, pre.rank, 256):
+            arr[:, a:a + 256] = pre.factor_block(a, min(a + 256, pre.rank)).astype(np.float32)
 
 
 def solve(
@@ -271,11 +286,10 @@ def solve(
     with client_for(client) as c:
         op = StoredKernelOperator(ks, noise, c)
         t_pre = time.perf_counter()
-        pre = make_preconditioner(pre_name, diag=ks.diagonal(), column_fn=_column_fn(ks), noise=max(noise, 1e-12),
-                                  rank=min(rank or AUTO_RANK, n), n=n)
+        pre = _preconditioner(ks, pre_name, max(noise, 1e-12), rank, c)
         pre_s = time.perf_counter() - t_pre
         if isinstance(pre, LowRank):
-            ck.save_factor(pre.lowrank_factor)
+            ck.save_factor(pre)
         state = ck.load()
         resumed = int(state.iteration) if state is not None else 0
         if resumed:
@@ -370,7 +384,7 @@ def predict(
             raise ValueError("variance: 'lowrank' needs a CG solve with a low-rank preconditioner "
                              "(preconditioner='pivoted_cholesky' or 'nystrom'); use variance='exact'")
         # columns of U diag(s) come in descending s: the leading ones carry the top spectrum
-        factor = g["lowrank_factor"][:, :variance_rank]
+        factor = np.asarray(g["lowrank_factor"][:, :variance_rank], dtype=np.float64)
     with client_for(client) as c:
         op = StoredKernelOperator(ks, result.noise, c)
         mean, sq, proj = op.test_products(a2, factor)
@@ -386,9 +400,8 @@ def predict(
             lower = cholesky_factor(ks.to_dask().compute(), noise)[0]
             block_variance = lambda p, kstar: variance_from_cholesky(p, kstar, lower)  # noqa: E731
         else:
-            pre = make_preconditioner(result.preconditioner, diag=ks.diagonal(), column_fn=_column_fn(ks),
-                                      noise=max(noise, 1e-12), rank=result.info.get("preconditioner_rank") or None,
-                                      n=ks.shape[0])
+            pre = _preconditioner(ks, result.preconditioner, max(noise, 1e-12),
+                                  result.info.get("preconditioner_rank") or None, c)
             block_variance = lambda p, kstar: variance_from_solve(  # noqa: E731
                 p, kstar, batched_cg(op.matmat, kstar, tol=result.tol, preconditioner=pre).x)
         var = np.empty(m)
