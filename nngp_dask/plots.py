@@ -30,6 +30,7 @@ __all__ = [
     "predicted_vs_true",
     "confusion_matrix",
     "calibration",
+    "reliability",
 ]
 
 MATPLOTLIB_HINT = "matplotlib is required for figures: pip install 'nngp-dask[plots]'"
@@ -184,8 +185,7 @@ def error_vs_width(result: "ValidationResult", path: str | Path = "error_vs_widt
     if positive.size:
         ax.set_ylim(positive.min() / 3, positive.max() * 3)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("width")
-    ax.set_ylabel("relative Frobenius error")
+    ax.set(xlabel="width", ylabel="relative Frobenius error")
     ax.set_title(f"{result.networks[-1]} networks per width ({result.estimator} estimator)", fontsize=10)
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(True, which="major", alpha=0.3)
@@ -200,8 +200,7 @@ def error_vs_width(result: "ValidationResult", path: str | Path = "error_vs_widt
                    label="slope $-1/2$")
         ax2.legend(fontsize=7, loc="lower left")
     ax2.set_xscale("log", base=2)
-    ax2.set_xlabel("networks")
-    ax2.set_ylabel("relative Frobenius error")
+    ax2.set(xlabel="networks", ylabel="relative Frobenius error")
     ax2.set_title(f"width {result.widths[-1]}", fontsize=10)
     ax2.grid(True, which="major", alpha=0.3)
     arch = result.architecture
@@ -249,8 +248,7 @@ def cg_residuals(residuals: ArrayLike, path: str | Path = "cg_residuals.png") ->
             ax.semilogy(it, np.nanmax(rel, axis=1), color="C3", linewidth=1.5, label="worst column")
             ax.semilogy(it, np.nanmedian(rel, axis=1), color="k", linewidth=1.5, label="median column")
         ax.legend(fontsize=7)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("relative residual $\\|r_i\\| / \\|r_0\\|$")
+    ax.set(xlabel="iteration", ylabel="relative residual $\\|r_i\\| / \\|r_0\\|$")
     final = np.nanmax(rel[-1]) if np.isfinite(rel[-1]).any() else 0.0
     ax.set_title(f"conjugate gradients: {k} right-hand side{'s' if k != 1 else ''}, "
                  f"{r.shape[0] - 1} iterations, final {final:.1e}", fontsize=10)
@@ -308,8 +306,7 @@ def kernel_heatmap(k_sample: ArrayLike, path: str | Path = "kernel_heatmap.png",
             names = [str(lab[s]) for s in starts]
             ax.set_xticks(centres, names, fontsize=7)
             ax.set_yticks(centres, names, fontsize=7)
-        ax.set_xlabel("class")
-        ax.set_ylabel("class")
+        ax.set(xlabel="class", ylabel="class")
     ax.set_title(f"kernel sample {k.shape[0]} x {k.shape[1]}" + (" (sorted by class)" if lab is not None else ""),
                  fontsize=10)
     return save_figure(fig, path)
@@ -358,8 +355,7 @@ def predicted_vs_true(y_true: ArrayLike, y_pred: ArrayLike, path: str | Path = "
     rmse = float(np.sqrt(np.nanmean((yp - yt) ** 2)))
     ss_tot = float(np.nansum((yt - np.nanmean(yt, axis=0)) ** 2))
     r2 = 1.0 - float(np.nansum((yp - yt) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
-    ax.set_xlabel("true")
-    ax.set_ylabel("predicted")
+    ax.set(xlabel="true", ylabel="predicted")
     ax.set_title(f"{yt.shape[0]} points: RMSE {rmse:.3g}, $R^2$ {r2:.3f}", fontsize=10)
     ax.grid(True, alpha=0.3)
     return save_figure(fig, path)
@@ -406,8 +402,7 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int,
         ax.set_xticks(range(n_classes))
         ax.set_yticks(range(n_classes))
     acc = float(np.trace(counts)) / max(int(counts.sum()), 1)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax.set(xlabel="predicted class", ylabel="true class")
     ax.set_title(f"{yt.size} points: accuracy {100 * acc:.2f} %", fontsize=10)
     return save_figure(fig, path)
 
@@ -464,10 +459,39 @@ def calibration(abs_error: ArrayLike, predictive_std: ArrayLike, path: str | Pat
     if logscale:
         ax.set_xscale("log")
         ax.set_yscale("log")
-    ax.set_xlabel("predictive std $s$")
-    ax.set_ylabel("absolute error")
+    ax.set(xlabel="predictive std $s$", ylabel="absolute error")
     ratio = e.mean() / (math.sqrt(2.0 / math.pi) * s.mean()) if s.mean() > 0 else float("nan")
     ax.set_title(f"{e.size} predictions: mean|error| / calibrated = {ratio:.2f}", fontsize=10)
     ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    return save_figure(fig, path)
+
+
+def reliability(levels: ArrayLike, observed: dict[str, ArrayLike], path: str | Path = "reliability.png") -> Path:
+    """Reliability diagram: observed against expected coverage of central intervals
+    (:func:`nngp_dask.gp.coverage`), a curve per labelled prediction; below the diagonal the
+    intervals are too narrow, above it too wide.
+
+    Parameters
+    ----------
+    levels : array_like, shape (p,)
+        Expected coverage, in (0, 1).
+    observed : dict of str to array_like, each shape (p,)
+    """
+    lv = np.asarray(levels, dtype=np.float64)
+    if lv.ndim != 1 or lv.size == 0 or np.any((lv <= 0) | (lv >= 1)):
+        raise ValueError(f"levels: expected a non-empty 1-D array of probabilities in (0, 1), got {lv!r}")
+    fig = figure((5.2, 5.0), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.5", linewidth=0.8, linestyle="--", label="calibrated")
+    for k, (label, obs) in enumerate(observed.items()):
+        ob = np.asarray(obs, dtype=np.float64)
+        if ob.shape != lv.shape:
+            raise ValueError(f"observed[{label!r}]: expected {lv.size} values like levels, got {ob.size}")
+        ax.plot(lv, ob, "o-", color=f"C{k}", label=label)
+    ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(xlabel="expected coverage of the central interval", ylabel="observed coverage")
+    ax.set_title("reliability of the predictive intervals", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
     ax.grid(True, alpha=0.3)
     return save_figure(fig, path)

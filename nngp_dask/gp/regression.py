@@ -26,6 +26,7 @@ from ..linalg import (AUTO_RANK, PRECONDITIONERS, CGState, ConvergenceWarning, L
                       default_maxiter, dense_solve, make_preconditioner)
 from ..monitor import Heartbeat
 from ..store import KernelStore, diagonals_path, inputs_path, open_kernel, solve_path
+from .likelihood import amplitude_mle
 from .nystrom_store import stored_nystrom
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
@@ -62,6 +63,10 @@ class SolveResult:
     preconditioner : str
     key : str
         Names the solve in the store (``solves/<key>``).
+    info : dict
+        Diagnostics; ``info["amplitude"]`` is :func:`nngp_dask.gp.amplitude_mle` of the targets:
+        the factor by which to scale the predictive variance (latent and noise) for a kernel
+        amplitude fitted by marginal likelihood.
     resumed_from : int
         Iteration the solve resumed from (0 when it started afresh, -1 when loaded finished).
     """
@@ -263,7 +268,8 @@ def solve(
 
     def finish(alpha, iterations, residuals, converged, resumed, matmat_s=0.0, info=None):
         a = alpha[:, 0] if squeeze else alpha
-        info = info or {}
+        # the kernel amplitude's marginal-likelihood optimum: free given alpha (gp/likelihood.py)
+        info = {**(info or {}), "amplitude": amplitude_mle(y2, alpha)}
         used = info.get("preconditioner_used") or pre_name  # "auto" resolved to what ran
         return SolveResult(a, iterations, residuals, converged, noise, tol, method, used, key, resumed,
                            time.perf_counter() - t0, matmat_s, info)
