@@ -25,8 +25,7 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import NDArray
 
-from ..linalg import nystrom_landmarks
-from ..linalg.nystrom import FLOAT64_RATIO, SplitLowRank, nystrom_transform
+from ..linalg import FLOAT64_RATIO, SplitLowRank, nystrom_landmarks, nystrom_transform
 from ..store import KernelStore, tile_io
 from .operator import placement
 
