@@ -279,7 +279,8 @@ def solve(
         log.info("solve %s already done in %s; loading alpha", key, ks.url)
         return finish(ck.group["alpha"][...], attrs["iterations"], ck.group["residuals"][...],
                       bool(attrs["converged"]), -1,
-                      info={k: attrs.get(k) for k in ("preconditioner_rank", "preconditioner_used")})
+                      info={k: attrs.get(k) for k in ("preconditioner_rank", "preconditioner_used",
+                                                      "preconditioner_landmarks")})
 
     if method == "cholesky":
         k = ks.to_dask().compute().astype(np.float64)
@@ -326,6 +327,8 @@ def solve(
         ck.save(result.state)
         info = {"iterations": result.iterations, "converged": result.converged, "preconditioner_used": pre.name,
                 "preconditioner_rank": pre.rank, "preconditioner_s": pre_s}
+        if "landmarks" in getattr(pre, "info", {}):  # the rank asked for: W's numerical rank may be lower
+            info["preconditioner_landmarks"] = int(len(pre.info["landmarks"]))
         ck.save_solution(result.x, result.residuals, info)
         log.info("%s", result.summary())
         return finish(result.x, result.iterations, result.residuals, result.converged, resumed, op.seconds, info)
@@ -407,7 +410,8 @@ def predict(
             block_variance = lambda p, kstar: variance_from_cholesky(p, kstar, lower)  # noqa: E731
         else:
             pre = _preconditioner(ks, result.preconditioner, max(noise, 1e-12),
-                                  result.info.get("preconditioner_rank") or None, c)
+                                  result.info.get("preconditioner_landmarks") or result.info.get("preconditioner_rank")
+                                  or None, c)
             block_variance = lambda p, kstar: variance_from_solve(  # noqa: E731
                 p, kstar, batched_cg(op.matmat, kstar, tol=result.tol, preconditioner=pre).x)
         var = np.empty(m)
