@@ -328,7 +328,7 @@ def solve(
         info = {"iterations": result.iterations, "converged": result.converged, "preconditioner_used": pre.name,
                 "preconditioner_rank": pre.rank, "preconditioner_s": pre_s}
         if "landmarks" in getattr(pre, "info", {}):  # the rank asked for: W's numerical rank may be lower
-            info["preconditioner_landmarks"] = int(len(pre.info["landmarks"]))
+            info["preconditioner_landmarks"] = len(pre.info["landmarks"])
         ck.save_solution(result.x, result.residuals, info)
         log.info("%s", result.summary())
         return finish(result.x, result.iterations, result.residuals, result.converged, resumed, op.seconds, info)
