@@ -7,9 +7,17 @@ right-hand sides are solved together, as in the pipeline.
 With --store, the kernel is a built store of the first n MNIST training images (e.g. the MNIST
 pipeline's, n = 60,000, too large for memory) and CG runs over it out of core, with the
 architecture and inputs stored there; the store's input fingerprint is checked against MNIST.
+With --build, a missing store is built first (the MNIST pipeline's kernel: depth-5 ReLU,
+standardised inputs, float32 tiles of 2048). Candidates there: ``nystrom:R`` is the in-driver
+build from kernel columns of the inputs (the solve's path before issue 16), ``stored_nystrom:R``
+the build on the workers from the stored tiles (the solve's path now). Each candidate's build is
+timed best of --repeat, with the peak RSS summed over the driver and its workers during the builds
+(and the rise above what they held before it).
 
     python benchmarks/bench_precond.py --n 10000
     python benchmarks/bench_precond.py --store RUN/kernel.zarr --candidates none,nystrom:4096
+    python benchmarks/bench_precond.py --store /tmp/k20k.zarr --build --n 20000 \
+        --candidates nystrom:1024,stored_nystrom:1024 --repeat 3 --build-only
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from nngp_dask.build import prepare_inputs
 from nngp_dask.cluster import client_for
 from nngp_dask.gp import StoredKernelOperator, encode_labels
 from nngp_dask.kernels import diagonals
+from nngp_dask.gp.nystrom_store import stored_nystrom
 from nngp_dask.linalg import make_preconditioner
+from nngp_dask.monitor import PeakRSS, tree_rss
 
 
 def main() -> None:
@@ -42,12 +52,22 @@ def main() -> None:
     ap.add_argument("--maxiter", type=int, default=2000)
     ap.add_argument("--candidates", default="none,jacobi,pivoted_cholesky:512,nystrom:1024,nystrom:4096")
     ap.add_argument("--store", default=None, help="a kernel store of the first n MNIST images: CG out of core")
+    ap.add_argument("--build", action="store_true", help="build --store from the first --n images if absent")
+    ap.add_argument("--repeat", type=int, default=1, help="builds per candidate (best time is reported)")
+    ap.add_argument("--build-only", action="store_true", help="time the preconditioner builds, no CG")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
         if args.store:
-            ks = open_kernel(args.store)
             client = stack.enter_context(client_for(None))
+            if args.build and not os.path.exists(args.store):
+                from nngp_dask.build import build_kernel
+
+                with np.load(args.data, allow_pickle=False) as f:
+                    xs = f["x_train"][: args.n].reshape(args.n, -1).astype(np.float64)
+                build_kernel(Architecture(args.depth, "relu", args.weight_var, args.bias_var), xs, args.store,
+                             tile=2048, dtype="float32", normalize="standardize", client=client, progress=False)
+            ks = open_kernel(args.store)
             arch, args.n = ks.architecture, ks.shape[0]
             with np.load(args.data, allow_pickle=False) as f:
                 mnist = prepare_inputs(f["x_train"][: args.n], normalize=ks.group.attrs["nngp_dask"]["normalize"])
@@ -56,6 +76,7 @@ def main() -> None:
                 raise SystemExit(f"--store: {args.store} was not built from the first {args.n} MNIST images")
             x, dx, diag = ks.group["inputs/x_train"][...], ks.group["diagonals/train"][...], ks.diagonal()
             matmat = StoredKernelOperator(ks, args.noise, client).matmat
+            args.ks, args.client = ks, client
         else:
             with np.load(args.data, allow_pickle=False) as f:
                 x = normalize(f["x_train"][: args.n].reshape(args.n, -1).astype(np.float64), "standardize")
@@ -67,6 +88,7 @@ def main() -> None:
 
             def matmat(v: np.ndarray) -> np.ndarray:
                 return k64 @ v + args.noise * v
+            args.ks = None
         run(args, arch, x, dx, diag, y, matmat)
 
 
@@ -80,17 +102,40 @@ def run(args, arch, x, dx, diag, y, matmat) -> None:
           f"{'out of core: ' + args.store if args.store else 'in memory'}", flush=True)
     for cand in args.candidates.split(","):
         name, _, rank = cand.partition(":")
-        t0 = time.perf_counter()
-        pre = make_preconditioner(name, diag=diag, column_fn=columns, noise=args.noise,
-                                  rank=int(rank) if rank else None, n=args.n)
-        t_build = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res = batched_cg(matmat, y, tol=args.tol, maxiter=args.maxiter, preconditioner=pre)
-        t_cg = time.perf_counter() - t0
-        rows.append({"preconditioner": cand, "iterations": res.iterations, "converged": res.converged,
-                     "build_s": t_build, "cg_s": t_cg})
-        print(f"  {cand:<22} {res.iterations:>5} iterations ({'converged' if res.converged else 'NOT converged'}), "
-              f"build {t_build:6.1f} s, CG {t_cg:6.1f} s", flush=True)
+        before = tree_rss()
+        times = []
+        with PeakRSS(interval=0.05) as peak:
+            for _ in range(max(1, args.repeat)):
+                pre = None  # the previous build's factor is not kept while the next is made
+                t0 = time.perf_counter()
+                if name == "stored_nystrom":
+                    if args.ks is None:
+                        raise SystemExit("stored_nystrom: needs --store")
+                    pre = stored_nystrom(args.ks, args.client, int(rank), args.noise)
+                else:
+                    pre = make_preconditioner(name, diag=diag, column_fn=columns, noise=args.noise,
+                                              rank=int(rank) if rank else None, n=args.n)
+                times.append(time.perf_counter() - t0)
+        t_build = min(times)
+        if args.build_only:
+            res, t_cg = None, 0.0
+        else:
+            t0 = time.perf_counter()
+            res = batched_cg(matmat, y, tol=args.tol, maxiter=args.maxiter, preconditioner=pre)
+            t_cg = time.perf_counter() - t0
+        its = f"{res.iterations:>5} iterations ({'converged' if res.converged else 'NOT converged'}), " if res else ""
+        rows.append({"preconditioner": cand, "iterations": res and res.iterations, "converged": res and res.converged,
+                     "build_s": t_build, "build_times_s": times, "cg_s": t_cg, "peak_rss": peak.peak,
+                     "rss_before": before})
+        print(f"  {cand:<22} {its}build {t_build:6.1f} s (best of {len(times)}: {', '.join(f'{t:.1f}' for t in times)}), "
+              f"CG {t_cg:6.1f} s, peak RSS {peak.peak / 2**30:.2f} GiB summed "
+              f"(+{(peak.peak - before) / 2**30:.2f} over {before / 2**30:.2f} before)", flush=True)
+    if len(rows) > 1:
+        base = rows[0]
+        for row in rows[1:]:
+            print(f"  {row['preconditioner']} / {base['preconditioner']}: build time "
+                  f"{row['build_s'] / base['build_s']:.2f}x, peak RSS rise "
+                  f"{(row['peak_rss'] - row['rss_before']) / max(base['peak_rss'] - base['rss_before'], 1):.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -38,7 +38,9 @@ def test_quickstart_idempotent_and_noise_change_reruns_only_solve(tmp_path, caps
     first = _report(tmp_path)
     assert first["metrics"]["srmse"] < 0.8 and np.isfinite(first["metrics"]["nlpd"])
     assert all(first["stages"][s]["did_work"] for s in ("kernel", "solve", "predict"))
-    for fig in ("cg_residuals.png", "kernel_heatmap.png", "predicted_vs_true.png", "calibration.png"):
+    assert first["metrics"]["nlpd"] <= first["metrics"]["nlpd_unfitted"] and first["metrics"]["amplitude"] > 0
+    for fig in ("cg_residuals.png", "kernel_heatmap.png", "predicted_vs_true.png", "calibration.png",
+                "reliability.png"):
         assert fig in first["figures"] and (tmp_path / "run" / fig).stat().st_size > 1000
     assert (tmp_path / "run" / "run.log").read_text().count("stage kernel") >= 1
     assert "srmse" in capsys.readouterr().out
@@ -58,6 +60,14 @@ def test_quickstart_idempotent_and_noise_change_reruns_only_solve(tmp_path, caps
     shown = capsys.readouterr().out
     assert re.search(r"kernel_bytes: \d+\.\d\d (kB|MB|GB) \([\d,]+ bytes\)", shown), shown
     assert re.search(r"created: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", shown), shown
+
+    # the kernel as built: only the scores change, nothing is re-solved or re-predicted
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--no-plots",
+                 "--set", "solver.fit_amplitude=false"]) == 0
+    unfitted = _report(tmp_path)
+    assert not any(unfitted["stages"][s]["did_work"] for s in ("kernel", "solve", "predict"))
+    assert "amplitude" not in unfitted["metrics"]
+    assert unfitted["metrics"]["nlpd"] == pytest.approx(first["metrics"]["nlpd_unfitted"])
 
     assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--set", "solver.noise=0.05", "--no-plots"]) == 0
     changed = _report(tmp_path)
@@ -85,8 +95,10 @@ def test_classification_pipeline(tmp_path):
                  "--set", "predict.variance=lowrank"]) == 0
     rep = _report(tmp_path)
     assert rep["metrics"]["accuracy"] > 0.45  # 3 balanced classes: chance is 1/3
-    assert "confusion_matrix.png" in rep["figures"]
+    assert "confusion_matrix.png" in rep["figures"] and "reliability.png" in rep["figures"]
     assert sum(map(sum, rep["metrics"]["confusion"])) == 80
+    # uncertainty scores of the regressed one-hot targets
+    assert np.isfinite(rep["metrics"]["nlpd"]) and len(rep["metrics"]["coverage"]["observed"]) == 11
 
 
 def _spawn(tmp_path: Path, *extra: str) -> subprocess.Popen:

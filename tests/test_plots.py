@@ -106,6 +106,16 @@ def test_calibration(tmp_path):
     _check_png(plots.calibration(np.ones(7), np.full(7, 0.5), tmp_path / "cal3.png"), (500, 560))
 
 
+def test_reliability(tmp_path):
+    levels = [0.1, 0.5, 0.9]
+    _check_png(plots.reliability(levels, {"fitted": [0.12, 0.5, 0.88], "as built": [0.6, 0.95, 1.0]},
+                                 tmp_path / "rel.png"), (500, 520))
+    with pytest.raises(ValueError, match="levels: expected"):
+        plots.reliability([0.0, 0.5], {"a": [0.1, 0.2]}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"observed\['a'\]: expected 3 values"):
+        plots.reliability(levels, {"a": [0.1, 0.2]}, tmp_path / "bad.png")
+
+
 def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)

@@ -1,7 +1,8 @@
 """Gaussian-process regression on a stored kernel: the distributed operator, solve and predict, the
 posterior mean and variance, targets and metrics."""
 
-from .metrics import accuracy, confusion_matrix, nlpd, rmse
+from .likelihood import amplitude_mle
+from .metrics import COVERAGE_LEVELS, accuracy, confusion_matrix, coverage, nlpd, rmse
 from .operator import StoredKernelOperator
 from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve, variance_lowrank
 from .regression import (
@@ -21,6 +22,9 @@ __all__ = [
     "encode_labels",
     "one_hot_targets",
     "predict_labels",
+    "amplitude_mle",
+    "COVERAGE_LEVELS",
+    "coverage",
     "accuracy",
     "confusion_matrix",
     "nlpd",

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["accuracy", "confusion_matrix", "nlpd", "rmse"]
+__all__ = ["COVERAGE_LEVELS", "accuracy", "confusion_matrix", "coverage", "nlpd", "rmse"]
 
 
 def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
@@ -85,3 +85,34 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, classes: Any) -> list
         if t in idx:
             conf[idx[t], idx[p]] += 1
     return conf.tolist()
+
+
+#: Central-interval probabilities of :func:`coverage` (and of the reliability diagram).
+COVERAGE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def coverage(y_true: ArrayLike, mean: ArrayLike, var: ArrayLike,
+             levels: tuple[float, ...] = COVERAGE_LEVELS) -> list[float]:
+    """Observed fraction of entries inside each central interval of Gaussian predictions.
+
+    A calibrated prediction puts a fraction ``p`` of the truths inside its central ``p`` interval
+    ``mean +- z_p sqrt(var)``, ``z_p = Phi^{-1}((1 + p) / 2)``: observed against expected is the
+    reliability diagram.
+
+    Parameters
+    ----------
+    y_true, mean : array_like, shape (m,) or (m, k)
+    var : array_like, broadcastable to ``mean``
+        Predictive variance of the observations (latent plus noise).
+    levels : tuple of float
+        Probabilities in (0, 1).
+
+    Returns
+    -------
+    list of float, one per level
+    """
+    from scipy.special import ndtri
+
+    err = np.abs(np.asarray(mean, dtype=np.float64) - np.asarray(y_true, dtype=np.float64))
+    sd = np.broadcast_to(np.sqrt(np.asarray(var, dtype=np.float64)), err.shape)
+    return [float(np.mean(err <= ndtri(0.5 + 0.5 * p) * sd)) for p in levels]

@@ -37,7 +37,7 @@ _RETRYABLE = (OSError, CancelledError)
 _RETRIES = 3
 
 
-def _retrying(what: str, fn: Callable[[], Any]) -> Any:
+def retrying(what: str, fn: Callable[[], Any]) -> Any:
     for attempt in range(_RETRIES + 1):
         try:
             return fn()
@@ -111,7 +111,7 @@ def _prefer(worker: str | None) -> dict[str, Any]:
     return {"workers": [worker], "allow_other_workers": True} if worker else {}
 
 
-def _placement(client: Any, count: int) -> list[dict[str, Any]]:
+def placement(client: Any, count: int) -> list[dict[str, Any]]:
     """Submit options spreading ``count`` tasks round-robin over the worker threads.
 
     Left to itself the scheduler may run every task on the worker holding the scattered inputs
@@ -195,7 +195,7 @@ class StoredKernelOperator:
                 out_t[:, start:] += part
             return out_t
 
-        out_t = _retrying("kernel product", product)
+        out_t = retrying("kernel product", product)
         self.calls += 1
         self.seconds += time.perf_counter() - t0
         return out_t[0].copy() if squeeze else out_t.T.copy()
@@ -216,10 +216,10 @@ class StoredKernelOperator:
             ff = self.client.scatter(factor, hash=False) if factor is not None else None
             futures = [self.client.submit(_test_rows_task, self.store.url, self._options, self._token, i, tile, af, ff,
                                           pure=False, **where)
-                       for i, where in zip(range(grid.shape[0]), _placement(self.client, grid.shape[0]))]
+                       for i, where in zip(range(grid.shape[0]), placement(self.client, grid.shape[0]))]
             return self.client.gather(futures)
 
-        parts = _retrying("test kernel products", products)
+        parts = retrying("test kernel products", products)
         mean = np.empty((m, alpha.shape[1])) if alpha is not None else None
         sq = np.empty(m) if factor is not None else None
         proj = np.empty((m, factor.shape[1])) if factor is not None else None

@@ -53,6 +53,8 @@ from ..linalg import (
 )
 from ..monitor import tracked
 from ..store import KernelStore, diagonals_path, inputs_path, open_kernel, solve_path
+from .likelihood import amplitude_mle
+from .nystrom_store import stored_nystrom
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
 
@@ -95,6 +97,10 @@ class SolveResult:
     preconditioner : str
     key : str
         Names the solve in the store (``solves/<key>``).
+    info : dict
+        Diagnostics; ``info["amplitude"]`` is :func:`nngp_dask.gp.amplitude_mle` of the targets:
+        the factor by which to scale the predictive variance (latent and noise) for a kernel
+        amplitude fitted by marginal likelihood.
     resumed_from : int
         Iteration the solve resumed from (0 when it started afresh, -1 when loaded finished).
     """
@@ -165,11 +171,14 @@ def _column_fn(ks: KernelStore):
     return columns
 
 
-def _preconditioner(ks: KernelStore, name: str, noise: float, rank: int | None, progress: bool) -> Any:
-    """:func:`make_preconditioner` for the stored kernel, its column computations counted in a
-    progress bar and timed log lines (a rank-1024 Nystrom build takes tens of seconds)."""
+def _preconditioner(ks: KernelStore, name: str, noise: float, rank: int | None, client: Any, progress: bool) -> Any:
+    """The solve's preconditioner: Nystrom (also what ``"auto"`` picks) from the stored tiles on the
+    workers (:mod:`nngp_dask.gp.nystrom_store`); the others from kernel columns of the inputs, counted
+    in a progress bar and timed log lines."""
     n = ks.shape[0]
     rank = min(rank or AUTO_RANK, n)
+    if name in ("nystrom", "auto"):
+        return stored_nystrom(ks, client, rank, noise)
     columns = _column_fn(ks)
     if name in ("none", "jacobi"):
         return make_preconditioner(name, diag=ks.diagonal(), column_fn=columns, noise=max(noise, 1e-12), rank=rank,
@@ -239,9 +248,13 @@ class _Checkpoints:
                                     compressors=None)[...] = value
         self.group.attrs.update({**info, "status": "done"})
 
-    def save_factor(self, factor: NDArray) -> None:
-        self.group.create_array("lowrank_factor", shape=factor.shape, dtype="float64", overwrite=True,
-                                compressors=None)[...] = factor
+    def save_factor(self, pre: LowRank) -> None:
+        # float32 (the low-rank variance's precision needs no more), a block of columns at a time
+        # so no second float64 copy of a large factor is made
+        arr = self.group.create_array("lowrank_factor", shape=(pre.n, pre.rank), dtype="float32", overwrite=True,
+                                      chunks=(pre.n, 256), compressors=None)
+        for a in range(0, pre.rank, 256):
+            arr[:, a:a + 256] = pre.factor_block(a, min(a + 256, pre.rank)).astype(np.float32)
 
 
 def solve(
@@ -314,7 +327,8 @@ def solve(
 
     def finish(alpha, iterations, residuals, converged, resumed, matmat_s=0.0, info=None):
         a = alpha[:, 0] if squeeze else alpha
-        info = info or {}
+        # the kernel amplitude's marginal-likelihood optimum: free given alpha (gp/likelihood.py)
+        info = {**(info or {}), "amplitude": amplitude_mle(y2, alpha)}
         used = info.get("preconditioner_used") or pre_name  # "auto" resolved to what ran
         return SolveResult(a, iterations, residuals, converged, noise, tol, method, used, key, resumed,
                            time.perf_counter() - t0, matmat_s, info)
@@ -325,7 +339,8 @@ def solve(
         return finish(cast(zarr.Array, ck.group["alpha"])[...], attrs["iterations"],
                       cast(zarr.Array, ck.group["residuals"])[...],
                       bool(attrs["converged"]), -1,
-                      info={k: attrs.get(k) for k in ("preconditioner_rank", "preconditioner_used")})
+                      info={k: attrs.get(k) for k in ("preconditioner_rank", "preconditioner_used",
+                                                      "preconditioner_landmarks")})
 
     if method == "cholesky":
         k = ks.to_dask().compute().astype(np.float64)
@@ -338,10 +353,10 @@ def solve(
     with client_for(client) as c:
         op = StoredKernelOperator(ks, noise, c)
         t_pre = time.perf_counter()
-        pre = _preconditioner(ks, pre_name, noise, rank, progress)
+        pre = _preconditioner(ks, pre_name, max(noise, 1e-12), rank, c, progress)
         pre_s = time.perf_counter() - t_pre
         if isinstance(pre, LowRank):
-            ck.save_factor(pre.lowrank_factor)
+            ck.save_factor(pre)
         state = ck.load()
         resumed = int(state.iteration) if state is not None else 0
         if resumed:
@@ -367,6 +382,8 @@ def solve(
         ck.save(result.state)
         info = {"iterations": result.iterations, "converged": result.converged, "preconditioner_used": pre.name,
                 "preconditioner_rank": pre.rank, "preconditioner_s": pre_s}
+        if "landmarks" in getattr(pre, "info", {}):  # the rank asked for: W's numerical rank may be lower
+            info["preconditioner_landmarks"] = len(pre.info["landmarks"])
         ck.save_solution(result.x, result.residuals, info)
         log.info("%s", result.summary())
         return finish(result.x, result.iterations, result.residuals, result.converged, resumed, op.seconds, info)
@@ -484,7 +501,7 @@ def predict(
             raise ValueError("variance: 'lowrank' needs a CG solve with a low-rank preconditioner "
                              "(preconditioner='pivoted_cholesky' or 'nystrom'); use variance='dense' or 'exact'")
         # columns of U diag(s) come in descending s: the leading ones carry the top spectrum
-        factor = np.asarray(stored[:, :variance_rank])
+        factor = np.asarray(stored[:, :variance_rank], dtype=np.float64)
     with client_for(client) as c, tracked("predict: test points", m, progress=progress, unit="pt") as beat:
         op = StoredKernelOperator(ks, result.noise, c)
         beat(0, "posterior means: one pass over K(X*, X)")
@@ -506,7 +523,9 @@ def predict(
             block_variance = lambda p, kstar: variance_from_cholesky(p, kstar, lower)  # noqa: E731
         else:
             beat(0, "exact variances: the solve's preconditioner")
-            pre = _preconditioner(ks, result.preconditioner, noise, result.info.get("preconditioner_rank"), progress)
+            pre = _preconditioner(ks, result.preconditioner, max(noise, 1e-12),
+                                  result.info.get("preconditioner_landmarks") or result.info.get("preconditioner_rank")
+                                  or None, c, progress)
             block_variance = lambda p, kstar: variance_from_solve(  # noqa: E731
                 p, kstar, batched_cg(op.matmat, kstar, tol=result.tol, preconditioner=pre).x)
         var = np.empty(m)

@@ -5,6 +5,7 @@ and the compiled products of one tile with thin blocks."""
 from .cg import ConvergenceWarning, batched_cg, check_rhs, default_maxiter
 from .cg_state import CGResult, CGState
 from .dense import cholesky_factor, dense_solve, positive_definite_advice
+from .nystrom import FLOAT64_RATIO, SplitLowRank, nystrom_transform
 from .preconditioners import (
                               AUTO_RANK,
                               PRECONDITIONERS,
@@ -15,12 +16,18 @@ from .preconditioners import (
                               PivotedCholesky,
                               Preconditioner,
                               make_preconditioner,
+                              nystrom_landmarks,
 )
-from .products import tile_matmat_t
+from .products import factor_products, tile_matmat_t
 from .slq import LogdetEstimate, log_marginal_likelihood, logdet_dense, slq_logdet
 
 __all__ = [
+    "factor_products",
     "tile_matmat_t",
+    "FLOAT64_RATIO",
+    "SplitLowRank",
+    "nystrom_transform",
+    "nystrom_landmarks",
     "CGResult",
     "CGState",
     "ConvergenceWarning",

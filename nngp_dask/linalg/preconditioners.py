@@ -52,6 +52,7 @@ __all__ = [
     "PivotedCholesky",
     "Nystrom",
     "make_preconditioner",
+    "nystrom_landmarks",
 ]
 
 ColumnFn = Callable[[NDArray[np.intp]], ArrayLike]
@@ -253,6 +254,10 @@ class LowRank(Preconditioner):
         (a fresh array)."""
         return self._f.copy()
 
+    def factor_block(self, start: int, stop: int) -> NDArray[np.float64]:
+        """Columns ``start:stop`` of :attr:`lowrank_factor` (float64; only those are copied)."""
+        return np.array(self._f[:, start:stop], dtype=np.float64)
+
     @property
     def singular_values(self) -> NDArray[np.float64]:
         """``s`` (rank,), descending; ``s^2`` are the eigenvalues of ``L L^T``."""
@@ -393,8 +398,7 @@ class Nystrom(LowRank):
         n = int(n)
         rank = _check_rank(rank, n)
         noise = _check_noise(noise, positive=True)
-        rng = np.random.default_rng(seed)
-        landmarks = np.sort(rng.choice(n, size=rank, replace=False)).astype(np.intp)
+        landmarks = nystrom_landmarks(n, rank, seed)
         if rank == 0:
             return cls(np.zeros((n, 0)), noise, name="nystrom", info={"landmarks": landmarks, "kept": 0})
         c = np.empty((n, rank))
@@ -421,6 +425,11 @@ class Nystrom(LowRank):
         f = lf @ w2[:, ::-1]
         s = np.sqrt(np.clip(sig2[::-1], 0.0, None))
         return cls._from_ordered_factor(f, s, noise, name="nystrom", info=info)
+
+
+def nystrom_landmarks(n: int, rank: int, seed: int | None = 0) -> NDArray[np.intp]:
+    """The ``rank`` Nystrom landmarks of an ``n``-point kernel: sorted, drawn without replacement."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=rank, replace=False)).astype(np.intp)
 
 
 def make_preconditioner(

@@ -85,6 +85,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "method": Field(str, "auto", "auto (Cholesky up to 5000 points, CG above), cg or cholesky",
                         choices=("auto", "cg", "cholesky")),
         "checkpoint_every": Field(int, 5, "CG iterations between checkpoints", minimum=1),
+        "fit_amplitude": Field(bool, True, "scale the predictive variance by the kernel amplitude that maximises the "
+                               "marginal likelihood on all training data (closed form from the solve; it supersedes "
+                               "solver.amplitude; false: solver.amplitude as given)"),
         "allow_unconverged": Field(bool, False, "finish with exit code 0 when CG stops before tol (default: the run "
                                    "completes, then the CLI exits 3)"),
     },

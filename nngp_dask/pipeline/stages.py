@@ -33,9 +33,11 @@ from .._version import __version__
 from ..build import build_kernel
 from ..cluster import LazyClient
 from ..gp import (
+    COVERAGE_LEVELS,
     SolveResult,
     accuracy,
     confusion_matrix,
+    coverage,
     encode_labels,
     nlpd,
     predict,
@@ -102,23 +104,42 @@ def _targets(ds: Dataset, task: str) -> Targets:
     return Targets((y - mean) / scale, None, mean, scale)
 
 
+def _uncertainty(truth: np.ndarray, mu: np.ndarray, var: np.ndarray, noise: float, unit: float,
+                 amplitude: float | None) -> dict[str, Any]:
+    """NLPD and interval coverage of the predictive distribution ``N(mu, s (var + noise) unit)``,
+    ``s`` the fitted amplitude (1 with ``amplitude`` None), and as built (``s = 1``) beside it."""
+    v = (var + noise) * unit
+    v = v[:, None] if mu.ndim == 2 else v
+    s = 1.0 if amplitude is None else float(amplitude)
+    out = {"nlpd": nlpd(truth, mu, s * v), "coverage": {"levels": list(COVERAGE_LEVELS),
+                                                       "observed": coverage(truth, mu, s * v)}}
+    if amplitude is not None:
+        out |= {"amplitude": s, "nlpd_unfitted": nlpd(truth, mu, v), "coverage_unfitted": coverage(truth, mu, v)}
+    return out
+
+
 def evaluate(task: str, y_test: np.ndarray, mean: np.ndarray, var: np.ndarray | None, noise: float,
-             targets: Targets, amplitude: float = 1.0) -> dict[str, Any]:
-    """Metrics of a prediction: accuracy and confusion (classification); RMSE, standardised RMSE
-    and NLPD, the mean negative log predictive density (regression, in the targets' original units,
-    with the predictive variance ``amplitude (var + noise)``)."""
+             targets: Targets, amplitude: float | None = None) -> dict[str, Any]:
+    """Metrics of a prediction: accuracy and confusion (classification); RMSE and standardised RMSE
+    (regression, in the targets' original units). With ``var``, also the mean negative log
+    predictive density (NLPD) and the observed coverage of central intervals (classification: of
+    the regressed one-hot targets, entry by entry), with the variance scaled by ``amplitude``
+    (:func:`nngp_dask.gp.amplitude_mle`; None: unscaled) and, for comparison, unscaled."""
     if task == "classification":
         assert targets.classes is not None  # classification targets carry their classes
         pred = predict_labels(mean, targets.classes)
         truth = np.asarray(y_test).astype(np.int64).ravel()
-        return {"accuracy": accuracy(truth, pred), "errors": int(np.sum(pred != truth)),
-                "confusion": confusion_matrix(truth, pred, targets.classes), "classes": targets.classes.tolist()}
+        out = {"accuracy": accuracy(truth, pred), "errors": int(np.sum(pred != truth)),
+               "confusion": confusion_matrix(truth, pred, targets.classes), "classes": targets.classes.tolist()}
+        if var is not None:
+            out |= _uncertainty(encode_labels(truth, targets.classes)[1], mean, var, noise, 1.0, amplitude)
+        return out
     y = np.asarray(y_test, dtype=np.float64).ravel()
     mu = mean.ravel() * targets.scale + targets.mean
     err = rmse(y, mu)
     out = {"rmse": err, "srmse": err / float(np.std(y) or 1.0)}
     if var is not None:
-        out["nlpd"] = nlpd(y, mu, amplitude * (var + noise) * targets.scale ** 2)
+        out |= _uncertainty(y, mu, var, noise, targets.scale ** 2, amplitude)
     return out
 
 
@@ -245,8 +266,13 @@ class Pipeline:
             metrics = None
             if stop >= STAGES.index("evaluate") and pred is not None:
                 with self._stage("evaluate") as rec:
+                    assert result is not None  # predictions come from a solve
+                    # the full data's marginal-likelihood optimum supersedes a given (or [fit]) amplitude
+                    given = cfg["solver"]["amplitude"]
+                    amplitude = (result.info.get("amplitude") if cfg["solver"]["fit_amplitude"]
+                                 else None if given == 1.0 else given)
                     metrics = evaluate(cfg["run"]["task"], ds.y_test, pred["mean"], pred.get("var"),
-                                       cfg["solver"]["noise"], targets, cfg["solver"]["amplitude"])
+                                       cfg["solver"]["noise"], targets, amplitude)
                     rec.did_work = True
             report = self._report(ks, result, pred, metrics, ds, targets, peak.sample(), started,
                                   write=stop >= STAGES.index("report"))
@@ -352,8 +378,8 @@ class Pipeline:
                                         self.cfg["report"], bool(self.plots))
                 figures = self._previous_figures(rec.fingerprint)
                 if figures is None:
-                    figures = self._figures(ks, result, pred, ds, targets) if self.plots and metrics is not None \
-                        else []
+                    figures = self._figures(ks, result, pred, ds, targets, metrics) \
+                        if self.plots and metrics is not None else []
                     rec.did_work = True
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))
         report = {
@@ -413,7 +439,7 @@ class Pipeline:
         return figures if all((self.out / f).is_file() for f in figures) else None
 
     def _figures(self, ks: KernelStore, result: SolveResult | None, pred: dict | None, ds: Dataset,
-                 targets: Targets) -> list[str]:
+                 targets: Targets, metrics: dict) -> list[str]:
         from .. import plots  # imports matplotlib only when a figure is drawn
         from ..kernels import kernel as kernel_fn
 
@@ -445,10 +471,15 @@ class Pipeline:
                     out.append(plots.predicted_vs_true(np.asarray(ds.y_test).ravel(), mu,
                                                        self.out / "predicted_vs_true.png"))
                     err = np.abs(mu - np.asarray(ds.y_test).ravel())
-                    std = (np.sqrt(self.cfg["solver"]["amplitude"] * (pred["var"] + result.noise)) * targets.scale
-                           if "var" in pred else None)
+                    std = np.sqrt(pred["var"] + result.noise) * targets.scale if "var" in pred else None
                 if std is not None:
+                    std = std * np.sqrt(metrics.get("amplitude", 1.0))
                     out.append(plots.calibration(err, std, self.out / "calibration.png"))
+                    cov = metrics["coverage"]
+                    curves = {"amplitude fitted" if "amplitude" in metrics else "kernel as built": cov["observed"]}
+                    if "coverage_unfitted" in metrics:
+                        curves["kernel as built"] = metrics["coverage_unfitted"]
+                    out.append(plots.reliability(cov["levels"], curves, self.out / "reliability.png"))
         except ImportError as exc:
             log.warning("no figures: %s", exc)
         return [p.name for p in out]

@@ -11,67 +11,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .base import MATPLOTLIB_HINT, figure, save_figure
+from .uncertainty import calibration, reliability
+
 if TYPE_CHECKING:  # pragma: no cover - annotations only: plots draws, it computes nothing
-    from .validation import JointSamples, ValidationResult
+    from ..validation import JointSamples, ValidationResult
 
 __all__ = ["MATPLOTLIB_HINT", "figure", "save_figure", "joint_distribution", "error_vs_width", "cg_residuals",
-           "kernel_heatmap", "predicted_vs_true", "confusion_matrix", "calibration"]
-
-MATPLOTLIB_HINT = "matplotlib is required for figures: pip install 'nngp-dask[plots]'"
-DPI = 100
-
-
-def figure(figsize: tuple[float, float], **kwargs: Any):
-    """A new Figure on the Agg canvas, with no pyplot state (matplotlib imported here, lazily).
-
-    Parameters
-    ----------
-    figsize : (float, float)
-        Inches; the PNG is ``figsize * DPI`` pixels.
-    **kwargs
-        Passed to :class:`matplotlib.figure.Figure` (e.g. ``layout="constrained"``).
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-
-    Raises
-    ------
-    ImportError
-        With the install hint, when matplotlib is missing.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - exercised by monkeypatching in tests
-        raise ImportError(MATPLOTLIB_HINT) from exc
-    fig = Figure(figsize=figsize, dpi=DPI, **kwargs)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG of exactly ``figsize * DPI`` pixels, creating the folder.
-
-    Parameters
-    ----------
-    fig : matplotlib.figure.Figure
-    path : str or Path
-
-    Returns
-    -------
-    Path
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)  # no bbox_inches: the pixel size stays figsize * dpi
-    return path
-
+           "kernel_heatmap", "predicted_vs_true", "confusion_matrix", "calibration", "reliability"]
 
 def _ellipse(cov: np.ndarray, radius: float, points: int = 200) -> np.ndarray:
     """Points of ``{z : z^T cov^{-1} z = radius^2}``, shape (2, points)."""
@@ -174,8 +126,7 @@ def error_vs_width(result: ValidationResult, path: str | Path = "error_vs_width.
     if positive.size:
         ax.set_ylim(positive.min() / 3, positive.max() * 3)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("width")
-    ax.set_ylabel("relative Frobenius error")
+    ax.set(xlabel="width", ylabel="relative Frobenius error")
     ax.set_title(f"{result.networks[-1]} networks per width ({result.estimator} estimator)", fontsize=10)
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(True, which="major", alpha=0.3)
@@ -190,8 +141,7 @@ def error_vs_width(result: ValidationResult, path: str | Path = "error_vs_width.
                    label="slope $-1/2$")
         ax2.legend(fontsize=7, loc="lower left")
     ax2.set_xscale("log", base=2)
-    ax2.set_xlabel("networks")
-    ax2.set_ylabel("relative Frobenius error")
+    ax2.set(xlabel="networks", ylabel="relative Frobenius error")
     ax2.set_title(f"width {result.widths[-1]}", fontsize=10)
     ax2.grid(True, which="major", alpha=0.3)
     arch = result.architecture
@@ -239,8 +189,7 @@ def cg_residuals(residuals: ArrayLike, path: str | Path = "cg_residuals.png") ->
             ax.semilogy(it, np.nanmax(rel, axis=1), color="C3", linewidth=1.5, label="worst column")
             ax.semilogy(it, np.nanmedian(rel, axis=1), color="k", linewidth=1.5, label="median column")
         ax.legend(fontsize=7)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("relative residual $\\|r_i\\| / \\|r_0\\|$")
+    ax.set(xlabel="iteration", ylabel="relative residual $\\|r_i\\| / \\|r_0\\|$")
     final = np.nanmax(rel[-1]) if np.isfinite(rel[-1]).any() else 0.0
     ax.set_title(f"conjugate gradients: {k} right-hand side{'s' if k != 1 else ''}, "
                  f"{r.shape[0] - 1} iterations, final {final:.1e}", fontsize=10)
@@ -380,8 +329,7 @@ def predicted_vs_true(y_true: ArrayLike, y_pred: ArrayLike, path: str | Path = "
     rmse = float(np.sqrt(np.nanmean((yp - yt) ** 2)))
     ss_tot = float(np.nansum((yt - np.nanmean(yt, axis=0)) ** 2))
     r2 = 1.0 - float(np.nansum((yp - yt) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
-    ax.set_xlabel("true")
-    ax.set_ylabel("predicted")
+    ax.set(xlabel="true", ylabel="predicted")
     ax.set_title(f"{yt.shape[0]} points: RMSE {rmse:.3g}, $R^2$ {r2:.3f}", fontsize=10)
     ax.grid(True, alpha=0.3)
     return save_figure(fig, path)
@@ -428,73 +376,6 @@ def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int,
         ax.set_xticks(range(n_classes))
         ax.set_yticks(range(n_classes))
     acc = float(np.trace(counts)) / max(int(counts.sum()), 1)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax.set(xlabel="predicted class", ylabel="true class")
     ax.set_title(f"{yt.size} points: accuracy {100 * acc:.2f} %", fontsize=10)
-    return save_figure(fig, path)
-
-
-def calibration(abs_error: ArrayLike, predictive_std: ArrayLike, path: str | Path = "calibration.png",
-                *, bins: int = 12) -> Path:
-    """Predictive standard deviation against absolute error.
-
-    Points (a random subsample of at most 5000), the mean absolute error in quantile bins of
-    the predictive std, the line ``sqrt(2/pi) s`` (the mean of ``|N(0, s^2)|``: where a
-    calibrated Gaussian's bins fall) and ``y = x``. Log axes when the values span more than
-    two decades.
-
-    Parameters
-    ----------
-    abs_error, predictive_std : array_like, same size (flattened)
-    bins : int
-
-    Returns
-    -------
-    Path
-    """
-    e = np.abs(np.asarray(abs_error, dtype=np.float64)).ravel()
-    s = np.asarray(predictive_std, dtype=np.float64).ravel()
-    if e.shape != s.shape:
-        raise ValueError(f"predictive_std: expected {e.size} values like abs_error, got {s.size}")
-    keep = np.isfinite(e) & np.isfinite(s) & (s >= 0)
-    e, s = e[keep], s[keep]
-    if e.size == 0:
-        raise ValueError("abs_error: expected at least one finite value")
-    fig = figure((5.6, 5.0), layout="constrained")
-    ax = fig.subplots()
-    # each axis on a log scale only when its own values span more than two decades: a narrow
-    # range of stds (0.13-0.28) on a log axis got one overlapping label per minor tick
-    xlog, ylog = (v.size > 0 and v.max() / v.min() > 100.0 for v in (s[s > 0], e[e > 0]))
-    shown = np.random.default_rng(0).permutation(e.size)[:5000]
-    ax.scatter(s[shown], e[shown], s=5, alpha=max(0.05, min(0.5, 300.0 / shown.size)), color="C0", linewidths=0,
-               label="points")
-    nb = int(max(1, min(bins, e.size // 5 if e.size >= 5 else 1)))
-    edges = np.unique(np.quantile(s, np.linspace(0.0, 1.0, nb + 1)))
-    if edges.size >= 2:
-        which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, edges.size - 2)
-        ms = np.array([s[which == b].mean() for b in range(edges.size - 1) if np.any(which == b)])
-        me = np.array([e[which == b].mean() for b in range(edges.size - 1) if np.any(which == b)])
-        ax.plot(ms, me, "o-", color="C3", label="binned mean |error|")
-    else:  # every std equal
-        ax.plot([s.mean()], [e.mean()], "o", color="C3", label="mean |error|")
-    s_pos = s[s > 0]
-    lo = float(s_pos.min()) if s_pos.size else 1e-3
-    hi = float(s_pos.max()) if s_pos.size else 1.0
-    grid = np.geomspace(lo, hi, 100) if xlog else np.linspace(0.0 if not ylog else lo, hi, 100)
-    ax.plot(grid, math.sqrt(2.0 / math.pi) * grid, color="k", linewidth=1.0,
-            label="calibrated: $\\sqrt{2/\\pi}\\,s$")
-    ax.plot(grid, grid, color="0.5", linewidth=0.8, linestyle="--", label="y = x")
-    from matplotlib.ticker import LogLocator, NullFormatter
-
-    for log_axis, axis, scale in ((xlog, ax.xaxis, ax.set_xscale), (ylog, ax.yaxis, ax.set_yscale)):
-        if log_axis:
-            scale("log")
-            axis.set_major_locator(LogLocator(base=10.0))
-            axis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("predictive std $s$")
-    ax.set_ylabel("absolute error")
-    ratio = e.mean() / (math.sqrt(2.0 / math.pi) * s.mean()) if s.mean() > 0 else float("nan")
-    ax.set_title(f"{e.size} predictions: mean |error| {ratio:.2f}x a calibrated Gaussian's", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(True, alpha=0.3)
     return save_figure(fig, path)
