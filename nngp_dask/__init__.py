@@ -2,7 +2,7 @@
 
 from ._version import __version__
 from .build import BuildError, build_kernel
-from .gp import SolveResult, predict, solve
+from .gp import KernelLinearOperator, SolveResult, aslinearoperator, predict, solve
 from .kernels import (ACTIVATIONS, Activation, Architecture, Elementwise, Erf, InputError, KernelOverflowError, Step,
                       TwoSlope, diagonals, get_activation, kernel, normalize, tile)
 from .linalg import CGResult, ConvergenceWarning, batched_cg
@@ -22,6 +22,7 @@ __all__ = [
     "Erf",
     "IncompleteKernelError",
     "InputError",
+    "KernelLinearOperator",
     "KernelOverflowError",
     "KernelStore",
     "NotAKernelStoreError",
@@ -31,6 +32,7 @@ __all__ = [
     "StoreMismatchError",
     "TwoSlope",
     "batched_cg",
+    "aslinearoperator",
     "build_kernel",
     "diagonals",
     "get_activation",

@@ -45,6 +45,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("nngp_dask.estimators needs scikit-learn: pip install 'nngp-dask[sklearn]'") from exc
 
+from . import defaults
 from .gp import TARGETS, one_hot_targets, posterior_mean, predict_labels, variance_from_cholesky, variance_from_solve
 from .kernels import (NORMALIZATIONS, Architecture, check_dtype, check_kind, diagonals, kernel,
                       normalize as normalize_rows, tile as tile_fn)
@@ -103,8 +104,8 @@ class NNGPKernel(Kernel):
     kind : {"nngp", "ntk"}
     """
 
-    def __init__(self, depth: int = 3, activation: str = "relu", weight_var: float = 1.6, bias_var: float = 0.1,
-                 kind: str = "nngp") -> None:
+    def __init__(self, depth: int = defaults.DEPTH, activation: str | dict = defaults.ACTIVATION,
+                 weight_var: float = defaults.WEIGHT_VAR, bias_var: float = defaults.BIAS_VAR, kind: str = "nngp") -> None:
         self.depth = depth
         self.activation = activation
         self.weight_var = weight_var
@@ -138,17 +139,17 @@ class _NNGPBase(BaseEstimator):
 
     def __init__(
         self,
-        depth: int = 3,
-        activation: str = "relu",
-        weight_var: float = 1.6,
-        bias_var: float = 0.1,
-        noise: float = 1e-2,
+        depth: int = defaults.DEPTH,
+        activation: str | dict = defaults.ACTIVATION,
+        weight_var: float = defaults.WEIGHT_VAR,
+        bias_var: float = defaults.BIAS_VAR,
+        noise: float = defaults.NOISE,
         kind: str = "nngp",
         normalize: str = "none",
         out_of_core: bool | str = "auto",
         store: str | None = None,
         tile: int | None = None,
-        dtype: str = "float64",
+        dtype: str = defaults.IN_MEMORY_DTYPE,
         max_in_memory: int = 5000,
     ) -> None:
         self.depth = depth
@@ -308,8 +309,9 @@ class NNGPRegressor(RegressorMixin, _NNGPBase):
     ----------
     depth : int, default 3
         Hidden layers ``L``.
-    activation : str, default "relu"
-        Any name of :data:`nngp_dask.ACTIVATIONS`.
+    activation : str or dict, default "relu"
+        Any name of :data:`nngp_dask.ACTIVATIONS`, or a dict with the name and that activation's
+        parameters, e.g. ``{"name": "leaky_relu", "slope": 0.2}`` (as :class:`nngp_dask.Architecture`).
     weight_var, bias_var : float, default 1.6, 0.1
         ``sigma_w^2`` and ``sigma_b^2`` (DESIGN.md section 2).
     noise : float, default 1e-2
@@ -326,7 +328,10 @@ class NNGPRegressor(RegressorMixin, _NNGPBase):
     tile : int, optional
         Tile edge of the out-of-core path (default :data:`nngp_dask.tiling.DEFAULT_TILE`).
     dtype : {"float64", "float32"}, default "float64"
-        Kernel precision (the factorisation is always float64).
+        Kernel precision (the factorisation is always float64). float64, where a stored kernel
+        (``build_kernel``, pipelines) defaults to float32: a fit in memory is small enough for
+        float64 to cost little, and scikit-learn's checks expect float64 results
+        (:mod:`nngp_dask.defaults`).
     max_in_memory : int, default 5000
         Largest training set fitted in memory by ``out_of_core="auto"``.
 
@@ -438,17 +443,17 @@ class NNGPClassifier(ClassifierMixin, _NNGPBase):
 
     def __init__(
         self,
-        depth: int = 3,
-        activation: str = "relu",
-        weight_var: float = 1.6,
-        bias_var: float = 0.1,
-        noise: float = 1e-2,
+        depth: int = defaults.DEPTH,
+        activation: str | dict = defaults.ACTIVATION,
+        weight_var: float = defaults.WEIGHT_VAR,
+        bias_var: float = defaults.BIAS_VAR,
+        noise: float = defaults.NOISE,
         kind: str = "nngp",
         normalize: str = "none",
         out_of_core: bool | str = "auto",
         store: str | None = None,
         tile: int | None = None,
-        dtype: str = "float64",
+        dtype: str = defaults.IN_MEMORY_DTYPE,
         max_in_memory: int = 5000,
         targets: str = "centered",
     ) -> None:

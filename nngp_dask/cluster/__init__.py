@@ -1,13 +1,19 @@
-"""The Dask runtime: the embedded cluster, cluster files (SLURM, Kubernetes, a scheduler address) and
-the client every distributed step asks for (:func:`client_for`)."""
+"""The Dask runtime: the embedded cluster, cluster files (SLURM, Kubernetes, a scheduler address),
+what is taken from Dask's configuration (``scheduler-address``, the dashboard address) and the
+client every distributed step asks for (:func:`client_for`)."""
 
 from typing import Any
 
+from .daskconfig import DASHBOARD_ADDRESS_KEY, configured_scheduler, dashboard_address, dashboard_link
 from .runtime import (CLUSTER_SCHEMA, ClusterConfigError, LazyClient, client_for, embedded_client, is_cluster_file,
                       jobqueue_kwargs, kubernetes_kwargs, load_cluster_file, local_cluster, local_cluster_kwargs)
 from .workerenv import MALLOC_ENV, WORKER_ENV
 
 __all__ = [
+    "DASHBOARD_ADDRESS_KEY",
+    "configured_scheduler",
+    "dashboard_address",
+    "dashboard_link",
     "MALLOC_ENV",
     "WORKER_ENV",
     "EmbeddedCluster",

@@ -28,6 +28,7 @@ from typing import Any
 
 from ..fields import ConfigError, Field, expand_env
 from ..store import is_remote
+from .daskconfig import announce, configured_scheduler, dashboard_link
 from .workerenv import MALLOC_ENV, WORKER_ENV
 
 __all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "LazyClient", "client_for", "embedded_client", "load_cluster_file",
@@ -332,8 +333,8 @@ def _client_from_spec(spec: Mapping[str, Any]) -> Iterator[Any]:
         kw = local_cluster_kwargs(spec["n_workers"] or None, spec["threads_per_worker"], spec["memory_limit"] or None,
                                   spec["secure"])
         with local_cluster(**kw) as cluster, embedded_client(cluster) as c:
-            log.info("embedded cluster from %s: %d workers; dashboard %s", spec["_file"], len(cluster.workers),
-                     c.dashboard_link)
+            announce("embedded cluster from %s: %d workers; dashboard %s", spec["_file"], len(cluster.workers),
+                     dashboard_link(c))
             _wait(c, spec)
             yield c
         return
@@ -362,9 +363,11 @@ def _client_from_spec(spec: Mapping[str, Any]) -> Iterator[Any]:
         with cls(**jobqueue_kwargs(spec)) as cluster:
             cluster.scale(jobs=spec["jobs"])
             with Client(cluster) as c:
+                # the link at the address the dashboard is bound to (loopback by default), not
+                # dask-jobqueue's, which pairs the workers' interface with the dashboard's port
                 log.info("%s cluster from %s: %d job(s) of %d cores submitted; scheduler %s; dashboard %s",
                          kind.upper(), spec["_file"], spec["jobs"], spec["cores"], cluster.scheduler_address,
-                         c.dashboard_link)
+                         dashboard_link(c))
                 _wait(c, spec)
                 yield c
         return
@@ -397,7 +400,7 @@ class LazyClient:
         """The client, starting or connecting to its cluster the first time."""
         if self._open is None:
             self._open = self._stack.enter_context(client_for(self._client, **self._local))
-            log.info("Dask dashboard: %s", self._open.dashboard_link)
+            log.info("Dask dashboard: %s", dashboard_link(self._open))
         return self._open
 
     def __enter__(self) -> "LazyClient":
@@ -411,8 +414,11 @@ class LazyClient:
 @contextmanager
 def client_for(client: Any = None, **local: object) -> Iterator[Any]:
     """Yield a client: the one given, one for a cluster file (``*.toml``, see
-    :func:`load_cluster_file`), one connected to an address, the current default client, or a
-    new embedded cluster (closed on exit; ``local`` are :func:`local_cluster_kwargs`)."""
+    :func:`load_cluster_file`), one connected to an address, or, for ``client=None``, the current
+    default client, else one connected to Dask's ``scheduler-address`` (``DASK_SCHEDULER_ADDRESS``),
+    else a new embedded cluster (closed on exit; ``local`` are :func:`local_cluster_kwargs`).
+    ``"local"`` always starts the embedded cluster. Which one is logged (and printed on stderr
+    when no logging is configured, with the dashboard link)."""
     from distributed import Client
 
     if isinstance(client, Client):
@@ -439,7 +445,16 @@ def client_for(client: Any = None, **local: object) -> Iterator[Any]:
     if current is not None and client is None:
         yield current
         return
+    address = configured_scheduler() if client is None else None
+    if address:
+        # as distributed.Client() does; TLS certificates, if any, from Dask's configuration too
+        with Client(address) as c:
+            announce("connected to the scheduler at %s (Dask's scheduler-address setting, e.g. DASK_SCHEDULER_ADDRESS; "
+                     "no embedded cluster started), %d worker(s); dashboard %s", address, len(c.nthreads()),
+                     dashboard_link(c))
+            yield c
+        return
     with local_cluster(**local_cluster_kwargs(**local)) as cluster, embedded_client(cluster) as c:  # type: ignore[arg-type]
-        log.info("embedded cluster: %d workers%s; dashboard %s", len(cluster.workers),
-                 ", mutual TLS" if cluster.security.require_encryption else "", c.dashboard_link)
+        announce("started an embedded cluster: %d worker(s)%s; dashboard %s", len(cluster.workers),
+                 ", mutual TLS" if cluster.security.require_encryption else "", dashboard_link(c))
         yield c

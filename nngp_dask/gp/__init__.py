@@ -2,7 +2,7 @@
 posterior mean and variance, targets and metrics."""
 
 from .metrics import accuracy, confusion_matrix, nlpd, rmse
-from .operator import StoredKernelOperator
+from .operator import KernelLinearOperator, StoredKernelOperator, aslinearoperator
 from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve, variance_lowrank
 from .regression import DIRECT_MAX_N, EXACT_VARIANCE_MAX, SolveResult, predict, solve
 from .targets import TARGETS, class_index, encode_labels, one_hot_targets, predict_labels
@@ -22,7 +22,9 @@ __all__ = [
     "variance_from_eigh",
     "variance_from_solve",
     "variance_lowrank",
+    "KernelLinearOperator",
     "StoredKernelOperator",
+    "aslinearoperator",
     "DIRECT_MAX_N",
     "EXACT_VARIANCE_MAX",
     "SolveResult",

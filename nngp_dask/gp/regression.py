@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .. import defaults
 from ..cluster import client_for
 from ..kernels import tile as tile_fn
 from ..linalg import (AUTO_RANK, PRECONDITIONERS, CGState, ConvergenceWarning, LowRank, batched_cg, cholesky_factor,
                       default_maxiter, dense_solve, make_preconditioner)
 from ..monitor import Heartbeat
-from ..store import KernelStore, diagonals_path, inputs_path, open_kernel, solve_path
+from ..store import KernelStore, diagonals_path, dimension_names, inputs_path, open_kernel, solve_path
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
 
@@ -144,7 +145,8 @@ class _Checkpoints:
     """Two alternating slots under ``solves/<key>``; ``attrs['slot']`` points at the last complete one."""
 
     def __init__(self, ks: KernelStore, key: str, meta: dict) -> None:
-        self.group = ks.group.require_group(solve_path(key))
+        self.path = solve_path(key)
+        self.group = ks.group.require_group(self.path)
         if not self.group.attrs.get("created"):
             self.group.attrs.update({**meta, "created": time.time(), "status": "running"})
 
@@ -164,18 +166,20 @@ class _Checkpoints:
         g = self.group.require_group(f"slot{slot}")
         for name, value in state.to_arrays().items():
             value = np.asarray(value)
-            g.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True, compressors=None)[...] = value
+            g.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True, compressors=None,
+                           dimension_names=dimension_names(f"{self.path}/slot{slot}/{name}"))[...] = value
         self.group.attrs.update({"slot": slot, "iteration": int(state.iteration)})
 
     def save_solution(self, alpha: NDArray, residuals: NDArray, info: dict) -> None:
         for name, value in (("alpha", alpha), ("residuals", residuals)):
-            self.group.create_array(name, shape=value.shape, dtype="float64", overwrite=True,
-                                    compressors=None)[...] = value
+            self.group.create_array(name, shape=value.shape, dtype="float64", overwrite=True, compressors=None,
+                                    dimension_names=dimension_names(f"{self.path}/{name}"))[...] = value
         self.group.attrs.update({**info, "status": "done"})
 
     def save_factor(self, factor: NDArray) -> None:
         self.group.create_array("lowrank_factor", shape=factor.shape, dtype="float64", overwrite=True,
-                                compressors=None)[...] = factor
+                                compressors=None,
+                                dimension_names=dimension_names(f"{self.path}/lowrank_factor"))[...] = factor
 
 
 def solve(
@@ -183,7 +187,7 @@ def solve(
     y: ArrayLike,
     *,
     noise: float,
-    tol: float = 1e-5,
+    tol: float = defaults.TOL,
     maxiter: int | None = None,
     preconditioner: str = "auto",
     rank: int | None = None,
@@ -202,8 +206,10 @@ def solve(
         Targets; all columns are solved together (one pass over the tiles per iteration).
     noise : float
         Observation noise variance (>= 0) added to the diagonal.
-    tol : float
-        Relative residual ``||r_j|| <= tol ||y_j||`` per column (CG).
+    tol : float, default 1e-5
+        Relative residual ``||r_j|| <= tol ||y_j||`` per column (CG); the default of pipelines
+        and sweeps too (:data:`nngp_dask.defaults.TOL`). A solve is keyed by its tol: another
+        value solves again, and finds its own checkpoints.
     maxiter : int, optional
         Default :func:`nngp_dask.linalg.cg.default_maxiter`.
     preconditioner : {"auto", "none", "jacobi", "pivoted_cholesky", "nystrom"}

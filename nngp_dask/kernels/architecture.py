@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .. import defaults
 from .activations import Activation, get_activation
 
 __all__ = ["Architecture"]
@@ -40,10 +41,15 @@ class Architecture:
     activation : str, dict or Activation
         Activation by name (``"relu"``, ``"erf"``, ``"tanh"``, ...), as a dict
         (``{"name": "leaky_relu", "slope": 0.1}``) or as an :class:`~nngp_dask.activations.Activation`.
-    weight_var : float
+    weight_var : float, default 1.6
         ``sigma_w^2 > 0``: weights are ``N(0, weight_var / fan_in)``.
-    bias_var : float
+    bias_var : float, default 0.1
         ``sigma_b^2 >= 0``: biases are ``N(0, bias_var)``.
+
+    The defaults are those of pipelines, estimators and sweeps (:mod:`nngp_dask.defaults`);
+    this class alone used to default to 1.0 and 0.0. A store records the values it was built
+    with, so an old store keeps its kernel, and a build asking it for other values is refused
+    naming the field.
 
     Examples
     --------
@@ -54,15 +60,15 @@ class Architecture:
 
     depth: int
     activation: Activation
-    weight_var: float = 1.0
-    bias_var: float = 0.0
+    weight_var: float = defaults.WEIGHT_VAR
+    bias_var: float = defaults.BIAS_VAR
 
     def __init__(
         self,
         depth: int,
-        activation: str | Mapping[str, Any] | Activation = "relu",
-        weight_var: float = 1.0,
-        bias_var: float = 0.0,
+        activation: str | Mapping[str, Any] | Activation = defaults.ACTIVATION,
+        weight_var: float = defaults.WEIGHT_VAR,
+        bias_var: float = defaults.BIAS_VAR,
     ) -> None:
         if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)):
             raise TypeError(f"depth: expected an integer >= 0, got {depth!r} ({type(depth).__name__})")
@@ -102,9 +108,9 @@ class Architecture:
             raise ValueError("architecture.depth: missing; expected an integer >= 0")
         return cls(
             depth=data["depth"],
-            activation=data.get("activation", "relu"),
-            weight_var=data.get("weight_var", 1.0),
-            bias_var=data.get("bias_var", 0.0),
+            activation=data.get("activation", defaults.ACTIVATION),
+            weight_var=data.get("weight_var", defaults.WEIGHT_VAR),
+            bias_var=data.get("bias_var", defaults.BIAS_VAR),
         )
 
     @property

@@ -160,10 +160,10 @@ class Pipeline:
     def _cluster(self) -> Any:
         if self.client is not None:
             return self.client
-        c = self.cfg["cluster"]
-        if c["address"] == "local":
-            return None
-        return c["address"]
+        address = self.cfg["cluster"]["address"]
+        # auto: what client_for(None) picks (a default client, Dask's scheduler-address, else
+        # the embedded cluster); "local" is always the embedded cluster
+        return None if address == "auto" else address
 
     def _local_kwargs(self) -> dict:
         c = self.cfg["cluster"]
