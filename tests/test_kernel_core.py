@@ -215,7 +215,8 @@ def test_identities():
                  dtype="float64")
     np.testing.assert_array_equal(relu, two)
     leaky = kernel(Architecture(2, {"name": "leaky_relu", "slope": 0.1}, 1.4, 0.3), x, dtype="float64")
-    two = kernel(Architecture(2, {"name": "two_slope", "negative_slope": 0.1}, 1.4, 0.3), x, dtype="float64")
+    two = kernel(Architecture(2, {"name": "two_slope", "negative_slope": 0.1, "positive_slope": 1.0}, 1.4, 0.3), x,
+                 dtype="float64")
     np.testing.assert_array_equal(leaky, two)
     # abs and identity through the general two-slope arithmetic (identity has its own fast path)
     from nngp_dask.kernels import TwoSlope
