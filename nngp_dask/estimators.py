@@ -105,7 +105,8 @@ class NNGPKernel(Kernel):
     """
 
     def __init__(self, depth: int = defaults.DEPTH, activation: str | dict = defaults.ACTIVATION,
-                 weight_var: float = defaults.WEIGHT_VAR, bias_var: float = defaults.BIAS_VAR, kind: str = "nngp") -> None:
+                 weight_var: float = defaults.WEIGHT_VAR, bias_var: float = defaults.BIAS_VAR,
+                 kind: str = "nngp") -> None:
         self.depth = depth
         self.activation = activation
         self.weight_var = weight_var

@@ -392,7 +392,7 @@ def test_diagonal_equals_separately_computed_diagonal():
         ({"bias_var": -0.1}, ValueError, "bias_var: expected a number >= 0, got -0.1"),
         ({"bias_var": "1"}, TypeError, "bias_var: expected a real number"),
         ({"activation": "swish"}, ValueError, "activation.name: expected one of"),
-        ({"activation": {"name": "leaky_relu", "alpha": 1}}, ValueError, "activation.alpha: unknown option"),
+        ({"activation": {"name": "leaky_relu", "alpha": 1}}, ValueError, "activation.alpha: unknown parameter"),
         ({"activation": 3}, TypeError, "activation: expected a name"),
     ],
 )

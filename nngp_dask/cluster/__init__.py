@@ -4,13 +4,14 @@ client every distributed step asks for (:func:`client_for`)."""
 
 from typing import Any
 
-from .daskconfig import DASHBOARD_ADDRESS_KEY, configured_scheduler, dashboard_address, dashboard_link
+from .daskconfig import DASHBOARD_ADDRESS_KEY, OWN_HANDLER, configured_scheduler, dashboard_address, dashboard_link
 from .runtime import (CLUSTER_SCHEMA, ClusterConfigError, LazyClient, client_for, embedded_client, is_cluster_file,
                       jobqueue_kwargs, kubernetes_kwargs, load_cluster_file, local_cluster, local_cluster_kwargs)
 from .workerenv import MALLOC_ENV, WORKER_ENV
 
 __all__ = [
     "DASHBOARD_ADDRESS_KEY",
+    "OWN_HANDLER",
     "configured_scheduler",
     "dashboard_address",
     "dashboard_link",

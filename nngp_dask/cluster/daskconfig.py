@@ -22,13 +22,17 @@ import logging
 import sys
 from typing import Any
 
-__all__ = ["DASHBOARD_ADDRESS_KEY", "announce", "configured_scheduler", "dashboard_address", "dashboard_link"]
+__all__ = ["DASHBOARD_ADDRESS_KEY", "OWN_HANDLER", "announce", "configured_scheduler", "dashboard_address",
+           "dashboard_link"]
 
 log = logging.getLogger("nngp_dask")
 
 #: The Dask configuration key of the embedded cluster's dashboard address.
 DASHBOARD_ADDRESS_KEY = "distributed.scheduler.dashboard.address"
 _LOOPBACK = "127.0.0.1"
+#: Set (to True) on a handler nngp-dask itself adds, such as a pipeline's run.log: it does not
+#: count as logging the caller configured (:func:`announce`).
+OWN_HANDLER = "nngp_dask_own_handler"
 
 
 def configured_scheduler() -> str | None:
@@ -79,10 +83,20 @@ def dashboard_link(client: Any) -> str:
     return client.dashboard_link or ""
 
 
+def _caller_configured_logging() -> bool:
+    """Whether a handler other than nngp-dask's own would see a record of the ``nngp_dask`` logger."""
+    logger: logging.Logger | None = log
+    while logger is not None:
+        if any(not getattr(h, OWN_HANDLER, False) for h in logger.handlers):
+            return True
+        logger = logger.parent if logger.propagate else None
+    return False
+
+
 def announce(message: str, *args: object) -> None:
     """Log ``message`` at INFO, and when the caller has configured no logging at all print it on
     stderr too: a Python user gets the dashboard link once (where logging would drop an INFO
     record), a configured logger gets it as a record, and the caller's logging is never changed."""
     log.info(message, *args)
-    if not log.hasHandlers():
+    if not _caller_configured_logging():
         print("nngp-dask: " + (message % args if args else message), file=sys.stderr, flush=True)

@@ -9,7 +9,8 @@ key is validated against :data:`CLUSTER_SCHEMA`, and errors name the file and th
 (``cluster/slurm.toml: cores: expected an integer, got str '16'``). ``${VAR}`` in string values
 is taken from the environment; relative paths resolve against the file's directory.
 
-Secure defaults: the embedded cluster, its workers and its dashboard listen on 127.0.0.1 only,
+Secure defaults: the embedded cluster, its workers and its dashboard listen on 127.0.0.1 only
+(the dashboard elsewhere only where Dask's configuration says so, :mod:`.daskconfig`),
 and speak mutual TLS with a temporary in-memory certificate (``secure = false`` turns it off); a
 remote scheduler is reached with TLS client certificates when the file has a ``[tls]`` table
 (``require_encryption``, so a plain ``tcp://`` address is refused); SLURM and PBS clusters use

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._version import __version__
 from ..build import build_kernel
-from ..cluster import LazyClient
+from ..cluster import OWN_HANDLER, LazyClient
 from ..gp import SolveResult, accuracy, confusion_matrix, encode_labels, nlpd, predict, predict_labels, rmse, solve
 from ..kernels import Architecture
 from ..monitor import PeakRSS
@@ -144,6 +144,7 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.out / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        setattr(handler, OWN_HANDLER, True)  # not logging the caller set up: the dashboard link is printed too
         # not on the "distributed" logger: the cluster silences that logger's handlers while it runs
         pkg = logging.getLogger("nngp_dask")
         level = pkg.level

@@ -4,8 +4,8 @@
 from .errors import CorruptTileError, IncompleteKernelError, NotAKernelStoreError, StoreLockedError, StoreMismatchError
 from .kernel_store import KernelStore, open_kernel, store_contents
 from .layout import (ATTR, DIAGONALS, DONE, FORMAT_VERSION, INPUTS, KERNEL, SOLVES, TEST_PRIOR, StoreIdentity,
-                     array_codecs, diagonals_path, dimension_names, done_path, format_message, has_checksum, inputs_path, is_remote,
-                     kernel_path, local_chunk_file, normalise_url, open_group, remove_interrupted_writes, solve_path)
+                     array_codecs, diagonals_path, dimension_names, done_path, format_message, has_checksum,
+                     inputs_path, is_remote, kernel_path, local_chunk_file, normalise_url, open_group, remove_interrupted_writes, solve_path)
 from .lock import LOCK_HEARTBEAT_S, LOCK_TTL_HEARTBEATS, store_lock
 from .pagecache import POLICIES, DropBehind, check_policy, drop_from_cache, host_memory, wants_drop
 from .sources import IDX_DTYPES, ArraySource, as_source, open_source, read_all, read_csv
