@@ -38,7 +38,9 @@ def activation_arg(text: str) -> str | dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``validate-kernel`` options to ``parser`` and return it."""
-    parser.add_argument("--depth", type=int, default=2, help="hidden layers L (default 2)")
+    # 2, not the package's 3 (nngp_dask.defaults): every layer of the sampled networks costs another pass per width
+    parser.add_argument("--depth", type=int, default=2,
+                        help="hidden layers L (default 2; pipelines and estimators default to 3)")
     parser.add_argument("--activation", default=defaults.ACTIVATION, type=activation_arg, metavar="ACTIVATION",
                         help=f"one of {', '.join(ACTIVATIONS)}, or a TOML inline table of the name and its "
                              "parameters, e.g. '{name = \"leaky_relu\", slope = 0.2}' (default relu)")
