@@ -2,32 +2,32 @@
 
 from ._version import __version__
 from .build import BuildError, build_kernel
-from .gp import SolveResult, predict, solve
+from .gp import KernelLinearOperator, SolveResult, aslinearoperator, predict, solve
 from .kernels import (
-    ACTIVATIONS,
-    Activation,
-    Architecture,
-    Elementwise,
-    Erf,
-    InputError,
-    KernelOverflowError,
-    Step,
-    TwoSlope,
-    diagonals,
-    get_activation,
-    kernel,
-    normalize,
-    tile,
+                      ACTIVATIONS,
+                      Activation,
+                      Architecture,
+                      Elementwise,
+                      Erf,
+                      InputError,
+                      KernelOverflowError,
+                      Step,
+                      TwoSlope,
+                      diagonals,
+                      get_activation,
+                      kernel,
+                      normalize,
+                      tile,
 )
 from .linalg import CGResult, ConvergenceWarning, batched_cg
 from .store import (
-    CorruptTileError,
-    IncompleteKernelError,
-    KernelStore,
-    NotAKernelStoreError,
-    StoreLockedError,
-    StoreMismatchError,
-    open_kernel,
+                      CorruptTileError,
+                      IncompleteKernelError,
+                      KernelStore,
+                      NotAKernelStoreError,
+                      StoreLockedError,
+                      StoreMismatchError,
+                      open_kernel,
 )
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "Erf",
     "IncompleteKernelError",
     "InputError",
+    "KernelLinearOperator",
     "KernelOverflowError",
     "KernelStore",
     "NotAKernelStoreError",
@@ -52,6 +53,7 @@ __all__ = [
     "StoreMismatchError",
     "TwoSlope",
     "batched_cg",
+    "aslinearoperator",
     "build_kernel",
     "diagonals",
     "get_activation",

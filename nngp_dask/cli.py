@@ -108,8 +108,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a setting, e.g. --set solver.noise=1e-3 (repeatable)")
     p.add_argument("--cluster", default=None,
-                   help="'local' (embedded cluster, default), a scheduler address (tcp://host:8786), "
-                        "or a cluster file (cluster/*.toml)")
+                   help="'auto' (default: Dask's scheduler-address, DASK_SCHEDULER_ADDRESS, when set, else an "
+                        "embedded cluster), 'local' (always the embedded cluster), a scheduler address "
+                        "(tcp://host:8786), or a cluster file (cluster/*.toml)")
     p.add_argument("--no-plots", action="store_true", help="write no figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["ConfigError", "Field", "expand_env"]
@@ -30,17 +30,23 @@ class Field:
     doc : str
         One line, printed by ``nngp-dask validate --schema``.
     choices : sequence, optional
+        Allowed values of a scalar (a table is left to ``validate``).
     minimum : float, optional
     exclusive_minimum : bool
     path : bool
         A path, resolved against the file's folder.
+    validate : callable, optional
+        ``validate(dotted, value)`` after the checks above: returns the value, or raises
+        :class:`ConfigError` naming ``dotted`` (e.g. an activation and its parameters).
     """
 
     def __init__(self, types: type | tuple[type, ...], default: Any, doc: str, *, choices: Sequence[Any] | None = None,
-                 minimum: float | None = None, exclusive_minimum: bool = False, path: bool = False) -> None:
+                 minimum: float | None = None, exclusive_minimum: bool = False, path: bool = False,
+                 validate: Callable[[str, Any], Any] | None = None) -> None:
         self.types: tuple[type[Any], ...] = types if isinstance(types, tuple) else (types,)
         self.default, self.doc, self.choices = default, doc, choices
         self.minimum, self.exclusive_minimum, self.path = minimum, exclusive_minimum, path
+        self.validate = validate
 
     def check(self, dotted: str, value: Any) -> Any:
         """``value`` if it fits (an int widened to float where a float is expected), else a
@@ -53,15 +59,18 @@ class Field:
             raise ConfigError(f"{dotted}: expected {self._type_name()}, got {type(value).__name__} {value!r}")
         if isinstance(value, float) and not math.isfinite(value):  # NaN would pass every bound below
             raise ConfigError(f"{dotted}: expected a finite number, got {value!r}")
+        if isinstance(value, dict):
+            return self.validate(dotted, value) if self.validate is not None else value
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"{dotted}: expected one of {list(self.choices)}, got {value!r}")
         if self.minimum is not None and (value < self.minimum or (self.exclusive_minimum and value == self.minimum)):
             op = ">" if self.exclusive_minimum else ">="
             raise ConfigError(f"{dotted}: expected a number {op} {self.minimum}, got {value!r}")
-        return value
+        return self.validate(dotted, value) if self.validate is not None else value
 
     def _type_name(self) -> str:
-        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+                 dict: "a table"}
         return " or ".join(names.get(t, t.__name__) for t in self.types)
 
 

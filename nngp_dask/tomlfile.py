@@ -1,7 +1,7 @@
 """TOML files of flat sections: the one reader and the one writer.
 
 Pipeline files, cluster files and the sweep's best-candidate pipeline are all
-``{section: {key: scalar or list}}``: :func:`read_toml` reads them with one error naming the
+``{section: {key: scalar, list or inline table}}``: :func:`read_toml` reads them with one error naming the
 file, :func:`to_toml` writes them so that :mod:`tomllib` reads back exactly what was written.
 """
 
@@ -66,12 +66,15 @@ def _toml_value(dotted: str, value: Any) -> str:
         return json.dumps(value)  # a TOML basic string (\" \\ \n \uXXXX escapes)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(dotted, v) for v in value) + "]"
-    raise TypeError(f"{dotted}: expected a string, number, boolean or list for a flat TOML section, "
+    if isinstance(value, Mapping):  # an inline table, e.g. an activation with its parameters
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(f'{dotted}.{k}', v)}" for k, v in value.items()) \
+            + "}"
+    raise TypeError(f"{dotted}: expected a string, number, boolean, list or table for a TOML section, "
                     f"got {type(value).__name__} {value!r}")
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
-    """TOML text of flat sections: ``{section: {key: scalar or list}}``.
+    """TOML text of flat sections: ``{section: {key: scalar, list or inline table}}``.
 
     Top-level scalars come first, then one ``[section]`` table per mapping. Used for the
     resolved pipeline configuration (``nngp-dask validate``) and the sweep's best candidate.
@@ -79,7 +82,8 @@ def to_toml(data: Mapping[str, Any]) -> str:
     Parameters
     ----------
     data : mapping
-        Values are strings, numbers (NumPy scalars included), booleans or lists of them.
+        Values are strings, numbers (NumPy scalars included), booleans, lists of them, or
+        mappings of them (written as inline tables, e.g. ``{name = "leaky_relu", slope = 0.2}``).
 
     Returns
     -------
@@ -89,7 +93,7 @@ def to_toml(data: Mapping[str, Any]) -> str:
     Raises
     ------
     TypeError
-        For a nested table or a value TOML cannot hold, naming its dotted key.
+        For a value TOML cannot hold, naming its dotted key.
     """
     lines: list[str] = []
     for key, value in data.items():
@@ -102,7 +106,5 @@ def to_toml(data: Mapping[str, Any]) -> str:
             lines.append("")
         lines.append(f"[{_toml_key(section)}]")
         for key, value in table.items():
-            if isinstance(value, Mapping):
-                raise TypeError(f"{section}.{key}: expected a scalar or list (flat sections only), got a table")
             lines.append(f"{_toml_key(key)} = {_toml_value(f'{section}.{key}', value)}")
     return "\n".join(lines) + "\n"

@@ -8,21 +8,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 from pathlib import Path
+from typing import Any
 
-from .kernels import ACTIVATIONS, Architecture
+from . import defaults
+from .kernels import ACTIVATIONS, Architecture, get_activation
 from .validation import ESTIMATORS, default_inputs, joint_samples, validate_kernel
 
 __all__ = ["add_arguments", "run_from_args"]
 
 
+def activation_arg(text: str) -> str | dict[str, Any]:
+    """``--activation``: a name, or a TOML inline table of the name and its parameters (as
+    ``--set architecture.activation=...`` of a pipeline), checked at once."""
+    value: Any = text
+    if text.lstrip().startswith("{"):
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            raise argparse.ArgumentTypeError(
+                f"expected a name or an inline table such as '{{name = \"leaky_relu\", slope = 0.2}}', "
+                f"got {text!r} ({exc})") from None
+    try:
+        get_activation(value)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``validate-kernel`` options to ``parser`` and return it."""
-    parser.add_argument("--depth", type=int, default=2, help="hidden layers L (default 2)")
-    parser.add_argument("--activation", default="relu", choices=[a for a in ACTIVATIONS if a != "two_slope"],
-                        help="activation (default relu)")
-    parser.add_argument("--weight-var", type=float, default=2.0, help="sigma_w^2 (default 2.0)")
-    parser.add_argument("--bias-var", type=float, default=0.1, help="sigma_b^2 (default 0.1)")
+    # 2, not the package's 3 (nngp_dask.defaults): every layer of the sampled networks costs another pass per width
+    parser.add_argument("--depth", type=int, default=2,
+                        help="hidden layers L (default 2; pipelines and estimators default to 3)")
+    parser.add_argument("--activation", default=defaults.ACTIVATION, type=activation_arg, metavar="ACTIVATION",
+                        help=f"one of {', '.join(ACTIVATIONS)}, or a TOML inline table of the name and its "
+                             "parameters, e.g. '{name = \"leaky_relu\", slope = 0.2}' (default relu)")
+    parser.add_argument("--weight-var", type=float, default=defaults.WEIGHT_VAR,
+                        help=f"sigma_w^2 (default {defaults.WEIGHT_VAR}, as pipelines and estimators)")
+    parser.add_argument("--bias-var", type=float, default=defaults.BIAS_VAR,
+                        help=f"sigma_b^2 (default {defaults.BIAS_VAR})")
     parser.add_argument("--points", type=int, default=4, help="number of test inputs (default 4)")
     parser.add_argument("--dim", type=int, default=8, help="input dimension (default 8)")
     parser.add_argument("--max-width", type=int, default=4096, help="largest width, widths 4, 8, ... (default 4096)")

@@ -215,7 +215,8 @@ def test_identities():
                  dtype="float64")
     np.testing.assert_array_equal(relu, two)
     leaky = kernel(Architecture(2, {"name": "leaky_relu", "slope": 0.1}, 1.4, 0.3), x, dtype="float64")
-    two = kernel(Architecture(2, {"name": "two_slope", "negative_slope": 0.1}, 1.4, 0.3), x, dtype="float64")
+    two = kernel(Architecture(2, {"name": "two_slope", "negative_slope": 0.1, "positive_slope": 1.0}, 1.4, 0.3), x,
+                 dtype="float64")
     np.testing.assert_array_equal(leaky, two)
     # abs and identity through the general two-slope arithmetic (identity has its own fast path)
     from nngp_dask.kernels import TwoSlope
@@ -391,7 +392,7 @@ def test_diagonal_equals_separately_computed_diagonal():
         ({"bias_var": -0.1}, ValueError, "bias_var: expected a number >= 0, got -0.1"),
         ({"bias_var": "1"}, TypeError, "bias_var: expected a real number"),
         ({"activation": "swish"}, ValueError, "activation.name: expected one of"),
-        ({"activation": {"name": "leaky_relu", "alpha": 1}}, ValueError, "activation.alpha: unknown option"),
+        ({"activation": {"name": "leaky_relu", "alpha": 1}}, ValueError, "activation.alpha: unknown parameter"),
         ({"activation": 3}, TypeError, "activation: expected a name"),
     ],
 )

@@ -221,8 +221,10 @@ def test_table_rows_plot_and_pipeline_toml(tmp_path):
 def test_toml_writer_round_trips_flat_sections():
     data = {"top": 1, "a": {"s": 'quo"te\\n', "f": 1e-5, "i": 3, "b": True, "l": [1, 2.5, "x"], "weird key": 0.1}}
     assert tomllib.loads(to_toml(data)) == data
-    with pytest.raises(TypeError, match="flat"):
-        to_toml({"a": {"b": {"c": 1}}})
+    nested = {"a": {"b": {"c": 1, "d": "x", "e": [0.5]}}}  # a value that is a table: written inline
+    assert to_toml(nested) == '[a]\nb = {c = 1, d = "x", e = [0.5]}\n' and tomllib.loads(to_toml(nested)) == nested
+    with pytest.raises(TypeError, match="a.b.c: expected a string, number, boolean, list or table"):
+        to_toml({"a": {"b": {"c": object()}}})
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -20,13 +20,15 @@ import numpy as np
 import zarr
 from numpy.typing import ArrayLike, DTypeLike
 
+from .. import defaults
 from .._version import __version__
-from ..cluster import client_for
+from ..cluster import client_for, dashboard_link
 from ..kernels import (Architecture, KernelOverflowError, check_dtype, check_kind, check_range, diagonals,
                        diagonals_from_norms)
 from ..monitor import tracked
 from ..store import (ATTR, FORMAT_VERSION, TEST_PRIOR, ArraySource, KernelStore, NotAKernelStoreError, StoreIdentity,
-                     StoreMismatchError, array_codecs, check_policy, diagonals_path, done_path, format_message,
+                     StoreMismatchError, array_codecs, check_policy, diagonals_path, dimension_names, done_path,
+                     format_message,
                      inputs_path, is_remote, kernel_path, normalise_url, remove_interrupted_writes, store_contents,
                      store_lock, wants_drop)
 from ..tiling import DEFAULT_TILE, TileGrid
@@ -90,11 +92,13 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
     flags: dict[str, Any] = dict(compressors=None, overwrite=True)
     parts = [("train", train)] + ([("test", test)] if test else [])
     for name, prep in parts:
-        x = g.create_array(inputs_path(name), shape=(prep.n, prep.d), chunks=(t, prep.d), dtype="float64", **kw)
+        x = g.create_array(inputs_path(name), shape=(prep.n, prep.d), chunks=(t, prep.d), dtype="float64",
+                           dimension_names=dimension_names(inputs_path(name)), **kw)
         dg = g.create_array(diagonals_path(name), shape=(depth + 1, prep.n), chunks=(depth + 1, t),
-                            dtype="float64", **kw)
+                            dtype="float64", dimension_names=dimension_names(diagonals_path(name)), **kw)
         dt = (g.create_array(diagonals_path(name, ntk=True), shape=(depth + 1, prep.n), chunks=(depth + 1, t),
-                             dtype="float64", **kw) if ident.kind == "ntk" else None)
+                             dtype="float64", dimension_names=dimension_names(diagonals_path(name, ntk=True)), **kw)
+              if ident.kind == "ntk" else None)
         with zarr.config.set({"array.write_empty_chunks": True}):  # no pass looking for all-zero blocks
             for start, block in prep.chunks(t):
                 stop = start + block.shape[0]
@@ -106,14 +110,18 @@ def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Ar
                 if dt is not None:
                     dt[:, start:stop] = kd[1]
     n, grid = train.n, TileGrid(train.n, train.n, t)
-    g.create_array(kernel_path("train_train"), shape=(n, n), chunks=(t, t), dtype=ident.dtype, fill_value=np.nan, **kw)
-    g.create_array(done_path("train_train"), shape=grid.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **flags)
+    g.create_array(kernel_path("train_train"), shape=(n, n), chunks=(t, t), dtype=ident.dtype, fill_value=np.nan,
+                   dimension_names=dimension_names(kernel_path("train_train")), **kw)
+    g.create_array(done_path("train_train"), shape=grid.shape, chunks=(1, 1), dtype="uint8", fill_value=0,
+                   dimension_names=dimension_names(done_path("train_train")), **flags)
     if test:
         tg = TileGrid(test.n, n, t)
         g.create_array(kernel_path("test_train"), shape=(test.n, n), chunks=(t, t), dtype=ident.dtype,
-                       fill_value=np.nan, **kw)
-        g.create_array(done_path("test_train"), shape=tg.shape, chunks=(1, 1), dtype="uint8", fill_value=0, **flags)
-        prior = g.create_array(TEST_PRIOR, shape=(test.n,), chunks=(max(t, 1),), dtype="float64", **kw)
+                       fill_value=np.nan, dimension_names=dimension_names(kernel_path("test_train")), **kw)
+        g.create_array(done_path("test_train"), shape=tg.shape, chunks=(1, 1), dtype="uint8", fill_value=0,
+                       dimension_names=dimension_names(done_path("test_train")), **flags)
+        prior = g.create_array(TEST_PRIOR, shape=(test.n,), chunks=(max(t, 1),), dtype="float64",
+                               dimension_names=dimension_names(TEST_PRIOR), **kw)
         key = diagonals_path("test", ntk=ident.kind == "ntk")
         prior[:] = np.asarray(cast(zarr.Array, g[key])[depth])
     g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "identity": ident.__dict__,
@@ -146,7 +154,7 @@ def build_kernel(
     x_test: ArrayLike | ArraySource | str | os.PathLike | None = None,
     kind: str = "nngp",
     tile: int | None = None,
-    dtype: DTypeLike = "float32",
+    dtype: DTypeLike = defaults.STORE_DTYPE,
     normalize: str = "none",
     overwrite: bool = False,
     client: Any = None,
@@ -168,8 +176,10 @@ def build_kernel(
     kind : {"nngp", "ntk"}
     tile : int, optional
         Tile edge (default :data:`nngp_dask.tiling.DEFAULT_TILE`, capped at n).
-    dtype : {"float32", "float64"}
-        Storage precision of the kernel.
+    dtype : {"float32", "float64"}, default "float32"
+        Storage precision of the kernel (:data:`nngp_dask.defaults.STORE_DTYPE`, as pipelines'
+        ``kernel.dtype``; the in-memory estimators default to float64). Products with it
+        accumulate in float64 either way.
     normalize : {"none", "unit_norm", "standardize"}
         Per-example normalisation applied at ingest.
     overwrite : bool
@@ -301,12 +311,12 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
     compiled = precompile(arch, dt)  # while the cluster starts; its workers then load the cache
     with client_for(client) as c:
         compiled.result()
-        stats.dashboard = c.dashboard_link
+        stats.dashboard = dashboard_link(c)
         stored = ks.nbytes_total()
         cache = "none (object store)" if is_remote(ks.url) else (
             f"{page_cache}: {'drop-behind' if wants_drop(page_cache, stored) else 'kept'} on this host")
         log.info("building %d tile(s) of %d (tile %d, %s, %s, %.2f GB in all; page cache %s); dashboard: %s",
-                 len(todo), stats.tiles_total, tile, kind, dt.name, stored / 1e9, cache, c.dashboard_link)
+                 len(todo), stats.tiles_total, tile, kind, dt.name, stored / 1e9, cache, stats.dashboard)
         # deterministic keys: a resubmitted tile of the same store is the same task
         # the store's URL is in the key too: two stores of the same kernel built at once on one
         # shared scheduler must not share tasks (each task writes into its own store)

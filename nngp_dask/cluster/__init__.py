@@ -1,9 +1,11 @@
-"""The Dask runtime: the embedded cluster, cluster files (SLURM, Kubernetes, a scheduler address) and
-the client every distributed step asks for (:func:`client_for`)."""
+"""The Dask runtime: the embedded cluster, cluster files (SLURM, Kubernetes, a scheduler address),
+what is taken from Dask's configuration (``scheduler-address``, the dashboard address) and the
+client every distributed step asks for (:func:`client_for`)."""
 
 from typing import Any
 
 from .batch import ClusterSubmitError, jobqueue_cluster
+from .daskconfig import DASHBOARD_ADDRESS_KEY, OWN_HANDLER, configured_scheduler, dashboard_address, dashboard_link
 from .runtime import (
     CLUSTER_SCHEMA,
     ClusterConfigError,
@@ -20,6 +22,11 @@ from .runtime import (
 from .workerenv import MALLOC_ENV, WORKER_ENV
 
 __all__ = [
+    "DASHBOARD_ADDRESS_KEY",
+    "OWN_HANDLER",
+    "configured_scheduler",
+    "dashboard_address",
+    "dashboard_link",
     "MALLOC_ENV",
     "WORKER_ENV",
     "EmbeddedCluster",

@@ -35,6 +35,7 @@ from distributed.deploy.spec import ProcessInterface
 from distributed.security import Security
 from distributed.worker_memory import parse_memory_limit
 
+from .daskconfig import dashboard_address as configured_dashboard
 from .workerenv import MALLOC_ENV
 
 __all__ = ["EmbeddedCluster"]
@@ -159,8 +160,10 @@ class EmbeddedCluster(SpecCluster):
     secure : bool
         Mutual TLS with a temporary in-memory certificate (default); False: plain TCP, which any
         local user can connect to.
-    dashboard_address : str
-        Where the scheduler's dashboard listens.
+    dashboard_address : str, optional
+        Where the scheduler's dashboard listens (default: Dask's
+        ``distributed.scheduler.dashboard.address``, a bare port bound to 127.0.0.1; unset, a free
+        port on 127.0.0.1; see :mod:`nngp_dask.cluster.daskconfig`).
     start_timeout : float
         Seconds to wait for every worker to join.
 
@@ -169,7 +172,7 @@ class EmbeddedCluster(SpecCluster):
 
     def __init__(self, *, n_workers: int, threads_per_worker: int = 1, memory_limit: str | int | None = None,
                  env: Mapping[str, str] | None = None, secure: bool = True,
-                 dashboard_address: str = "127.0.0.1:0", start_timeout: float = 120.0) -> None:
+                 dashboard_address: str | None = None, start_timeout: float = 120.0) -> None:
         security = Security.temporary() if secure else None
         tls = {"protocol": "tls"} if secure else {}
         worker_env = {**os.environ, **MALLOC_ENV, **(env or {}),
@@ -179,7 +182,7 @@ class EmbeddedCluster(SpecCluster):
         options = {"host": "127.0.0.1", "nthreads": threads_per_worker, "memory_limit": limit,
                    "dashboard": False, "death_timeout": 60, **tls}
         scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0, "dashboard": True,
-                                                   "dashboard_address": dashboard_address,
+                                                   "dashboard_address": dashboard_address or configured_dashboard(),
                                                    "security": security, **tls}}
         worker = {"cls": WorkerProcess, "options": {"env": worker_env, "options": options}}
         super().__init__(workers=dict.fromkeys(range(n_workers), worker), scheduler=scheduler, worker=worker,

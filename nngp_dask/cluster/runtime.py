@@ -11,7 +11,8 @@ dotted key (``cluster/slurm.toml: cores: expected an integer, got str '16'``). O
 written (``spec["passthrough"]``), which checks them. ``${VAR}`` in string values
 is taken from the environment; relative paths resolve against the file's directory.
 
-Secure defaults: the embedded cluster, its workers and its dashboard listen on 127.0.0.1 only,
+Secure defaults: the embedded cluster, its workers and its dashboard listen on 127.0.0.1 only
+(the dashboard elsewhere only where Dask's configuration says so, :mod:`.daskconfig`),
 and speak mutual TLS with a temporary in-memory certificate (``secure = false`` turns it off); a
 remote scheduler is reached with TLS client certificates when the file has a ``[tls]`` table
 (``require_encryption``, so a plain ``tcp://`` address is refused); SLURM and PBS clusters use
@@ -30,6 +31,7 @@ from typing import Any
 
 from ..fields import ConfigError, Field, expand_env
 from ..store import is_remote
+from .daskconfig import announce, configured_scheduler, dashboard_link
 from .workerenv import MALLOC_ENV, WORKER_ENV
 
 __all__ = ["CLUSTER_SCHEMA", "ClusterConfigError", "LazyClient", "client_for", "embedded_client", "load_cluster_file",
@@ -366,8 +368,8 @@ def _client_from_spec(spec: Mapping[str, Any]) -> Iterator[Any]:
         kw = local_cluster_kwargs(spec["n_workers"] or None, spec["threads_per_worker"], spec["memory_limit"] or None,
                                   spec["secure"])
         with local_cluster(**kw) as cluster, embedded_client(cluster) as c:
-            log.info("embedded cluster from %s: %d workers; dashboard %s", spec["_file"], len(cluster.workers),
-                     c.dashboard_link)
+            announce("embedded cluster from %s: %d workers; dashboard %s", spec["_file"], len(cluster.workers),
+                     dashboard_link(c))
             _wait(c, spec)
             yield c
         return
@@ -395,9 +397,11 @@ def _client_from_spec(spec: Mapping[str, Any]) -> Iterator[Any]:
         cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
         with jobqueue_cluster(cls, spec, jobqueue_kwargs(spec)) as cluster:
             with Client(cluster) as c:
+                # the link at the address the dashboard is bound to (loopback by default), not
+                # dask-jobqueue's, which pairs the workers' interface with the dashboard's port
                 log.info("%s cluster from %s: %d job(s) of %d cores submitted; scheduler %s; dashboard %s",
                          kind.upper(), spec["_file"], spec["jobs"], spec["cores"], cluster.scheduler_address,
-                         c.dashboard_link)
+                         dashboard_link(c))
                 _wait(c, spec)
                 yield c
         return
@@ -430,7 +434,7 @@ class LazyClient:
         """The client, starting or connecting to its cluster the first time."""
         if self._open is None:
             self._open = self._stack.enter_context(client_for(self._client, **self._local))
-            log.info("Dask dashboard: %s", self._open.dashboard_link)
+            log.info("Dask dashboard: %s", dashboard_link(self._open))
         return self._open
 
     def __enter__(self) -> LazyClient:
@@ -444,8 +448,11 @@ class LazyClient:
 @contextmanager
 def client_for(client: Any = None, **local: Any) -> Iterator[Any]:
     """Yield a client: the one given, one for a cluster file (``*.toml``, see
-    :func:`load_cluster_file`), one connected to an address, the current default client, or a
-    new embedded cluster (closed on exit; ``local`` are :func:`local_cluster_kwargs`)."""
+    :func:`load_cluster_file`), one connected to an address, or, for ``client=None``, the current
+    default client, else one connected to Dask's ``scheduler-address`` (``DASK_SCHEDULER_ADDRESS``),
+    else a new embedded cluster (closed on exit; ``local`` are :func:`local_cluster_kwargs`).
+    ``"local"`` always starts the embedded cluster. Which one is logged (and printed on stderr
+    when no logging is configured, with the dashboard link)."""
     from distributed import Client
 
     if isinstance(client, Client):
@@ -472,7 +479,16 @@ def client_for(client: Any = None, **local: Any) -> Iterator[Any]:
     if current is not None and client is None:
         yield current
         return
+    address = configured_scheduler() if client is None else None
+    if address:
+        # as distributed.Client() does; TLS certificates, if any, from Dask's configuration too
+        with Client(address) as c:
+            announce("connected to the scheduler at %s (Dask's scheduler-address setting, e.g. DASK_SCHEDULER_ADDRESS; "
+                     "no embedded cluster started), %d worker(s); dashboard %s", address, len(c.nthreads()),
+                     dashboard_link(c))
+            yield c
+        return
     with local_cluster(**local_cluster_kwargs(**local)) as cluster, embedded_client(cluster) as c:
-        log.info("embedded cluster: %d workers%s; dashboard %s", len(cluster.workers),
-                 ", mutual TLS" if cluster.security.require_encryption else "", c.dashboard_link)
+        announce("started an embedded cluster: %d worker(s)%s; dashboard %s", len(cluster.workers),
+                 ", mutual TLS" if cluster.security.require_encryption else "", dashboard_link(c))
         yield c

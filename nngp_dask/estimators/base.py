@@ -20,6 +20,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("nngp_dask.estimators needs scikit-learn: pip install 'nngp-dask[sklearn]'") from exc
 
+from .. import defaults
 from ..gp import posterior_mean, variance_from_cholesky, variance_from_solve
 from ..kernels import (
     NORMALIZATIONS,
@@ -86,17 +87,17 @@ class NNGPBase(BaseEstimator):
 
     def __init__(
         self,
-        depth: int = 3,
-        activation: str = "relu",
-        weight_var: float = 1.6,
-        bias_var: float = 0.1,
-        noise: float = 1e-2,
+        depth: int = defaults.DEPTH,
+        activation: str | dict = defaults.ACTIVATION,
+        weight_var: float = defaults.WEIGHT_VAR,
+        bias_var: float = defaults.BIAS_VAR,
+        noise: float = defaults.NOISE,
         kind: str = "nngp",
         normalize: str = "none",
         out_of_core: bool | str = "auto",
         store: str | None = None,
         tile: int | None = None,
-        dtype: str = "float64",
+        dtype: str = defaults.IN_MEMORY_DTYPE,
         max_in_memory: int = 5000,
         optimizer: str | None = "fmin_l_bfgs_b",
         n_restarts_optimizer: int = 0,

@@ -9,6 +9,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("nngp_dask.estimators needs scikit-learn: pip install 'nngp-dask[sklearn]'") from exc
 
+from .. import defaults
 from ..kernels import Architecture, check_kind, diagonals, kernel, kernel_log_gradient
 
 __all__ = ["NNGPKernel"]
@@ -34,7 +35,8 @@ class NNGPKernel(Kernel):
     weight_var_bounds, bias_var_bounds : pair of float or "fixed"
     """
 
-    def __init__(self, depth: int = 3, activation: str = "relu", weight_var: float = 1.6, bias_var: float = 0.1,
+    def __init__(self, depth: int = defaults.DEPTH, activation: str | dict = defaults.ACTIVATION,
+                 weight_var: float = defaults.WEIGHT_VAR, bias_var: float = defaults.BIAS_VAR,
                  kind: str = "nngp", weight_var_bounds: Any = (1e-3, 1e4), bias_var_bounds: Any = (1e-6, 1e2)
                  ) -> None:
         self.depth = depth

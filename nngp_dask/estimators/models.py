@@ -14,6 +14,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("nngp_dask.estimators needs scikit-learn: pip install 'nngp-dask[sklearn]'") from exc
 
+from .. import defaults
 from ..gp import TARGETS, one_hot_targets, predict_labels
 from .base import NNGPBase, validate
 
@@ -37,8 +38,9 @@ class NNGPRegressor(RegressorMixin, NNGPBase):
     ----------
     depth : int, default 3
         Hidden layers ``L``.
-    activation : str, default "relu"
-        Any name of :data:`nngp_dask.ACTIVATIONS`.
+    activation : str or dict, default "relu"
+        Any name of :data:`nngp_dask.ACTIVATIONS`, or a dict with the name and that activation's
+        parameters, e.g. ``{"name": "leaky_relu", "slope": 0.2}`` (as :class:`nngp_dask.Architecture`).
     weight_var, bias_var : float, default 1.6, 0.1
         ``sigma_w^2`` and ``sigma_b^2`` (docs/DESIGN.md section 2).
     noise : float, default 1e-2
@@ -56,7 +58,10 @@ class NNGPRegressor(RegressorMixin, NNGPBase):
     tile : int, optional
         Tile edge of the out-of-core path (default :data:`nngp_dask.tiling.DEFAULT_TILE`).
     dtype : {"float64", "float32"}, default "float64"
-        Kernel precision (the factorisation is always float64).
+        Kernel precision (the factorisation is always float64). float64, where a stored kernel
+        (``build_kernel``, pipelines) defaults to float32: a fit in memory is small enough for
+        float64 to cost little, and scikit-learn's checks expect float64 results
+        (:mod:`nngp_dask.defaults`).
     max_in_memory : int, default 5000
         Largest training set fitted in memory by ``out_of_core="auto"``.
     optimizer : {"fmin_l_bfgs_b", None}, default "fmin_l_bfgs_b"
@@ -116,17 +121,17 @@ class NNGPRegressor(RegressorMixin, NNGPBase):
 
     def __init__(
         self,
-        depth: int = 3,
-        activation: str = "relu",
-        weight_var: float = 1.6,
-        bias_var: float = 0.1,
-        noise: float = 1e-2,
+        depth: int = defaults.DEPTH,
+        activation: str | dict = defaults.ACTIVATION,
+        weight_var: float = defaults.WEIGHT_VAR,
+        bias_var: float = defaults.BIAS_VAR,
+        noise: float = defaults.NOISE,
         kind: str = "nngp",
         normalize: str = "none",
         out_of_core: bool | str = "auto",
         store: str | None = None,
         tile: int | None = None,
-        dtype: str = "float64",
+        dtype: str = defaults.IN_MEMORY_DTYPE,
         max_in_memory: int = 5000,
         optimizer: str | None = "fmin_l_bfgs_b",
         n_restarts_optimizer: int = 0,
@@ -251,17 +256,17 @@ class NNGPClassifier(ClassifierMixin, NNGPBase):
 
     def __init__(
         self,
-        depth: int = 3,
-        activation: str = "relu",
-        weight_var: float = 1.6,
-        bias_var: float = 0.1,
-        noise: float = 1e-2,
+        depth: int = defaults.DEPTH,
+        activation: str | dict = defaults.ACTIVATION,
+        weight_var: float = defaults.WEIGHT_VAR,
+        bias_var: float = defaults.BIAS_VAR,
+        noise: float = defaults.NOISE,
         kind: str = "nngp",
         normalize: str = "none",
         out_of_core: bool | str = "auto",
         store: str | None = None,
         tile: int | None = None,
-        dtype: str = "float64",
+        dtype: str = defaults.IN_MEMORY_DTYPE,
         max_in_memory: int = 5000,
         optimizer: str | None = "fmin_l_bfgs_b",
         n_restarts_optimizer: int = 0,

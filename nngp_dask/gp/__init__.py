@@ -3,7 +3,7 @@ posterior mean and variance, targets and metrics."""
 
 from .likelihood import amplitude_mle
 from .metrics import COVERAGE_LEVELS, accuracy, confusion_matrix, coverage, nlpd, rmse
-from .operator import StoredKernelOperator
+from .operator import KernelLinearOperator, StoredKernelOperator, aslinearoperator
 from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve, variance_lowrank
 from .regression import (
                          DENSE_VARIANCE_MAX_N,
@@ -34,7 +34,9 @@ __all__ = [
     "variance_from_eigh",
     "variance_from_solve",
     "variance_lowrank",
+    "KernelLinearOperator",
     "StoredKernelOperator",
+    "aslinearoperator",
     "DIRECT_MAX_N",
     "DENSE_VARIANCE_MAX_N",
     "EXACT_VARIANCE_MAX",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
@@ -18,11 +20,13 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.sparse.linalg import LinearOperator
 
+from ..cluster import LazyClient
 from ..linalg import tile_matmat_t
-from ..store import KernelStore, TileIO, tile_io
+from ..store import KernelStore, TileIO, open_kernel, tile_io
 
-__all__ = ["StoredKernelOperator"]
+__all__ = ["KernelLinearOperator", "StoredKernelOperator", "aslinearoperator"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -230,3 +234,83 @@ class StoredKernelOperator:
             if sq is not None and proj is not None:  # (set together)
                 sq[rows], proj[rows] = sb, pb
         return mean, sq, proj
+
+
+class KernelLinearOperator(LinearOperator):
+    """``K + noise I`` of a complete stored kernel as a :class:`scipy.sparse.linalg.LinearOperator`.
+
+    ``matvec`` / ``matmat`` stream the stored tiles through :class:`StoredKernelOperator` (one
+    pass over the upper tiles per product, float64 accumulation), so SciPy's iterative methods
+    (``eigsh``, ``minres``, ``cg``, ``lobpcg``, ...) run on a kernel that does not fit in memory.
+    The operator is symmetric: its adjoint is itself. Use it as a context manager (or call
+    :meth:`close`): a cluster it started is closed then.
+
+    Parameters
+    ----------
+    store : KernelStore, str or os.PathLike
+        A complete kernel store (or its path / URL).
+    noise : float, default 0.0
+        Added to the diagonal.
+    client : distributed.Client, address, cluster file or None
+        Where the tile products run, as for :func:`nngp_dask.solve`. None: the current default
+        client, else Dask's ``scheduler-address``, else an embedded cluster started at the first
+        product.
+    """
+
+    def __init__(self, store: KernelStore | str | os.PathLike, noise: float = 0.0, client: Any = None) -> None:
+        ks = store if isinstance(store, KernelStore) else open_kernel(store)
+        ks.require_complete("train_train")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(noise) or noise < 0:
+            raise ValueError(f"noise: expected a finite number >= 0, got {noise!r}")
+        self.store, self.noise = ks, float(noise)
+        self._client = LazyClient(client)
+        self._op: StoredKernelOperator | None = None
+        super().__init__(dtype=np.dtype(np.float64), shape=(ks.shape[0], ks.shape[0]))
+
+    def _product(self, v: NDArray) -> NDArray[np.float64]:
+        if self._op is None:
+            self._op = StoredKernelOperator(self.store, self.noise, self._client.get())
+        return self._op.matmat(v)
+
+    def _matvec(self, x: NDArray) -> NDArray[np.float64]:
+        return self._product(np.asarray(x).reshape(-1))
+
+    def _rmatvec(self, x: NDArray) -> NDArray[np.float64]:
+        return self._matvec(np.conj(x))  # real symmetric
+
+    def _matmat(self, x: NDArray) -> NDArray[np.float64]:
+        return self._product(np.asarray(x))
+
+    def _adjoint(self) -> KernelLinearOperator:
+        return self
+
+    @property
+    def calls(self) -> int:
+        """Products computed so far (each one pass over the stored tiles)."""
+        return self._op.calls if self._op is not None else 0
+
+    def close(self) -> None:
+        """Close the cluster this operator started, if any (a given client stays open)."""
+        self._op = None
+        self._client.__exit__(None, None, None)
+
+    def __enter__(self) -> KernelLinearOperator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def aslinearoperator(store: KernelStore | str | os.PathLike, noise: float = 0.0,
+                     client: Any = None) -> KernelLinearOperator:
+    """The stored kernel plus ``noise I`` as a SciPy ``LinearOperator``; see :class:`KernelLinearOperator`.
+
+    Examples
+    --------
+    >>> from scipy.sparse.linalg import eigsh, minres                      # doctest: +SKIP
+    >>> with aslinearoperator("k.zarr", noise=1e-2) as op:                # doctest: +SKIP
+    ...     top = eigsh(op, k=5, which="LA", return_eigenvectors=False)
+    ...     alpha, info = minres(op, y)
+    """
+    return KernelLinearOperator(store, noise, client)

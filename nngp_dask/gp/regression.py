@@ -37,6 +37,7 @@ import numpy as np
 import zarr
 from numpy.typing import ArrayLike, NDArray
 
+from .. import defaults
 from ..cluster import client_for
 from ..kernels import tile as tile_fn
 from ..linalg import (
@@ -52,7 +53,7 @@ from ..linalg import (
     make_preconditioner,
 )
 from ..monitor import tracked
-from ..store import KernelStore, diagonals_path, inputs_path, open_kernel, solve_path
+from ..store import KernelStore, diagonals_path, dimension_names, inputs_path, open_kernel, solve_path
 from .likelihood import amplitude_mle
 from .nystrom_store import stored_nystrom
 from .operator import StoredKernelOperator
@@ -219,7 +220,8 @@ class _Checkpoints:
     """Two alternating slots under ``solves/<key>``; ``attrs['slot']`` points at the last complete one."""
 
     def __init__(self, ks: KernelStore, key: str, meta: dict) -> None:
-        self.group = ks.group.require_group(solve_path(key))
+        self.path = solve_path(key)
+        self.group = ks.group.require_group(self.path)
         if not self.group.attrs.get("created"):
             self.group.attrs.update({**meta, "created": time.time(), "status": "running"})
 
@@ -239,20 +241,22 @@ class _Checkpoints:
         g = self.group.require_group(f"slot{slot}")
         for name, value in state.to_arrays().items():
             value = np.asarray(value)
-            g.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True, compressors=None)[...] = value
+            g.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True, compressors=None,
+                           dimension_names=dimension_names(f"{self.path}/slot{slot}/{name}"))[...] = value
         self.group.attrs.update({"slot": slot, "iteration": int(state.iteration)})
 
     def save_solution(self, alpha: NDArray, residuals: NDArray, info: dict) -> None:
         for name, value in (("alpha", alpha), ("residuals", residuals)):
-            self.group.create_array(name, shape=value.shape, dtype="float64", overwrite=True,
-                                    compressors=None)[...] = value
+            self.group.create_array(name, shape=value.shape, dtype="float64", overwrite=True, compressors=None,
+                                    dimension_names=dimension_names(f"{self.path}/{name}"))[...] = value
         self.group.attrs.update({**info, "status": "done"})
 
     def save_factor(self, pre: LowRank) -> None:
         # float32 (the low-rank variance's precision needs no more), a block of columns at a time
         # so no second float64 copy of a large factor is made
         arr = self.group.create_array("lowrank_factor", shape=(pre.n, pre.rank), dtype="float32", overwrite=True,
-                                      chunks=(pre.n, 256), compressors=None)
+                                      chunks=(pre.n, 256), compressors=None,
+                                      dimension_names=dimension_names(f"{self.path}/lowrank_factor"))
         for a in range(0, pre.rank, 256):
             arr[:, a:a + 256] = pre.factor_block(a, min(a + 256, pre.rank)).astype(np.float32)
 
@@ -262,7 +266,7 @@ def solve(
     y: ArrayLike,
     *,
     noise: float,
-    tol: float = 1e-5,
+    tol: float = defaults.TOL,
     maxiter: int | None = None,
     preconditioner: str = "auto",
     rank: int | None = None,
@@ -281,8 +285,10 @@ def solve(
         Targets; all columns are solved together (one pass over the tiles per iteration).
     noise : float
         Observation noise variance (>= 0) added to the diagonal.
-    tol : float
-        Relative residual ``||r_j|| <= tol ||y_j||`` per column (CG).
+    tol : float, default 1e-5
+        Relative residual ``||r_j|| <= tol ||y_j||`` per column (CG); the default of pipelines
+        and sweeps too (:data:`nngp_dask.defaults.TOL`). A solve is keyed by its tol: another
+        value solves again, and finds its own checkpoints.
     maxiter : int, optional
         Default :func:`nngp_dask.linalg.cg.default_maxiter`.
     preconditioner : {"auto", "none", "jacobi", "pivoted_cholesky", "nystrom"}

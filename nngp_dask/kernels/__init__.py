@@ -1,7 +1,16 @@
 """The kernel mathematics: activations and their closed forms, the architecture, input checks, the
 compiled NNGP/NTK recursion and one tile of the kernel. Pure functions on arrays: no Dask, no Zarr."""
 
-from .activations import ACTIVATIONS, Activation, Elementwise, Erf, Step, TwoSlope, get_activation
+from .activations import (
+                          ACTIVATION_PARAMETERS,
+                          ACTIVATIONS,
+                          Activation,
+                          Elementwise,
+                          Erf,
+                          Step,
+                          TwoSlope,
+                          get_activation,
+)
 from .architecture import Architecture
 from .derivatives import (
                           LOG_HYPERPARAMETERS,
@@ -32,6 +41,7 @@ from .tiles import (
 
 __all__ = [
     "ACTIVATIONS",
+    "ACTIVATION_PARAMETERS",
     "Activation",
     "Elementwise",
     "Erf",

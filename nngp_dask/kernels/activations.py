@@ -42,6 +42,7 @@ __all__ = [
     "Elementwise",
     "get_activation",
     "ACTIVATIONS",
+    "ACTIVATION_PARAMETERS",
 ]
 
 # Integer family codes shared with the compiled recursion (`_recursion.py`).
@@ -320,22 +321,38 @@ _NAMED_FUNCTIONS: dict[str, Callable[[NDArray], NDArray]] = {
 }
 
 
+#: The parameters each named activation takes (``{"name": ..., parameter: value}``); those of
+#: ``two_slope`` are required (without them it would silently be ReLU), the others have defaults.
+ACTIVATION_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "relu": (),
+    "leaky_relu": ("slope",),
+    "abs": (),
+    "two_slope": ("negative_slope", "positive_slope"),
+    "identity": (),
+    "step": (),
+    "erf": (),
+    **dict.fromkeys(_NAMED_FUNCTIONS, ("degree", "nodes")),
+}
+_REQUIRED = {"two_slope": ("negative_slope", "positive_slope")}
+
+
+def _real(name: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value):
+        raise ValueError(f"activation.{key}: expected a finite real number for {name!r}, got {value!r}")
+    return float(value)
+
+
 def _build(name: str, options: Mapping[str, Any]) -> Activation:
-    allowed: dict[str, tuple[str, ...]] = {
-        "relu": (),
-        "abs": (),
-        "identity": (),
-        "step": (),
-        "erf": (),
-        "leaky_relu": ("slope",),
-        "two_slope": ("negative_slope", "positive_slope"),
-        **dict.fromkeys(_NAMED_FUNCTIONS, ("degree", "nodes")),
-    }
-    unknown = set(options) - set(allowed[name])
+    allowed = ACTIVATION_PARAMETERS[name]
+    unknown = sorted(set(options) - set(allowed), key=str)
     if unknown:
-        raise ValueError(
-            f"activation.{sorted(unknown)[0]}: unknown option for {name!r}; expected one of {list(allowed[name])}"
-        )
+        expected = f"expected one of {list(allowed)}" if allowed else "it takes no parameters"
+        raise ValueError(f"activation.{unknown[0]}: unknown parameter of {name!r}; {expected}")
+    missing = [key for key in _REQUIRED.get(name, ()) if key not in options]
+    if missing:
+        raise ValueError(f"activation.{missing[0]}: required for {name!r} (phi(x) = negative_slope * x for x < 0, "
+                         f"positive_slope * x for x > 0); expected both of {list(_REQUIRED[name])}")
     if name == "relu":
         return TwoSlope("relu", 0.0, 1.0)
     if name == "abs":
@@ -343,9 +360,10 @@ def _build(name: str, options: Mapping[str, Any]) -> Activation:
     if name == "identity":
         return TwoSlope("identity", 1.0, 1.0)
     if name == "leaky_relu":
-        return TwoSlope("leaky_relu", options.get("slope", 0.01), 1.0)
+        return TwoSlope("leaky_relu", _real(name, "slope", options.get("slope", 0.01)), 1.0)
     if name == "two_slope":
-        return TwoSlope("two_slope", options.get("negative_slope", 0.0), options.get("positive_slope", 1.0))
+        return TwoSlope("two_slope", _real(name, "negative_slope", options["negative_slope"]),
+                        _real(name, "positive_slope", options["positive_slope"]))
     if name == "step":
         return Step()
     if name == "erf":

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .. import defaults
 from .activations import Activation, get_activation
 
 __all__ = ["Architecture"]
@@ -53,9 +54,9 @@ class Architecture:
     activation : str, dict or Activation
         Activation by name (``"relu"``, ``"erf"``, ``"tanh"``, ...), as a dict
         (``{"name": "leaky_relu", "slope": 0.1}``) or as an :class:`~nngp_dask.activations.Activation`.
-    weight_var : float
+    weight_var : float, default 1.6
         ``sigma_w^2 > 0``: weights are ``N(0, weight_var / fan_in)``.
-    bias_var : float
+    bias_var : float, default 0.1
         ``sigma_b^2 >= 0``: biases are ``N(0, bias_var)``.
     input_weight_var : sequence of float, optional
         ARD (automatic relevance determination): one first-layer weight variance per input
@@ -67,6 +68,11 @@ class Architecture:
         same network on the rescaled inputs ``x_i sqrt(v_i / W_std^2)`` of the first ``Dense``.
         None (default): every feature has ``weight_var``.
 
+    The defaults are those of pipelines, estimators and sweeps (:mod:`nngp_dask.defaults`);
+    this class alone used to default to 1.0 and 0.0. A store records the values it was built
+    with, so an old store keeps its kernel, and a build asking it for other values is refused
+    naming the field.
+
     Examples
     --------
     >>> arch = Architecture(depth=3, activation="relu", weight_var=1.6, bias_var=0.1)
@@ -76,16 +82,16 @@ class Architecture:
 
     depth: int
     activation: Activation
-    weight_var: float = 1.0
-    bias_var: float = 0.0
+    weight_var: float = defaults.WEIGHT_VAR
+    bias_var: float = defaults.BIAS_VAR
     input_weight_var: tuple[float, ...] | None = None
 
     def __init__(
         self,
         depth: int,
-        activation: str | Mapping[str, Any] | Activation = "relu",
-        weight_var: float = 1.0,
-        bias_var: float = 0.0,
+        activation: str | Mapping[str, Any] | Activation = defaults.ACTIVATION,
+        weight_var: float = defaults.WEIGHT_VAR,
+        bias_var: float = defaults.BIAS_VAR,
         input_weight_var: Sequence[float] | NDArray | None = None,
     ) -> None:
         if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)):
@@ -142,9 +148,9 @@ class Architecture:
             raise ValueError("architecture.depth: missing; expected an integer >= 0")
         return cls(
             depth=data["depth"],
-            activation=data.get("activation", "relu"),
-            weight_var=data.get("weight_var", 1.0),
-            bias_var=data.get("bias_var", 0.0),
+            activation=data.get("activation", defaults.ACTIVATION),
+            weight_var=data.get("weight_var", defaults.WEIGHT_VAR),
+            bias_var=data.get("bias_var", defaults.BIAS_VAR),
             input_weight_var=data.get("input_weight_var"),
         )
 

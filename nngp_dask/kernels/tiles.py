@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 from scipy.linalg import blas
 
+from .. import defaults
 from . import _recursion as rec
 from .activations import FAMILY_HERMITE, Elementwise
 from .architecture import Architecture
@@ -259,7 +260,7 @@ def tile(
     diag_cols: NDArray,
     *,
     kind: str = "nngp",
-    dtype: DTypeLike = np.float32,
+    dtype: DTypeLike = defaults.STORE_DTYPE,
     all_depths: bool = False,
     symmetric: bool = False,
 ) -> NDArray | tuple[NDArray, NDArray]:
@@ -385,7 +386,7 @@ def kernel(
     x2: ArrayLike | None = None,
     *,
     kind: str = "nngp",
-    dtype: DTypeLike = np.float32,
+    dtype: DTypeLike = defaults.STORE_DTYPE,
     all_depths: bool = False,
 ) -> NDArray | tuple[NDArray, NDArray]:
     """The NNGP (or NTK) kernel matrix, in memory.

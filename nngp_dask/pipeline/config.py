@@ -14,14 +14,38 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import defaults
 from ..fields import ConfigError, Field, expand_env
-from ..kernels import ACTIVATIONS, NORMALIZATIONS
+from ..kernels import ACTIVATION_PARAMETERS, ACTIVATIONS, NORMALIZATIONS, get_activation
 from ..linalg import PRECONDITIONERS
 from ..store import POLICIES as PAGE_CACHE_POLICIES, is_remote
 from ..tomlfile import read_toml, to_toml
 
 __all__ = ["ConfigError", "SCHEMA", "load_config", "parse_overrides", "resolve", "schema_text", "to_toml"]
 
+
+def _activation(dotted: str, value: str | dict) -> str | dict:
+    """An activation name, or a table of its name and parameters, checked now (one line naming the
+    parameter) rather than when the kernel stage builds the architecture."""
+    try:
+        get_activation(value)
+    except (ValueError, TypeError) as exc:
+        text = str(exc)
+        raise ConfigError(f"{dotted}{text[len('activation'):]}" if text.startswith("activation") else
+                          f"{dotted}: {text}") from None
+    return value
+
+
+def _parameters_doc() -> str:
+    """``leaky_relu: slope; two_slope: ...; tanh, sigmoid, ...: degree, nodes`` (names sharing parameters grouped)."""
+    by_params: dict[tuple[str, ...], list[str]] = {}
+    for name, params in ACTIVATION_PARAMETERS.items():
+        if params:
+            by_params.setdefault(params, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {', '.join(params)}" for params, names in by_params.items())
+
+
+_PARAMETRISED = _parameters_doc()
 
 SCHEMA: dict[str, dict[str, Field]] = {
     "run": {
@@ -57,11 +81,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "target_noise": Field(float, 0.05, "synthetic: standard deviation of the target noise", minimum=0.0),
     },
     "architecture": {
-        "depth": Field(int, 3, "hidden layers L", minimum=0),
-        "activation": Field(str, "relu", "activation name", choices=tuple(ACTIVATIONS)),
-        "weight_var": Field(float, 1.6, "weight variance sigma_w^2 (weights ~ N(0, weight_var / fan_in))",
-                            minimum=0.0, exclusive_minimum=True),
-        "bias_var": Field(float, 0.1, "bias variance sigma_b^2", minimum=0.0),
+        "depth": Field(int, defaults.DEPTH, "hidden layers L", minimum=0),
+        "activation": Field((str, dict), defaults.ACTIVATION, "activation name, or an inline table of the name and "
+                            f"its parameters, e.g. {{name = \"leaky_relu\", slope = 0.2}} ({_PARAMETRISED})",
+                            choices=tuple(ACTIVATIONS), validate=_activation),
+        "weight_var": Field(float, defaults.WEIGHT_VAR, "weight variance sigma_w^2 (weights ~ N(0, weight_var / "
+                            "fan_in))", minimum=0.0, exclusive_minimum=True),
+        "bias_var": Field(float, defaults.BIAS_VAR, "bias variance sigma_b^2", minimum=0.0),
         "input_weight_var": Field(list, [], "ARD: one first-layer weight variance per input feature, replacing "
                                   "weight_var in the input layer (empty: isotropic)"),
     },
@@ -69,16 +95,18 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "kind": Field(str, "nngp", "nngp (Bayesian posterior) or ntk (gradient-descent training)",
                       choices=("nngp", "ntk")),
         "tile": Field(int, 2048, "tile edge", minimum=1),
-        "dtype": Field(str, "float32", "storage precision", choices=("float32", "float64")),
+        "dtype": Field(str, defaults.STORE_DTYPE, "storage precision (products accumulate in float64)",
+                       choices=("float32", "float64")),
         "page_cache": Field(str, "auto", "keep written tiles in the OS page cache (keep), drop them once on disk "
                             "(drop), or drop them when the kernel exceeds half the host's memory (auto)",
                             choices=PAGE_CACHE_POLICIES),
     },
     "solver": {
-        "noise": Field(float, 0.01, "observation noise variance added to the kernel diagonal", minimum=0.0),
+        "noise": Field(float, defaults.NOISE, "observation noise variance added to the kernel diagonal", minimum=0.0),
         "amplitude": Field(float, 1.0, "prior amplitude s: the targets' covariance is s (K + noise I); scales the "
                            "predictive variances (NLPD), not the mean", minimum=0.0, exclusive_minimum=True),
-        "tol": Field(float, 1e-4, "relative residual per right-hand side", minimum=0.0, exclusive_minimum=True),
+        "tol": Field(float, defaults.TOL, "relative residual per right-hand side (the shipped pipelines use 1e-4)",
+                     minimum=0.0, exclusive_minimum=True),
         "maxiter": Field(int, 0, "CG iteration cap (0: automatic)", minimum=0),
         "preconditioner": Field(str, "auto", "CG preconditioner", choices=PRECONDITIONERS),
         "rank": Field(int, 1024, "rank of a low-rank preconditioner", minimum=1),
@@ -116,7 +144,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "heatmap_points": Field(int, 400, "points in the kernel heat map", minimum=2),
     },
     "cluster": {
-        "address": Field(str, "local", "local (embedded cluster), a scheduler address, or a cluster file"),
+        "address": Field(str, "auto", "auto (Dask's scheduler-address, i.e. DASK_SCHEDULER_ADDRESS, when set, else the "
+                         "embedded cluster), local (always the embedded cluster), a scheduler address, or a cluster "
+                         "file"),
         "n_workers": Field(int, 0, "local: worker processes (0: one per core)", minimum=0),
         "threads_per_worker": Field(int, 1, "local: threads per worker process", minimum=1),
         "memory_limit": Field(str, "", "local: memory limit per worker, e.g. '8GiB' (empty: automatic)"),
@@ -182,7 +212,12 @@ def resolve(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, 
         from ..cluster import load_cluster_file
 
         load_cluster_file(out["cluster"]["address"])
-    _check_tls_address(out["cluster"]["address"])
+    address = out["cluster"]["address"]
+    if address == "auto":  # Dask's scheduler-address, if set, is what the run will connect to
+        from ..cluster import configured_scheduler
+
+        address = configured_scheduler() or address
+    _check_tls_address(address)
     if out["data"]["source"] != "synthetic" and not out["data"]["path"]:
         raise ConfigError(f"data.path: expected a file or directory for source {out['data']['source']!r}, got ''")
     _check_fit(out)

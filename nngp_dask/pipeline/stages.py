@@ -31,7 +31,7 @@ import numpy as np
 
 from .._version import __version__
 from ..build import build_kernel
-from ..cluster import LazyClient
+from ..cluster import OWN_HANDLER, LazyClient
 from ..gp import (
     COVERAGE_LEVELS,
     SolveResult,
@@ -185,6 +185,7 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.out / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        setattr(handler, OWN_HANDLER, True)  # not logging the caller set up: the dashboard link is printed too
         # not on the "distributed" logger: the cluster silences that logger's handlers while it runs
         pkg = logging.getLogger("nngp_dask")
         level = pkg.level
@@ -201,10 +202,10 @@ class Pipeline:
     def _cluster(self) -> Any:
         if self.client is not None:
             return self.client
-        c = self.cfg["cluster"]
-        if c["address"] == "local":
-            return None
-        return c["address"]
+        address = self.cfg["cluster"]["address"]
+        # auto: what client_for(None) picks (a default client, Dask's scheduler-address, else
+        # the embedded cluster); "local" is always the embedded cluster
+        return None if address == "auto" else address
 
     def _local_kwargs(self) -> dict:
         c = self.cfg["cluster"]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from .. import defaults
 from ..kernels import Architecture, check_kind, depth_kernels, gram_block
 
 __all__ = ["CRITERIA", "EIGH_MIN_NOISES", "GRID_DEFAULTS", "GRID_KEYS", "SOLVERS", "TASKS", "sweep_kernels"]
@@ -21,7 +22,8 @@ CRITERIA: dict[str, bool] = {"accuracy": True, "rmse": False, "nlpd": False, "ma
 SOLVERS: tuple[str, ...] = ("auto", "cholesky", "eigh", "cg")
 GRID_KEYS: tuple[str, ...] = ("weight_var", "bias_var", "depth", "noise")
 #: defaults of grid keys left out (those of the pipeline schema)
-GRID_DEFAULTS: dict[str, tuple] = {"weight_var": (1.6,), "bias_var": (0.1,), "depth": (3,), "noise": (1e-2,)}
+GRID_DEFAULTS: dict[str, tuple] = {"weight_var": (defaults.WEIGHT_VAR,), "bias_var": (defaults.BIAS_VAR,),
+                                   "depth": (defaults.DEPTH,), "noise": (defaults.NOISE,)}
 #: ``solver="auto"`` uses one eigendecomposition instead of one Cholesky per noise from this
 #: many noises on (an ``eigh`` costs about 8-10 Cholesky factorisations on this machine).
 EIGH_MIN_NOISES = 8

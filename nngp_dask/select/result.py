@@ -194,10 +194,9 @@ class SweepResult:
         for key, value in (template or {}).items():
             data[key] = dict(value) if isinstance(value, Mapping) else value
         act = self.settings["activation"]
-        if set(act) != {"name"}:
-            raise ValueError(f"activation: the pipeline schema takes an activation name, got {act!r} "
-                             "(an activation with options); write [architecture] activation by hand")
-        data.setdefault("architecture", {}).update(depth=int(b["depth"]), activation=act["name"],
+        # a name alone, or an inline table of the name and the activation's parameters
+        data.setdefault("architecture", {}).update(depth=int(b["depth"]), activation=act["name"] if set(act) == {"name"}
+                                                   else dict(act),
                                                    weight_var=float(b["weight_var"]),
                                                    bias_var=float(b["bias_var"]))
         data.setdefault("solver", {})["noise"] = float(b["noise_abs"])

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from .. import defaults
 from ..gp import DIRECT_MAX_N, TARGETS, encode_labels, one_hot_targets
 from ..kernels import (
     NORMALIZATIONS,
@@ -100,7 +101,7 @@ def run_sweep(
     y_train: ArrayLike,
     *,
     grid: Mapping[str, Any],
-    activation: Any = "relu",
+    activation: Any = defaults.ACTIVATION,
     kind: str = "nngp",
     task: str = "classification",
     criterion: str | None = None,
@@ -110,10 +111,10 @@ def run_sweep(
     normalize: str = "none",
     relative_noise: bool = False,
     targets: str = "centered",
-    dtype: DTypeLike = "float64",
+    dtype: DTypeLike = defaults.IN_MEMORY_DTYPE,
     solver: str = "auto",
     exact_max_n: int = DIRECT_MAX_N,
-    tol: float = 1e-5,
+    tol: float = defaults.TOL,
     num_probes: int = 16,
     lanczos_steps: int = 50,
     seed: int | None = 0,
@@ -154,16 +155,17 @@ def run_sweep(
         noise * mean diag K``): comparable across weight/bias variances and depths.
     targets : {"centered", "onehot"}
         Classification targets (:func:`nngp_dask.gp.targets.one_hot_targets`).
-    dtype : {"float32", "float64"}
-        Kernel precision (solves are float64; CG multiplies a float32 kernel in float32).
+    dtype : {"float32", "float64"}, default "float64"
+        Kernel precision (solves are float64; CG multiplies a float32 kernel in float32). In memory,
+        like the estimators; a stored kernel defaults to float32 (:mod:`nngp_dask.defaults`).
     solver : {"auto", "cholesky", "eigh", "cg"}
         ``"auto"``: for ``n_fit <= exact_max_n`` Cholesky per noise, or ``eigh`` when the grid
         has at least :data:`EIGH_MIN_NOISES` noises; above, preconditioned CG (and SLQ when the
         criterion is the marginal likelihood).
     exact_max_n : int
         Size threshold of the exact path (default :data:`nngp_dask.gp.DIRECT_MAX_N`).
-    tol : float
-        CG relative residual.
+    tol : float, default 1e-5
+        CG relative residual (:data:`nngp_dask.defaults.TOL`, as ``solve``).
     num_probes, lanczos_steps : int
         SLQ settings.
     seed : int or None

@@ -50,7 +50,7 @@ from .errors import NotAKernelStoreError
 
 __all__ = [
     "ATTR", "DIAGONALS", "DONE", "FORMAT_VERSION", "INPUTS", "KERNEL", "SOLVES", "TEST_PRIOR",
-    "StoreIdentity", "array_codecs", "diagonals_path", "done_path", "format_message", "has_checksum",
+    "StoreIdentity", "array_codecs", "diagonals_path", "dimension_names", "done_path", "format_message", "has_checksum",
     "inputs_path", "is_remote", "kernel_path", "local_chunk_file", "normalise_url", "open_group",
     "remove_interrupted_writes", "solve_path",
 ]
@@ -99,6 +99,60 @@ def done_path(part: str) -> str:
 def solve_path(key: str) -> str:
     """The group of one solve's checkpoints and solution."""
     return f"{SOLVES}/{key}"
+
+
+# Zarr v3 ``dimension_names`` of every array, so that xarray (``xr.open_datatree(url, engine="zarr")``,
+# ``xr.open_zarr(url, group=...)``) and other Zarr v3 readers name each axis. Within a group a name
+# means one length: the kernel's columns are ``train_col`` (the rows of ``train_train`` and of the
+# inputs are ``train``), and a solve's checkpoint slots count their own ``slot_iteration``.
+# Metadata only: a store's identity (StoreIdentity) and its tiles do not depend on them, and a store
+# written without them opens in nngp-dask as before.
+_DIMENSIONS: dict[str, tuple[str, ...]] = {
+    inputs_path("train"): ("train", "feature"),
+    inputs_path("test"): ("test", "feature"),
+    diagonals_path("train"): ("layer", "train"),
+    diagonals_path("test"): ("layer", "test"),
+    diagonals_path("train", ntk=True): ("layer", "train"),
+    diagonals_path("test", ntk=True): ("layer", "test"),
+    kernel_path("train_train"): ("train", "train_col"),
+    kernel_path("test_train"): ("test", "train_col"),
+    TEST_PRIOR: ("test",),
+    done_path("train_train"): ("train_tile", "train_col_tile"),
+    done_path("test_train"): ("test_tile", "train_col_tile"),
+}
+# the arrays of one solve (``solves/<key>/<name>``) and of its checkpoint slots (``.../slot<i>/<name>``)
+_SOLVE_DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "alpha": ("train", "rhs"), "residuals": ("iteration", "rhs"), "lowrank_factor": ("train", "rank"),
+}
+_SLOT_DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "x": ("train", "rhs"), "r": ("train", "rhs"), "z": ("train", "rhs"), "p": ("train", "rhs"), "rz": ("rhs",),
+    "active": ("rhs",), "b_norm": ("rhs",), "residuals": ("slot_iteration", "rhs"), "iteration": (),
+}
+
+
+def dimension_names(path: str) -> tuple[str, ...]:
+    """The dimension names of the array at ``path`` inside a store (``create_array(...,
+    dimension_names=...)``).
+
+    Parameters
+    ----------
+    path : str
+        From :func:`inputs_path`, :func:`kernel_path`, ..., or ``solve_path(key) + "/" + name``
+        (and ``.../slot<i>/<name>`` for a checkpoint).
+
+    Raises
+    ------
+    KeyError
+        For a path this layout does not define (a new array must be named here).
+    """
+    if path in _DIMENSIONS:
+        return _DIMENSIONS[path]
+    parts = path.split("/")
+    if parts[0] == SOLVES and len(parts) == 3 and parts[2] in _SOLVE_DIMENSIONS:
+        return _SOLVE_DIMENSIONS[parts[2]]
+    if parts[0] == SOLVES and len(parts) == 4 and parts[2].startswith("slot") and parts[3] in _SLOT_DIMENSIONS:
+        return _SLOT_DIMENSIONS[parts[3]]
+    raise KeyError(f"store layout: no dimension names for {path!r}")
 
 
 def array_codecs() -> dict[str, Any]:
