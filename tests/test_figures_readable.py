@@ -23,6 +23,7 @@ def drawn(monkeypatch):
         return real(fig, path)
 
     monkeypatch.setattr(plots, "save_figure", keep)
+    monkeypatch.setattr(plots.uncertainty, "save_figure", keep)  # its own reference to the same function
     return figures
 
 

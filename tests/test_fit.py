@@ -160,7 +160,8 @@ def test_pipeline_fit_stage_solves_and_scores_with_the_fitted_values(tmp_path, c
 
     cfg = load_config(QUICK, {"run.output": str(tmp_path / "run"), "data.n_train": 150, "data.n_test": 40,
                               "kernel.dtype": "float64", "solver.method": "cholesky", "fit.enabled": True,
-                              "fit.subset": 80, "fit.depth_min": 2, "fit.depth_max": 2})
+                              "fit.subset": 80, "fit.depth_min": 2, "fit.depth_max": 2,
+                                  "solver.fit_amplitude": False})  # the subset's amplitude, not the full data's
     rep = run_pipeline(cfg, client=cluster_client, plots=False, progress=False)
     fitted = rep["stages"]["fit"]["detail"]["fitted"]
     a, s = rep["config"]["architecture"], rep["config"]["solver"]

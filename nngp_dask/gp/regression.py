@@ -179,7 +179,7 @@ def _preconditioner(ks: KernelStore, name: str, noise: float, rank: int | None, 
     n = ks.shape[0]
     rank = min(rank or AUTO_RANK, n)
     if name in ("nystrom", "auto"):
-        return stored_nystrom(ks, client, rank, noise)
+        return stored_nystrom(ks, client, rank, noise, progress=progress)
     columns = _column_fn(ks)
     if name in ("none", "jacobi"):
         return make_preconditioner(name, diag=ks.diagonal(), column_fn=columns, noise=max(noise, 1e-12), rank=rank,
