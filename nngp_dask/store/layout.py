@@ -124,6 +124,13 @@ class StoreIdentity:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
+    def train_token(self) -> str:
+        """A short hash of what determines the train x train kernel (the identity less the test
+        inputs): names solves, which a new test set leaves valid."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("x_test", "n_test")}
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
     def differences(self, other: "StoreIdentity") -> list[str]:
         """Human-readable fields that differ, ``"field: store has A, requested B"``."""
         out = []
