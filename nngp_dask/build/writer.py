@@ -184,14 +184,17 @@ def resume_update(meta: dict) -> tuple[Update, StoreIdentity, list]:
 
 
 def _trim_stale_solves(g: zarr.Group, old: StoreIdentity) -> None:
-    """Solves of the old kernel keep their solution (a warm start for the new one) and lose their
-    checkpoints and preconditioner factor (sized for the old n, never read again)."""
+    """Solves of the old kernel keep their solution (a warm start for the new one) and their Nystrom
+    factor (extended to the new rows rather than rebuilt) and lose their checkpoints; solves of
+    kernels before it keep only their solution."""
     if SOLVES not in g:
         return
     for _, sg in g[SOLVES].groups():
         if "kernel" not in sg.attrs:  # written before solves named their kernel: this store's, then
             sg.attrs.update({"kernel": old.train_token(), "n": old.n_train})
-        for name in ("slot0", "slot1", "lowrank_factor"):
+        stale = ["slot0", "slot1"] + ([] if sg.attrs.get("kernel") == old.train_token() else
+                                      ["lowrank_factor", "nystrom_transform", "nystrom_landmarks", "nystrom_gram"])
+        for name in stale:
             if name in sg:
                 del sg[name]
 

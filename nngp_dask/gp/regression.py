@@ -22,12 +22,13 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..cluster import client_for
 from ..kernels import tile as tile_fn
-from ..linalg import (AUTO_RANK, PRECONDITIONERS, CGState, ConvergenceWarning, LowRank, batched_cg, cholesky_factor,
-                      default_maxiter, dense_solve, make_preconditioner)
+from ..linalg import (AUTO_RANK, PRECONDITIONERS, CGState, ConvergenceWarning, batched_cg, cholesky_factor,
+                      default_maxiter, dense_solve, make_preconditioner, orthogonal_factor)
 from ..monitor import Heartbeat
 from ..store import KernelStore, diagonals_path, inputs_path, open_kernel, solve_path
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
+from .warmstart import extended_preconditioner, previous_solution, targets_hash
 
 __all__ = ["DIRECT_MAX_N", "SolveResult", "solve", "predict", "EXACT_VARIANCE_MAX"]
 
@@ -117,8 +118,8 @@ def _open(store: Any) -> KernelStore:
     return open_kernel(store)
 
 
-def _column_fn(ks: KernelStore):
-    """``idx -> K[:, idx]`` computed from the stored inputs with the tile function (no pass over
+def _column_fn(ks: KernelStore, rows: slice = slice(None)):
+    """``idx -> K[rows, idx]`` computed from the stored inputs with the tile function (no pass over
     the stored kernel). Inputs are read once and kept (n x d float64)."""
     arch, kind = ks.architecture, ks.kind
     x = ks.array(inputs_path("train"))[...]
@@ -126,7 +127,7 @@ def _column_fn(ks: KernelStore):
 
     def columns(idx: NDArray) -> NDArray:
         idx = np.asarray(idx, dtype=np.intp)
-        return tile_fn(arch, x, x[idx], diag, diag[:, idx], kind=kind, dtype=np.float64)
+        return tile_fn(arch, x[rows], x[idx], diag[:, rows], diag[:, idx], kind=kind, dtype=np.float64)
 
     return columns
 
@@ -134,7 +135,8 @@ def _column_fn(ks: KernelStore):
 def _solve_key(ks: KernelStore, y: NDArray, noise: float, tol: float, preconditioner: str, rank: int | None,
                method: str) -> str:
     h = hashlib.blake2b(digest_size=10)
-    h.update(json.dumps({"kernel": ks.identity.token(), "noise": noise, "tol": tol, "pre": preconditioner,
+    # the train kernel's token: a new test set leaves the solve valid
+    h.update(json.dumps({"kernel": ks.identity.train_token(), "noise": noise, "tol": tol, "pre": preconditioner,
                          "rank": rank, "method": method, "shape": list(y.shape)}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(y).tobytes())
     return h.hexdigest()
@@ -173,9 +175,20 @@ class _Checkpoints:
                                     compressors=None)[...] = value
         self.group.attrs.update({**info, "status": "done"})
 
-    def save_factor(self, factor: NDArray) -> None:
-        self.group.create_array("lowrank_factor", shape=factor.shape, dtype="float64", overwrite=True,
-                                compressors=None)[...] = factor
+    def save_factor(self, pre: Any) -> None:
+        """The preconditioner's low-rank factor (the low-rank variance reads it) and, for a
+        Nystrom one, what extends it to a grown kernel (:mod:`nngp_dask.linalg.extend`)."""
+        info = getattr(pre, "info", {})
+        arrays = {"lowrank_factor": pre.lowrank_factor, "nystrom_transform": info.get("transform"),
+                  "nystrom_landmarks": info.get("landmarks"), "nystrom_gram": info.get("gram")}
+        for name, value in arrays.items():
+            if value is not None:
+                self.group.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True,
+                                        compressors=None)[...] = value
+            elif name in self.group:
+                del self.group[name]
+        self.group.attrs.update({"factor_orthogonal": getattr(pre, "orthogonal", True),
+                                 "nystrom_pool": int(info.get("pool", pre.n))})
 
 
 def solve(
@@ -243,7 +256,8 @@ def solve(
     key = _solve_key(ks, y2, noise, tol, pre_name, rank, method)
     t0 = time.perf_counter()
     ck = _Checkpoints(ks, key, {"noise": noise, "tol": tol, "preconditioner": pre_name, "rank": rank,
-                                 "method": method, "n_rhs": y2.shape[1]})
+                                 "method": method, "n_rhs": y2.shape[1], "kernel": ks.identity.train_token(),
+                                 "n": n, "y_hash": targets_hash(y2)})
     maxiter = default_maxiter(n) if maxiter is None else int(maxiter)
 
     def finish(alpha, iterations, residuals, converged, resumed, matmat_s=0.0, info=None):
@@ -258,7 +272,8 @@ def solve(
         log.info("solve %s already done in %s; loading alpha", key, ks.url)
         return finish(ck.group["alpha"][...], attrs["iterations"], ck.group["residuals"][...],
                       bool(attrs["converged"]), -1,
-                      info={k: attrs.get(k) for k in ("preconditioner_rank", "preconditioner_used")})
+                      info={k: attrs.get(k) for k in ("preconditioner_rank", "preconditioner_used", "warm_start")
+                            if k in attrs})
 
     if method == "cholesky":
         k = ks.to_dask().compute().astype(np.float64)
@@ -271,15 +286,29 @@ def solve(
     with client_for(client) as c:
         op = StoredKernelOperator(ks, noise, c)
         t_pre = time.perf_counter()
-        pre = make_preconditioner(pre_name, diag=ks.diagonal(), column_fn=_column_fn(ks), noise=max(noise, 1e-12),
-                                  rank=min(rank or AUTO_RANK, n), n=n)
-        pre_s = time.perf_counter() - t_pre
-        if isinstance(pre, LowRank):
-            ck.save_factor(pre.lowrank_factor)
         state = ck.load()
         resumed = int(state.iteration) if state is not None else 0
+        x0, warm = previous_solution(ks, y2, noise)
+        # a resumed solve extends the same previous preconditioner again: the same M as it started with
+        pre, reused = extended_preconditioner(ks, warm.get("from"), pre_name, max(noise, 1e-12),
+                                              min(rank or AUTO_RANK, n),
+                                              lambda rows: _column_fn(ks, slice(rows, None)))
+        if pre is None:
+            pre = make_preconditioner(pre_name, diag=ks.diagonal(), column_fn=_column_fn(ks),
+                                      noise=max(noise, 1e-12), rank=min(rank or AUTO_RANK, n), n=n)
+        pre_s = time.perf_counter() - t_pre
+        if pre.lowrank_factor is not None:
+            ck.save_factor(pre)
+        if state is not None:
+            x0, warm = None, {}
+        if reused:
+            log.info("preconditioner: %s", reused)
         if resumed:
             log.info("resuming solve %s from its checkpoint at iteration %d", key, resumed)
+        elif x0 is not None:
+            log.info("warm start from solve %s of the %d-row prefix (%d iterations there; its targets %s)",
+                     warm["from"], warm["rows"], warm["iterations"],
+                     "unchanged" if warm["targets_unchanged"] else "changed since")
         log.info("CG on %d x %d kernel, %d right-hand side(s), noise %g, preconditioner %s (rank %d, %.1f s)",
                  n, n, y2.shape[1], noise, pre.name, pre.rank, pre_s)
         from tqdm.auto import tqdm
@@ -299,13 +328,18 @@ def solve(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             result = batched_cg(op.matmat, y2, tol=tol, maxiter=maxiter, preconditioner=pre, state=state,
-                                callback=callback)
+                                x0=x0, callback=callback)
         bar.close()
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         ck.save(result.state)
         info = {"iterations": result.iterations, "converged": result.converged, "preconditioner_used": pre.name,
                 "preconditioner_rank": pre.rank, "preconditioner_s": pre_s}
+        if reused:
+            info["preconditioner_reused"] = reused
+        if warm:
+            # the starting residual says how much of the guess was kept (1.0: none, a cold start)
+            info["warm_start"] = {**warm, "start_residual": float(np.max(result.residuals[0]))}
         ck.save_solution(result.x, result.residuals, info)
         log.info("%s", result.summary())
         return finish(result.x, result.iterations, result.residuals, result.converged, resumed, op.seconds, info)
@@ -371,6 +405,8 @@ def predict(
                              "(preconditioner='pivoted_cholesky' or 'nystrom'); use variance='exact'")
         # columns of U diag(s) come in descending s: the leading ones carry the top spectrum
         factor = g["lowrank_factor"][:, :variance_rank]
+        if g.attrs.get("factor_orthogonal") is False:  # a Nystrom factor extended to appended rows
+            factor = orthogonal_factor(factor)
     with client_for(client) as c:
         op = StoredKernelOperator(ks, result.noise, c)
         mean, sq, proj = op.test_products(a2, factor)

@@ -4,6 +4,7 @@ and the compiled products of one tile with thin blocks."""
 
 from .cg import ConvergenceWarning, batched_cg, check_rhs, default_maxiter
 from .cg_state import CGResult, CGState
+from .extend import EXTEND_MAX_GROWTH, ExtendedNystrom, orthogonal_factor
 from .dense import cholesky_factor, dense_solve, positive_definite_advice
 from .preconditioners import (AUTO_RANK, PRECONDITIONERS, Identity, Jacobi, LowRank, Nystrom, PivotedCholesky,
                               Preconditioner, make_preconditioner)
@@ -18,6 +19,9 @@ __all__ = [
     "batched_cg",
     "check_rhs",
     "default_maxiter",
+    "EXTEND_MAX_GROWTH",
+    "ExtendedNystrom",
+    "orthogonal_factor",
     "cholesky_factor",
     "dense_solve",
     "positive_definite_advice",

@@ -260,7 +260,8 @@ class Pipeline:
         variance: bool | str = False if mode == "none" else mode
         path = self.out / "predictions.npz"
         with self._stage("predict") as rec:
-            rec.fingerprint = _hash(result.key, mode)
+            # the store's full token: a new test set keeps the solve's key but not the predictions
+            rec.fingerprint = _hash(result.key, mode, ks.identity.token())
             if path.exists():
                 with np.load(path, allow_pickle=False) as f:
                     if str(f["fingerprint"]) == rec.fingerprint:
@@ -295,6 +296,7 @@ class Pipeline:
             "stages": {name: {"seconds": round(r.seconds, 3), "did_work": r.did_work, "fingerprint": r.fingerprint,
                               **({"detail": r.detail} if r.detail else {})} for name, r in self.records.items()},
             "kernel": ks.summary() | {"store": self.store_url},
+            "reused": self._reused(),
             "cg_residuals": result.residuals.tolist() if result is not None and result.method == "cg" else None,
             "peak_rss_bytes": peak,
             "wall_s": round(time.time() - started, 3),
@@ -309,6 +311,25 @@ class Pipeline:
         if write:
             _atomic_write(self.out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
         return report
+
+    def _reused(self) -> dict[str, str]:
+        """One line per stage on what this run took over from the previous one (a scheduled
+        re-fit on grown data: kept tiles, a warm-started solve)."""
+        out = {}
+        k = self.records.get("kernel")
+        if k is not None and k.detail:
+            d = k.detail
+            total, kept, built = d.get("tiles_total", 0), d.get("tiles_kept", 0), d.get("tiles_computed", 0)
+            out["kernel"] = (f"{d.get('update')}: {kept} of {total} tiles kept, {built} built" if kept or built
+                             else f"{d.get('update')}: all {total} tiles kept")
+        s = self.records.get("solve")
+        if s is not None and s.detail:
+            warm = s.detail.get("warm_start")
+            out["solve"] = ("solution loaded (already solved)" if s.detail.get("resumed_from") == -1 else
+                            f"warm start from the {warm['rows']}-row prefix's solution ({warm['iterations']} "
+                            f"iterations there, {s.detail['iterations']} here)" if warm else
+                            "cold start")
+        return out
 
     def _previous_figures(self, fingerprint: str) -> list[str] | None:
         """The figures of the last report when it had this fingerprint and they are all there."""
