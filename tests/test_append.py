@@ -246,3 +246,35 @@ def test_extended_nystrom_is_the_nystrom_of_the_grown_kernel(rng):
     again = ExtendedNystrom.extend(f[:110], ext.info["gram"] - f[110:].T @ f[110:], small.info["transform"], s,
                                    k[110:][:, s], noise, pool=100)  # extended twice: the same factor
     np.testing.assert_allclose(again.lowrank_factor, f, atol=1e-12 * np.abs(f).max())
+
+
+@pytest.mark.slow  # two pipeline runs
+def test_pipeline_on_a_growing_folder_of_dated_files_appends_and_starts_warm(thread_client, tmp_path, rng):
+    from nngp_dask.pipeline import resolve, run_pipeline
+
+    data = tmp_path / "data"
+    data.mkdir()
+    x, xt = rng.standard_normal((340, 5)), rng.standard_normal((30, 5))
+    f = lambda a: np.sin(a[:, 0]) + 0.5 * a[:, 1]  # noqa: E731
+    np.save(data / "x_test.npy", xt)
+    np.save(data / "y_test.npy", f(xt))
+    for day, rows in (("2026-12-01", slice(0, 200)), ("2026-12-02", slice(200, 300))):
+        np.save(data / f"x_{day}.npy", x[rows])
+        np.save(data / f"y_{day}.npy", f(x[rows]))
+    cfg = resolve({"run": {"output": str(tmp_path / "run")},
+                   "data": {"source": "npy", "path": str(data), "x_train": "x_2*.npy", "y_train": "y_2*.npy",
+                            "x_test": "x_test.npy", "y_test": "y_test.npy",
+                            "normalize": "unit_norm"},
+                   "kernel": {"tile": 64}, "solver": {"method": "cg", "preconditioner": "nystrom", "rank": 30},
+                   "predict": {"variance": "lowrank"}})
+    first = run_pipeline(cfg, client=thread_client, plots=False, progress=False)
+    assert first["kernel"]["n_train"] == 300 and first["reused"]["kernel"].startswith("new")
+    np.save(data / "x_2026-12-03.npy", x[300:])  # the next day's file: sorted last, an append
+    np.save(data / "y_2026-12-03.npy", f(x[300:]))
+    again = run_pipeline(cfg, client=thread_client, plots=False, progress=False)
+    assert again["kernel"]["n_train"] == 340
+    # 300 rows: 4 full tile rows of 64 stay (10 train tiles, 4 test tiles); 340: 21 + 6 tiles
+    assert again["reused"]["kernel"] == "append: 14 of 27 tiles kept, 13 built"
+    assert again["reused"]["solve"].startswith("warm start from the 300-row prefix's solution")
+    assert "extended from 300 to 340 rows" in again["stages"]["solve"]["detail"]["preconditioner_reused"]
+    assert abs(again["metrics"]["srmse"] - first["metrics"]["srmse"]) < 0.2
