@@ -278,3 +278,25 @@ def test_pipeline_on_a_growing_folder_of_dated_files_appends_and_starts_warm(thr
     assert again["reused"]["solve"].startswith("warm start from the 300-row prefix's solution")
     assert "extended from 300 to 340 rows" in again["stages"]["solve"]["detail"]["preconditioner_reused"]
     assert abs(again["metrics"]["srmse"] - first["metrics"]["srmse"]) < 0.2
+
+
+def test_a_glob_of_dated_files_is_read_in_name_order(tmp_path, rng):
+    from nngp_dask.kernels import InputError
+    from nngp_dask.pipeline.datasets import load_dataset
+
+    parts = {"2026-12-10": rng.standard_normal((3, 2)), "2026-12-09": rng.standard_normal((4, 2)),
+             "2026-12-11": rng.standard_normal((2, 2))}
+    for day, x in parts.items():
+        np.save(tmp_path / f"x_{day}.npy", x)
+        np.save(tmp_path / f"y_{day}.npy", x[:, 0])
+    np.save(tmp_path / "x_test.npy", parts["2026-12-09"])
+    np.save(tmp_path / "y_test.npy", parts["2026-12-09"][:, 0])
+    data = {"source": "npy", "path": str(tmp_path), "x_train": "x_2*.npy", "y_train": "y_2*.npy",
+            "x_test": "x_test.npy", "y_test": "y_test.npy", "limit_train": 0, "limit_test": 0}
+    ds = load_dataset(data, task="regression")
+    expected = np.concatenate([parts[d] for d in sorted(parts)])
+    np.testing.assert_array_equal(ds.x_train.read(0, 9), expected)
+    np.testing.assert_array_equal(ds.x_train.read(2, 6), expected[2:6])  # a slice across two files
+    np.testing.assert_array_equal(ds.y_train, expected[:, 0])
+    with pytest.raises(InputError, match=r"data.x_train: 'z_\*.npy' matches no file"):
+        load_dataset({**data, "x_train": "z_*.npy"}, task="regression")
