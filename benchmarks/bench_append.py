@@ -11,7 +11,7 @@ one embedded cluster started (and its kernels compiled) before any timing:
   with ``build_kernel(..., append=True)`` (only the tiles touching new rows are computed), solved
   (warm start from the OLD solution, its Nystrom preconditioner extended) and predicted.
 
-Each side is run ``--repeats`` times and the best time is kept. Printed per pair: the fraction of
+Each side is run ``--repeats`` times, alternating, and the best time is kept. Printed per pair: the fraction of
 tiles the append computed, the kernel stage's time relative to a fresh build and that ratio
 divided by the tile fraction (goal <= 1.2), the whole re-fit's time relative to a fresh run
 (goal <= 0.30 for 5 % new rows), CG iterations cold and warm, and the largest difference of the
@@ -107,15 +107,13 @@ def main() -> None:
               f"best of {args.repeats}")
         for old, new in pairs:
             y_new = encode_labels(labels[:new], classes)[1]
-            fresh_runs = []
-            for _ in range(args.repeats):
+            prefix = os.path.join(work, "prefix.zarr")
+            run(prefix, x[:old], encode_labels(labels[:old], classes)[1], xt, args, client)
+            fresh_runs, refits = [], []
+            for _ in range(args.repeats):  # alternating, so that a drifting load on the machine hits both
                 store = os.path.join(work, "fresh.zarr")
                 fresh_runs.append(run(store, x[:new], y_new, xt, args, client))
                 shutil.rmtree(store)
-            prefix = os.path.join(work, "prefix.zarr")
-            run(prefix, x[:old], encode_labels(labels[:old], classes)[1], xt, args, client)
-            refits = []
-            for _ in range(args.repeats):
                 store = os.path.join(work, "grown.zarr")
                 shutil.copytree(prefix, store)
                 refits.append(run(store, x[:new], y_new, xt, args, client, append=True))
