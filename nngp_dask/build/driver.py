@@ -26,15 +26,14 @@ from ..cluster import client_for, dashboard_link
 from ..kernels import (Architecture, KernelOverflowError, check_dtype, check_kind, check_range, diagonals,
                        diagonals_from_norms)
 from ..monitor import tracked
-from ..store import (ATTR, FORMAT_VERSION, TEST_PRIOR, ArraySource, KernelStore, NotAKernelStoreError, StoreIdentity,
-                     StoreMismatchError, array_codecs, check_policy, diagonals_path, dimension_names, done_path,
-                     format_message,
-                     inputs_path, is_remote, kernel_path, normalise_url, remove_interrupted_writes, store_contents,
-                     store_lock, wants_drop)
-from ..tiling import DEFAULT_TILE, TileGrid
+from ..store import (FORMAT_VERSION, ArraySource, KernelStore, NotAKernelStoreError, StoreIdentity, StoreMismatchError,
+                     check_policy, format_message, is_remote, normalise_url, remove_interrupted_writes,
+                     store_contents, store_lock, wants_drop)
+from ..tiling import DEFAULT_TILE
 from .ingest import PreparedInputs, prepare_inputs
 from .precompile import precompile
 from .tasks import tile_task
+from .writer import LINEAGE_MAX, Update, apply_update, plan_update, resume_update, write_layout
 
 __all__ = ["build_kernel", "BuildError"]
 
@@ -50,6 +49,9 @@ class BuildStats:
 
     tiles_total: int = 0
     tiles_computed: int = 0
+    tiles_kept: int = 0  #: tiles an incremental update kept from the store as it was
+    #: "new", "resumed", "append", "test set", "append + test set" or "rebuilt: <why>"
+    update: str = "new"
     wall_s: float = 0.0
     read_s: float = 0.0  #: summed over tasks: reading input blocks and diagonals
     compute_s: float = 0.0  #: summed over tasks: computing the tiles alone
@@ -80,53 +82,70 @@ def _identity(arch: Architecture, kind: str, tile: int, dtype: np.dtype, train: 
                          n_train=train.n, n_test=test.n if test else 0, features=train.d)
 
 
-def _write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Architecture,
-                  train: PreparedInputs, test: PreparedInputs | None) -> None:
-    """Create the store from scratch: inputs, diagonals, empty kernel arrays, then the identity."""
-    g = zarr.open_group(url, mode="w", storage_options=options if is_remote(url) else None)
-    # a half-written store is recognisably ours, so a re-run may recreate it
-    g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "ingesting": True}
-    t, depth = ident.tile, arch.depth
-    kw: dict[str, Any] = dict(overwrite=True, **array_codecs())  # every data chunk ends with its CRC32C
-    # completion records: a lost or garbled one means "rebuild"
-    flags: dict[str, Any] = dict(compressors=None, overwrite=True)
-    parts = [("train", train)] + ([("test", test)] if test else [])
-    for name, prep in parts:
-        x = g.create_array(inputs_path(name), shape=(prep.n, prep.d), chunks=(t, prep.d), dtype="float64",
-                           dimension_names=dimension_names(inputs_path(name)), **kw)
-        dg = g.create_array(diagonals_path(name), shape=(depth + 1, prep.n), chunks=(depth + 1, t),
-                            dtype="float64", dimension_names=dimension_names(diagonals_path(name)), **kw)
-        dt = (g.create_array(diagonals_path(name, ntk=True), shape=(depth + 1, prep.n), chunks=(depth + 1, t),
-                             dtype="float64", dimension_names=dimension_names(diagonals_path(name, ntk=True)), **kw)
-              if ident.kind == "ntk" else None)
-        with zarr.config.set({"array.write_empty_chunks": True}):  # no pass looking for all-zero blocks
-            for start, block in prep.chunks(t):
-                stop = start + block.shape[0]
-                x[start:stop] = block
-                kd = [diagonals(arch, block)] + ([diagonals(arch, block, kind="ntk")] if dt is not None else [])
-                # exact, where build_kernel's check saw only the extreme norms (left as a store still ingesting)
-                check_range(arch, kd, dtype=ident.dtype, where=f"the kernel of {prep.name}[{start}:{stop}]")
-                dg[:, start:stop] = kd[0]
-                if dt is not None:
-                    dt[:, start:stop] = kd[1]
-    n, grid = train.n, TileGrid(train.n, train.n, t)
-    g.create_array(kernel_path("train_train"), shape=(n, n), chunks=(t, t), dtype=ident.dtype, fill_value=np.nan,
-                   dimension_names=dimension_names(kernel_path("train_train")), **kw)
-    g.create_array(done_path("train_train"), shape=grid.shape, chunks=(1, 1), dtype="uint8", fill_value=0,
-                   dimension_names=dimension_names(done_path("train_train")), **flags)
-    if test:
-        tg = TileGrid(test.n, n, t)
-        g.create_array(kernel_path("test_train"), shape=(test.n, n), chunks=(t, t), dtype=ident.dtype,
-                       fill_value=np.nan, dimension_names=dimension_names(kernel_path("test_train")), **kw)
-        g.create_array(done_path("test_train"), shape=tg.shape, chunks=(1, 1), dtype="uint8", fill_value=0,
-                       dimension_names=dimension_names(done_path("test_train")), **flags)
-        prior = g.create_array(TEST_PRIOR, shape=(test.n,), chunks=(max(t, 1),), dtype="float64",
-                               dimension_names=dimension_names(TEST_PRIOR), **kw)
-        key = diagonals_path("test", ntk=ident.kind == "ntk")
-        prior[:] = np.asarray(cast(zarr.Array, g[key])[depth])
-    g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "identity": ident.__dict__,
-                     "normalize": train.normalize}
+def _decide(url: str, opts: dict | None, meta: dict | None, ident: StoreIdentity, train: PreparedInputs,
+            overwrite: bool, append: bool | None, stats: BuildStats) -> tuple[bool, Update | None, list]:
+    """What to do with what is at the store: ``(fresh, update, lineage)``. ``fresh``: (re)create it;
+    ``update``: grow it in place (recording ``lineage``); neither: resume it as it is. Raises
+    :class:`StoreMismatchError` where today's rules refuse it."""
+    if meta is None:
+        return True, None, []
+    if meta.get("updating") and meta.get("format") == FORMAT_VERSION:
+        try:
+            pending, target, lineage = resume_update(meta)
+        except (KeyError, TypeError, ValueError):
+            pending, target, lineage = None, None, []
+        if pending is not None and target == ident:
+            stats.update = _kind(pending) + " (resumed)"
+            log.info("store %s: resuming an interrupted update (%s)", url, pending.describe(ident))
+            return False, pending, lineage
+        stats.update = "rebuilt: an update to other inputs was interrupted there"
+        log.warning("rebuilding store %s: an update to other inputs was interrupted there", url)
+        return True, None, []
+    if meta.get("ingesting") and "identity" not in meta:
+        return True, None, []
+    if meta.get("format") != FORMAT_VERSION:  # e.g. format 1: no tile checksums
+        if not overwrite:
+            raise StoreMismatchError(format_message(url, meta.get("format")))
+        stats.update = f"rebuilt: format {meta.get('format')!r}"
+        log.warning("rebuilding store %s: format %r, this version writes format %d (tile checksums)", url,
+                    meta.get("format"), FORMAT_VERSION)
+        return True, None, []
+    old = None
+    try:
+        old = StoreIdentity.from_meta(meta, url)
+        diffs = old.differences(ident)
+    except NotAKernelStoreError as exc:  # our attributes, another version's identity fields
+        if not overwrite:
+            raise
+        diffs = [str(exc)]
+    if not diffs:
+        stats.update = "unchanged"
+        return False, None, []
+    update, why = None, "; ".join(diffs)
+    if old is not None and append is not False:
+        g = zarr.open_group(url, mode="r", storage_options=opts if is_remote(url) else None)
+        update, reason = plan_update(g, meta, old, ident, train)
+        why = reason or why
+    if update is not None and (append or (append is None and overwrite)):
+        stats.update = _kind(update)
+        log.info("store %s: %s", url, update.describe(ident))
+        lineage = list(meta.get("lineage") or [])
+        if update.append:
+            assert old is not None  # an update is planned only against the stored identity
+            lineage = (lineage + [{"token": old.train_token(), "n_train": old.n_train}])[-LINEAGE_MAX:]
+        return False, update, lineage
+    if not overwrite:
+        hint = " (or append=True to grow it in place)" if update is not None else ""
+        raise StoreMismatchError(f"store: {url!r} was built for other settings ({'; '.join(diffs)})"
+                                 + (f"; not an incremental update: {why}" if update is None and append else "")
+                                 + f"; use a new store path or overwrite=True{hint}")
+    stats.update = f"rebuilt: {why}"
+    log.warning("rebuilding store %s: %s", url, why)
+    return True, None, []
 
+
+def _kind(update: Update) -> str:
+    return " + ".join(k for k, on in (("append", update.append), ("test set", update.test)) if on)
 
 
 def _refuse_overflow(arch: Architecture, kind: str, dt: np.dtype, prep: PreparedInputs) -> None:
@@ -161,6 +180,7 @@ def build_kernel(
     storage_options: dict | None = None,
     progress: bool = True,
     page_cache: str = "auto",
+    append: bool | None = None,
 ) -> KernelStore:
     """Build, or resume, the NNGP/NTK kernel of ``x`` (and ``x_test`` x ``x``) into a Zarr store.
 
@@ -196,6 +216,14 @@ def build_kernel(
         Whether tiles written to a local store stay in the operating system's page cache
         ("keep"), leave it once written out ("drop"), or leave it when the kernel is larger than
         half the memory of the host writing it ("auto"); see :mod:`nngp_dask.store.pagecache`.
+    append : bool, optional
+        Whether a store built for other inputs may be updated in place rather than rebuilt: when
+        ``x`` starts with exactly the stored rows (verified block by block against fingerprints
+        recorded at ingest) and every setting is the same, only the tiles that touch a new row
+        are computed; when only ``x_test`` changed, only the test x train tiles. ``None``
+        (default): do so when ``overwrite`` allows changing the store; ``True``: also without
+        ``overwrite`` (anything else is then refused, or rebuilt with ``overwrite``, naming why);
+        ``False``: never (``overwrite`` rebuilds from scratch). See :mod:`nngp_dask.build.writer`.
 
     Returns
     -------
@@ -243,28 +271,7 @@ def build_kernel(
 
     with store_lock(url, opts):
         meta = store_contents(url, opts)
-        fresh = meta is None or (meta.get("ingesting") and "identity" not in meta)
-        if meta is not None and not fresh:
-            if meta.get("format") != FORMAT_VERSION:  # e.g. format 1: no tile checksums
-                if not overwrite:
-                    raise StoreMismatchError(format_message(url, meta.get("format")))
-                log.warning("rebuilding store %s: format %r, this version writes format %d (tile checksums)", url,
-                            meta.get("format"), FORMAT_VERSION)
-                fresh = True
-            else:
-                try:
-                    diffs = StoreIdentity.from_meta(meta, url).differences(ident)
-                except NotAKernelStoreError as exc:  # our attributes, another version's identity fields
-                    if not overwrite:
-                        raise
-                    diffs = [str(exc)]
-                if diffs:
-                    if not overwrite:
-                        raise StoreMismatchError(
-                            f"store: {url!r} was built for other settings ({'; '.join(diffs)}); "
-                            "use a new store path or overwrite=True")
-                    log.warning("overwriting store %s (%s)", url, "; ".join(diffs))
-                    fresh = True
+        fresh, update, lineage = _decide(url, opts, meta, ident, train, overwrite, append, stats)
         if fresh:
             # before anything is written; a store that exists for these inputs passed this when it was made
             for prep in (train, test):
@@ -272,11 +279,16 @@ def build_kernel(
                     _refuse_overflow(arch, kind, dt, prep)
             log.info("ingesting %d x %d training%s inputs into %s", train.n, train.d,
                      f" and {test.n} test" if test else "", url)
-            _write_layout(url, opts, ident, arch, train, test)
+            write_layout(url, opts, ident, arch, train, test)
         else:
             removed = remove_interrupted_writes(url)  # we hold the lock: nobody else is writing
             if removed:
                 log.info("removed %d file(s) of writes a killed build left unfinished", removed)
+            if update is not None:
+                for prep in (train if update.append else None, test if update.test else None):
+                    if prep is not None:
+                        _refuse_overflow(arch, kind, dt, prep)
+                stats.tiles_kept = apply_update(url, opts, update, ident, arch, train, test, lineage)
         stats.ingest_s = time.perf_counter() - t0
         ks = KernelStore(url, opts)
         if not fresh:
@@ -284,6 +296,9 @@ def build_kernel(
         todo = _missing(ks)
         stats.tiles_total = sum(1 for _ in ks.grid.upper_tiles()) + (
             ks.test_grid.shape[0] * ks.test_grid.shape[1] if ks.test_grid else 0)
+        if update is not None:
+            log.info("updated store %s in place (%s): %d tile(s) kept, %d to build", url, stats.update,
+                     stats.tiles_kept, len(todo))
         if todo:
             _run_tiles(ks, todo, arch, kind, dt, tile, ident.token(), client, progress, page_cache, stats)
         else:

@@ -13,7 +13,7 @@ from numpy.typing import ArrayLike
 from ..kernels import NORMALIZATIONS, InputError, check_inputs, normalize as normalize_rows
 from ..store import ArraySource, as_source, open_source
 
-__all__ = ["PreparedInputs", "prepare_inputs"]
+__all__ = ["PreparedInputs", "block_hash", "prepare_inputs"]
 
 #: rows per chunk when streaming inputs that are not yet tiled
 _STREAM_ROWS = 4096
@@ -32,13 +32,21 @@ class PreparedInputs:
     #: smallest and largest squared norm of the normalised rows (they bound the kernel's diagonals)
     sqnorm_range: tuple[float, float] = (0.0, 0.0)
 
-    def chunks(self, rows: int = _STREAM_ROWS):
-        """Yield ``(start, block)`` of normalised float64 rows. Each raw block is checked before it
-        is normalised (a NaN would become a row of zeros), naming the row and column of the input."""
-        for start in range(0, self.n, rows):
-            block = self.source.read(start, min(start + rows, self.n))
+    def chunks(self, rows: int = _STREAM_ROWS, first: int = 0, stop: int | None = None):
+        """Yield ``(start, block)`` of normalised float64 rows, blocks ``first``, ``first + 1``, ...
+        of ``rows`` rows, up to row ``stop`` (default: all). Each raw block is checked before it is
+        normalised (a NaN would become a row of zeros), naming the row and column of the input."""
+        end = self.n if stop is None else min(stop, self.n)
+        for start in range(first * rows, end, rows):
+            block = self.source.read(start, min(start + rows, end))
             block = check_inputs(block.reshape(block.shape[0], -1), self.name, row_offset=start)
             yield start, normalize_rows(np.asarray(block, dtype=np.float64), self.normalize)
+
+
+def block_hash(block: np.ndarray) -> str:
+    """Fingerprint of one block of normalised rows (float64, as stored): an append is recognised
+    by comparing these, block by block, with those recorded when the store was ingested."""
+    return hashlib.blake2b(np.ascontiguousarray(block, dtype=np.float64).tobytes(), digest_size=16).hexdigest()
 
 
 def prepare_inputs(x: ArrayLike | ArraySource | str | os.PathLike, *, name: str = "x", key: str | None = None,

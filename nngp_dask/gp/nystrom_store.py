@@ -156,5 +156,7 @@ def stored_nystrom(ks: KernelStore, client: Any, rank: int, noise: float, seed: 
         f_lo[starts[k]:starts[k] + lo.shape[0]] = lo
         facts[k] = cols[k] = None  # the worker's rows of C and F go as soon as they are copied
         del hi, lo
-    info = {"landmarks": landmarks, "kept": int(s.size), "float64_columns": h, "source": "stored tiles"}
+    # transform and pool: what extends it to appended rows (nngp_dask.linalg.ExtendedNystrom)
+    info = {"landmarks": landmarks, "kept": int(s.size), "float64_columns": h, "source": "stored tiles",
+            "transform": t, "pool": n}
     return SplitLowRank(f_hi, f_lo, s, noise, name="nystrom", info=info)

@@ -45,12 +45,14 @@ from ..linalg import (
     PRECONDITIONERS,
     CGState,
     ConvergenceWarning,
+    ExtendedNystrom,
     LowRank,
     batched_cg,
     cholesky_factor,
     default_maxiter,
     dense_solve,
     make_preconditioner,
+    orthogonal_factor,
 )
 from ..monitor import tracked
 from ..store import KernelStore, diagonals_path, dimension_names, inputs_path, open_kernel, solve_path
@@ -58,6 +60,7 @@ from .likelihood import amplitude_mle
 from .nystrom_store import stored_nystrom
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
+from .warmstart import extended_preconditioner, previous_solution, targets_hash
 
 __all__ = ["DIRECT_MAX_N", "DENSE_VARIANCE_MAX_N", "SolveResult", "solve", "predict", "variance_mode",
            "EXACT_VARIANCE_MAX"]
@@ -158,8 +161,8 @@ def _open(store: Any) -> KernelStore:
     return open_kernel(store)
 
 
-def _column_fn(ks: KernelStore):
-    """``idx -> K[:, idx]`` computed from the stored inputs with the tile function (no pass over
+def _column_fn(ks: KernelStore, rows: slice = slice(None)):
+    """``idx -> K[rows, idx]`` computed from the stored inputs with the tile function (no pass over
     the stored kernel). Inputs are read once and kept (n x d float64)."""
     arch, kind = ks.architecture, ks.kind
     x = np.asarray(ks.array(inputs_path("train"))[...])
@@ -167,7 +170,7 @@ def _column_fn(ks: KernelStore):
 
     def columns(idx: NDArray) -> NDArray:
         idx = np.asarray(idx, dtype=np.intp)
-        return tile_fn(arch, x, x[idx], diag, diag[:, idx], kind=kind, dtype=np.float64)
+        return tile_fn(arch, x[rows], x[idx], diag[:, rows], diag[:, idx], kind=kind, dtype=np.float64)
 
     return columns
 
@@ -210,7 +213,8 @@ def _expected_iterations(residuals: NDArray, tol: float, first: int, maxiter: in
 def _solve_key(ks: KernelStore, y: NDArray, noise: float, tol: float, preconditioner: str, rank: int | None,
                method: str) -> str:
     h = hashlib.blake2b(digest_size=10)
-    h.update(json.dumps({"kernel": ks.identity.token(), "noise": noise, "tol": tol, "pre": preconditioner,
+    # the train kernel's token: a new test set leaves the solve valid
+    h.update(json.dumps({"kernel": ks.identity.train_token(), "noise": noise, "tol": tol, "pre": preconditioner,
                          "rank": rank, "method": method, "shape": list(y.shape)}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(y).tobytes())
     return h.hexdigest()
@@ -251,14 +255,34 @@ class _Checkpoints:
                                     dimension_names=dimension_names(f"{self.path}/{name}"))[...] = value
         self.group.attrs.update({**info, "status": "done"})
 
-    def save_factor(self, pre: LowRank) -> None:
-        # float32 (the low-rank variance's precision needs no more), a block of columns at a time
-        # so no second float64 copy of a large factor is made
+    def save_factor(self, pre: Any) -> None:
+        """The preconditioner's low-rank factor (the low-rank variance reads it; float32, a block of
+        columns at a time, so no second float64 copy of a large factor is made) and, for a Nystrom
+        one, what extends it to a grown kernel (:mod:`nngp_dask.linalg.extend`)."""
+        info = getattr(pre, "info", {})
         arr = self.group.create_array("lowrank_factor", shape=(pre.n, pre.rank), dtype="float32", overwrite=True,
                                       chunks=(pre.n, 256), compressors=None,
                                       dimension_names=dimension_names(f"{self.path}/lowrank_factor"))
+        block = getattr(pre, "factor_block", None)
+        full: NDArray | None = None if block is not None else pre.lowrank_factor
         for a in range(0, pre.rank, 256):
-            arr[:, a:a + 256] = pre.factor_block(a, min(a + 256, pre.rank)).astype(np.float32)
+            b = min(a + 256, pre.rank)
+            if block is not None:
+                part = block(a, b)
+            else:
+                assert full is not None  # the whole factor is taken when it has no factor_block
+                part = full[:, a:b]
+            arr[:, a:b] = part.astype(np.float32)
+        arrays = {"nystrom_transform": info.get("transform"), "nystrom_landmarks": info.get("landmarks"),
+                  "nystrom_gram": info.get("gram")}
+        for name, value in arrays.items():
+            if value is not None:
+                self.group.create_array(name, shape=value.shape, dtype=value.dtype, overwrite=True, compressors=None,
+                                        dimension_names=dimension_names(f"{self.path}/{name}"))[...] = value
+            elif name in self.group:
+                del self.group[name]
+        self.group.attrs.update({"factor_orthogonal": getattr(pre, "orthogonal", True),
+                                 "nystrom_pool": int(info.get("pool", pre.n))})
 
 
 def solve(
@@ -328,7 +352,8 @@ def solve(
     key = _solve_key(ks, y2, noise, tol, pre_name, rank, method)
     t0 = time.perf_counter()
     ck = _Checkpoints(ks, key, {"noise": noise, "tol": tol, "preconditioner": pre_name, "rank": rank,
-                                 "method": method, "n_rhs": y2.shape[1]})
+                                 "method": method, "n_rhs": y2.shape[1], "kernel": ks.identity.train_token(),
+                                 "n": n, "y_hash": targets_hash(y2)})
     maxiter = default_maxiter(n) if maxiter is None else int(maxiter)
 
     def finish(alpha, iterations, residuals, converged, resumed, matmat_s=0.0, info=None):
@@ -346,7 +371,7 @@ def solve(
                       cast(zarr.Array, ck.group["residuals"])[...],
                       bool(attrs["converged"]), -1,
                       info={k: attrs.get(k) for k in ("preconditioner_rank", "preconditioner_used",
-                                                      "preconditioner_landmarks")})
+                                                      "preconditioner_landmarks", "warm_start") if k in attrs})
 
     if method == "cholesky":
         k = ks.to_dask().compute().astype(np.float64)
@@ -359,14 +384,28 @@ def solve(
     with client_for(client) as c:
         op = StoredKernelOperator(ks, noise, c)
         t_pre = time.perf_counter()
-        pre = _preconditioner(ks, pre_name, max(noise, 1e-12), rank, c, progress)
-        pre_s = time.perf_counter() - t_pre
-        if isinstance(pre, LowRank):
-            ck.save_factor(pre)
         state = ck.load()
         resumed = int(state.iteration) if state is not None else 0
+        x0, warm = previous_solution(ks, y2, noise)
+        # a resumed solve extends the same previous preconditioner again: the same M as it started with
+        pre, reused = extended_preconditioner(ks, warm.get("from"), pre_name, max(noise, 1e-12),
+                                              min(rank or AUTO_RANK, n),
+                                              lambda rows: _column_fn(ks, slice(rows, None)))
+        if pre is None:
+            pre = _preconditioner(ks, pre_name, max(noise, 1e-12), rank, c, progress)
+        pre_s = time.perf_counter() - t_pre
+        if isinstance(pre, (LowRank, ExtendedNystrom)):  # not lowrank_factor: a SplitLowRank's is a float64 copy
+            ck.save_factor(pre)
+        if state is not None:
+            x0, warm = None, {}
+        if reused:
+            log.info("preconditioner: %s", reused)
         if resumed:
             log.info("resuming solve %s from its checkpoint at iteration %d", key, resumed)
+        elif x0 is not None:
+            log.info("warm start from solve %s of the %d-row prefix (%d iterations there; its targets %s)",
+                     warm["from"], warm["rows"], warm["iterations"],
+                     "unchanged" if warm["targets_unchanged"] else "changed since")
         log.info("CG on %d x %d kernel, %d right-hand side(s), noise %g, preconditioner %s (rank %d, %.1f s)",
                  n, n, y2.shape[1], noise, pre.name, pre.rank, pre_s)
         beat = tracked("CG iterations", maxiter, progress=progress, initial=resumed, bound=True)
@@ -382,7 +421,7 @@ def solve(
         with warnings.catch_warnings(record=True) as caught, beat:
             warnings.simplefilter("always", ConvergenceWarning)
             result = batched_cg(op.matmat, y2, tol=tol, maxiter=maxiter, preconditioner=pre, state=state,
-                                callback=callback)
+                                x0=x0, callback=callback)
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         ck.save(result.state)
@@ -390,6 +429,11 @@ def solve(
                 "preconditioner_rank": pre.rank, "preconditioner_s": pre_s}
         if "landmarks" in getattr(pre, "info", {}):  # the rank asked for: W's numerical rank may be lower
             info["preconditioner_landmarks"] = len(pre.info["landmarks"])
+        if reused:
+            info["preconditioner_reused"] = reused
+        if warm:
+            # the starting residual says how much of the guess was kept (1.0: none, a cold start)
+            info["warm_start"] = {**warm, "start_residual": float(np.max(result.residuals[0]))}
         ck.save_solution(result.x, result.residuals, info)
         log.info("%s", result.summary())
         return finish(result.x, result.iterations, result.residuals, result.converged, resumed, op.seconds, info)
@@ -508,6 +552,8 @@ def predict(
                              "(preconditioner='pivoted_cholesky' or 'nystrom'); use variance='dense' or 'exact'")
         # columns of U diag(s) come in descending s: the leading ones carry the top spectrum
         factor = np.asarray(stored[:, :variance_rank], dtype=np.float64)
+        if ks.group[solve_path(result.key)].attrs.get("factor_orthogonal") is False:  # extended to appended rows
+            factor = orthogonal_factor(factor)
     with client_for(client) as c, tracked("predict: test points", m, progress=progress, unit="pt") as beat:
         op = StoredKernelOperator(ks, result.noise, c)
         beat(0, "posterior means: one pass over K(X*, X)")

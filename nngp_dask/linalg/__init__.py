@@ -5,6 +5,7 @@ and the compiled products of one tile with thin blocks."""
 from .cg import ConvergenceWarning, batched_cg, check_rhs, default_maxiter
 from .cg_state import CGResult, CGState
 from .dense import cholesky_factor, dense_solve, positive_definite_advice
+from .extend import EXTEND_MAX_GROWTH, ExtendedNystrom, orthogonal_factor
 from .nystrom import FLOAT64_RATIO, SplitLowRank, nystrom_transform
 from .preconditioners import (
                               AUTO_RANK,
@@ -34,6 +35,9 @@ __all__ = [
     "batched_cg",
     "check_rhs",
     "default_maxiter",
+    "EXTEND_MAX_GROWTH",
+    "ExtendedNystrom",
+    "orthogonal_factor",
     "cholesky_factor",
     "dense_solve",
     "positive_definite_advice",

@@ -165,6 +165,10 @@ def _initial_state(op: _Op, b: NDArray, x0: NDArray | None, preconditioner: Any,
         idx = np.flatnonzero(nonzero & np.any(x != 0, axis=0))
         if idx.size:
             r[:, idx] = b[:, idx] - op(x[:, idx])
+            # a guess worse than zero (e.g. a warm start from other targets) is dropped, per column
+            worse = idx[_colnorm(r[:, idx]) > b_norm[idx]]
+            x[:, worse] = 0.0
+            r[:, worse] = b[:, worse]
     safe = np.where(nonzero, b_norm, 1.0)
     res0 = np.where(nonzero, _colnorm(r) / safe, 0.0)
     active = nonzero & (res0 > tol)
@@ -266,7 +270,8 @@ def batched_cg(
         ``M`` symmetric positive definite, ``R`` of shape (n, m). See
         :mod:`nngp_dask.linalg.preconditioners`. A resumed solve must use the same one.
     x0 : array_like, shape of ``b``, optional
-        Starting guess (default zeros). Not allowed together with ``state``.
+        Starting guess (default zeros), e.g. a warm start from a previous solution. A column whose
+        guess has a larger residual than zero starts from zero. Not allowed together with ``state``.
     state : CGState, optional
         Resume from this iterate (as emitted to ``callback`` or ``CGResult.state``). The
         continuation is bit-identical to an uninterrupted run with the same ``matmat`` and

@@ -368,7 +368,8 @@ class Nystrom(LowRank):
     dropped (a stable pseudo-inverse), so ``L = C V diag(lambda^{-1/2})`` and
     ``L L^T = C W^+ C^T <= K``. On NNGP kernels the pivoted Cholesky is usually the better
     preconditioner for the same rank; Nystrom is cheaper to build (one batched column fetch).
-    ``info`` holds ``landmarks`` and ``kept`` (the numerical rank of ``W``).
+    ``info`` holds ``landmarks``, ``kept`` (the numerical rank of ``W``) and ``transform`` (``T``, r x kept,
+    with ``F = C T``).
     """
 
     @classmethod
@@ -424,6 +425,9 @@ class Nystrom(LowRank):
         sig2, w2 = scipy.linalg.eigh(gram, check_finite=False)
         f = lf @ w2[:, ::-1]
         s = np.sqrt(np.clip(sig2[::-1], 0.0, None))
+        # F = C T: rows added to K later get their rows of F from their kernel columns at the
+        # landmarks alone (nngp_dask.linalg.extend)
+        info["transform"] = (v[:, keep] / np.sqrt(lam[keep])) @ w2[:, ::-1]
         return cls._from_ordered_factor(f, s, noise, name="nystrom", info=info)
 
 

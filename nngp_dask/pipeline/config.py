@@ -62,10 +62,14 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "source": Field(str, "synthetic", "synthetic | npz | npy | idx | csv | zarr",
                         choices=("synthetic", "npz", "npy", "idx", "csv", "zarr")),
         "path": Field(str, "", "npz/csv/zarr file, or the directory of npy/idx files", path=True),
-        "x_train": Field(str, "x_train", "npz key, or file name (npy/idx) relative to path"),
-        "y_train": Field(str, "y_train", "npz key, or file name (npy/idx) relative to path"),
-        "x_test": Field(str, "x_test", "npz key, or file name (npy/idx) relative to path"),
-        "y_test": Field(str, "y_test", "npz key, or file name (npy/idx) relative to path"),
+        "x_train": Field(str, "x_train", "npz key, or file name (npy/idx) relative to path; a glob "
+                          "(x_*.npy) concatenates its files by rows in file-name order"),
+        "y_train": Field(str, "y_train", "npz key, or file name (npy/idx) relative to path; a glob "
+                          "(x_*.npy) concatenates its files by rows in file-name order"),
+        "x_test": Field(str, "x_test", "npz key, or file name (npy/idx) relative to path; a glob "
+                          "(x_*.npy) concatenates its files by rows in file-name order"),
+        "y_test": Field(str, "y_test", "npz key, or file name (npy/idx) relative to path; a glob "
+                          "(x_*.npy) concatenates its files by rows in file-name order"),
         "target": Field(int, -1, "csv: index of the target column (negative counts from the end)"),
         "test_fraction": Field(float, 0.1, "csv: fraction held out for testing (random, seeded by run.seed)",
                                minimum=0.0, exclusive_minimum=True),

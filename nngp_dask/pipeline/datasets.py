@@ -6,6 +6,7 @@ which are small, as arrays.
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,38 @@ class _Rows:
         return self.source.read(start, min(stop, self.n))
 
 
+class _Concat:
+    """Sources stacked by rows, read a slice at a time (a growing dataset kept as dated files)."""
+
+    def __init__(self, sources: list[ArraySource]) -> None:
+        self.sources = sources
+        self.starts = np.cumsum([0] + [s.shape[0] for s in sources])
+        self.shape = (int(self.starts[-1]), *sources[0].shape[1:])
+        self.dtype = np.result_type(*(s.dtype for s in sources))
+
+    def read(self, start: int, stop: int) -> NDArray:
+        parts = [s.read(max(start - lo, 0), min(stop, hi) - lo)
+                 for s, lo, hi in zip(self.sources, self.starts[:-1], self.starts[1:]) if start < hi and stop > lo]
+        return np.concatenate(parts).astype(self.dtype, copy=False) if parts else \
+            np.empty((0, *self.shape[1:]), self.dtype)
+
+
+def _files(path: str, key: str, name: str) -> ArraySource:
+    """The file ``name`` in ``path``, or, when ``name`` is a glob (``x_*.npy``), every match
+    concatenated by rows in the byte order of the file names (dated names, 2026-12-01, sort by date)."""
+    if not glob.has_magic(name):
+        return open_source(os.path.join(path, name))
+    matches = sorted(glob.glob(os.path.join(glob.escape(path), name)), key=lambda p: os.path.basename(p).encode())
+    if not matches:
+        raise InputError(f"data.{key}: {name!r} matches no file in {path!r}; expected at least one")
+    sources = [open_source(m) for m in matches]
+    shapes = {tuple(s.shape[1:]) for s in sources}
+    if len(shapes) > 1:
+        raise InputError(f"data.{key}: the files {name!r} matches have rows of different shapes {sorted(shapes)}; "
+                         "expected one shape")
+    return sources[0] if len(sources) == 1 else _Concat(sources)
+
+
 def _targets(source: ArraySource, limit: int) -> NDArray:
     y = read_all(source)
     y = y[:limit] if limit else y
@@ -101,7 +134,7 @@ def load_dataset(data: dict[str, Any], *, task: str, seed: int = 0) -> Dataset:
             return open_source(path, key=data[key])
     else:
         def part(key: str) -> ArraySource:
-            return open_source(os.path.join(path, data[key]))
+            return _files(path, key, data[key])
     xtr, xte = part("x_train"), part("x_test")
     ytr, yte = _targets(part("y_train"), lt), _targets(part("y_test"), le)
     xtr, xte = _Rows(xtr, limit=lt), _Rows(xte, limit=le)

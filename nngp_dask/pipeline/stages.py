@@ -354,8 +354,9 @@ class Pipeline:
         variance: bool | str = False if mode == "none" else mode
         path = self.out / "predictions.npz"
         with self._stage("predict") as rec:
-            # keyed on the method "auto" resolves to, so predictions made by another method are redone
-            rec.fingerprint = _hash(result.key, mode, variance_mode(ks, result, variance))
+            # the method "auto" resolves to (predictions made by another method are redone) and the
+            # store's full token (a new test set keeps the solve's key but not the predictions)
+            rec.fingerprint = _hash(result.key, mode, variance_mode(ks, result, variance), ks.identity.token())
             if path.exists():
                 with np.load(path, allow_pickle=False) as f:
                     if str(f["fingerprint"]) == rec.fingerprint:
@@ -390,6 +391,7 @@ class Pipeline:
             "metrics": metrics,
             "stages": self._stage_report(stamp),
             "kernel": ks.summary() | {"store": self.store_url},
+            "reused": self._reused(),
             "cg_residuals": result.residuals.tolist() if result is not None and result.method == "cg" else None,
             "peak_rss_bytes": peak,
             "wall_s": round(time.time() - started, 3),
@@ -426,6 +428,25 @@ class Pipeline:
             else:
                 detail = r.detail
             out[name] = entry | ({"detail": detail} if detail else {})
+        return out
+
+    def _reused(self) -> dict[str, str]:
+        """One line per stage on what this run took over from the previous one (a scheduled
+        re-fit on grown data: kept tiles, a warm-started solve)."""
+        out = {}
+        k = self.records.get("kernel")
+        if k is not None and k.detail:
+            d = k.detail
+            total, kept, built = d.get("tiles_total", 0), d.get("tiles_kept", 0), d.get("tiles_computed", 0)
+            out["kernel"] = (f"{d.get('update')}: {kept} of {total} tiles kept, {built} built" if kept or built
+                             else f"{d.get('update')}: all {total} tiles kept")
+        s = self.records.get("solve")
+        if s is not None and s.detail:
+            warm = s.detail.get("warm_start")
+            out["solve"] = ("solution loaded (already solved)" if s.detail.get("resumed_from") == -1 else
+                            f"warm start from the {warm['rows']}-row prefix's solution ({warm['iterations']} "
+                            f"iterations there, {s.detail['iterations']} here)" if warm else
+                            "cold start")
         return out
 
     def _previous_figures(self, fingerprint: str) -> list[str] | None:

@@ -152,7 +152,8 @@ class KernelStore:
                                        f"cannot be read as a group ({type(exc).__name__}: {exc})") from None
         meta = self.group.attrs.get(ATTR)
         if isinstance(meta, dict) and meta.get("ingesting") and "identity" not in meta:
-            raise IncompleteKernelError(f"store: {self.url!r} is a kernel store whose ingestion did not finish (its "
+            what = "in-place update" if meta.get("updating") else "ingestion"
+            raise IncompleteKernelError(f"store: {self.url!r} is a kernel store whose {what} did not finish (its "
                                         "build was interrupted); run build_kernel (or `nngp-dask kernel`) on it again")
         if not isinstance(meta, dict) or "identity" not in meta:
             raise NotAKernelStoreError(f"store: {self.url!r} is not an nngp-dask kernel store (no {ATTR!r} "

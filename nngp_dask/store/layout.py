@@ -123,6 +123,7 @@ _DIMENSIONS: dict[str, tuple[str, ...]] = {
 # the arrays of one solve (``solves/<key>/<name>``) and of its checkpoint slots (``.../slot<i>/<name>``)
 _SOLVE_DIMENSIONS: dict[str, tuple[str, ...]] = {
     "alpha": ("train", "rhs"), "residuals": ("iteration", "rhs"), "lowrank_factor": ("train", "rank"),
+    "nystrom_transform": ("landmark", "rank"), "nystrom_landmarks": ("landmark",), "nystrom_gram": ("rank", "rank_col"),
 }
 _SLOT_DIMENSIONS: dict[str, tuple[str, ...]] = {
     "x": ("train", "rhs"), "r": ("train", "rhs"), "z": ("train", "rhs"), "p": ("train", "rhs"), "rz": ("rhs",),
@@ -178,6 +179,13 @@ class StoreIdentity:
     def token(self) -> str:
         """A short hash of the identity: names tasks and per-worker caches."""
         blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+    def train_token(self) -> str:
+        """A short hash of what determines the train x train kernel (the identity less the test
+        inputs): names solves, which a new test set leaves valid."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("x_test", "n_test")}
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
     def differences(self, other: StoreIdentity) -> list[str]:
