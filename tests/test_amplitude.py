@@ -9,7 +9,7 @@ from scipy.stats import multivariate_normal
 
 from nngp_dask import Architecture, kernel
 from nngp_dask.gp import amplitude_mle, coverage, nlpd
-from nngp_dask.pipeline.stages import Targets, evaluate
+from nngp_dask.pipeline.evaluation import Targets, evaluate
 
 ARCH = Architecture(3, "relu", 1.6, 0.1)
 

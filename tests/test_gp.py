@@ -90,16 +90,16 @@ def test_dense_variance_of_a_cg_solve_matches_dense_oracle_and_is_deterministic(
 
 
 def test_auto_variance_picks_by_size_and_bad_mode_is_refused(problem, cluster_client, monkeypatch):
-    import nngp_dask.gp.regression as regression
+    import nngp_dask.gp.prediction as prediction
 
     ks = problem["ks"]
     kw = dict(noise=NOISE, tol=1e-10, client=cluster_client, progress=False)  # the other tests' solves, reused
     chol = solve(ks, problem["y"], method="cholesky", **kw)
     pc = solve(ks, problem["y"], method="cg", preconditioner="pivoted_cholesky", rank=40, **kw)
-    monkeypatch.setattr(regression, "DENSE_VARIANCE_MAX_N", 100)  # 157 training points: "too many"
+    monkeypatch.setattr(prediction, "DENSE_VARIANCE_MAX_N", 100)  # 157 training points: "too many"
     assert variance_mode(ks, chol, True) == "dense"  # its factor is the solve's own
     assert variance_mode(ks, pc, "auto") == "exact"  # 23 test points
-    monkeypatch.setattr(regression, "EXACT_VARIANCE_MAX", 10)
+    monkeypatch.setattr(prediction, "EXACT_VARIANCE_MAX", 10)
     assert variance_mode(ks, pc, "auto") == "lowrank"
     assert variance_mode(ks, replace(chol, method="cg"), "auto") == "exact"  # no low-rank factor stored
     assert variance_mode(ks, pc, False) is None and variance_mode(ks, pc, "exact") == "exact"

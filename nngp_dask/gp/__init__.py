@@ -5,15 +5,8 @@ from .likelihood import amplitude_mle
 from .metrics import COVERAGE_LEVELS, accuracy, confusion_matrix, coverage, nlpd, rmse
 from .operator import KernelLinearOperator, StoredKernelOperator, aslinearoperator
 from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve, variance_lowrank
-from .regression import (
-                         DENSE_VARIANCE_MAX_N,
-                         DIRECT_MAX_N,
-                         EXACT_VARIANCE_MAX,
-                         SolveResult,
-                         predict,
-                         solve,
-                         variance_mode,
-)
+from .prediction import DENSE_VARIANCE_MAX_N, EXACT_VARIANCE_MAX, predict, variance_mode
+from .regression import DIRECT_MAX_N, SolveResult, solve
 from .targets import TARGETS, class_index, encode_labels, one_hot_targets, predict_labels
 
 __all__ = [

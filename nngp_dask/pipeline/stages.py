@@ -33,16 +33,10 @@ from .._version import __version__
 from ..build import build_kernel
 from ..cluster import OWN_HANDLER, LazyClient
 from ..gp import (
-    COVERAGE_LEVELS,
     SolveResult,
-    accuracy,
-    confusion_matrix,
-    coverage,
     encode_labels,
-    nlpd,
     predict,
     predict_labels,
-    rmse,
     solve,
     variance_mode,
 )
@@ -52,6 +46,7 @@ from ..select import fit_hyperparameters, subset_size
 from ..store import CorruptTileError, KernelStore, inputs_path, is_remote, store_contents, store_lock
 from .config import ConfigError
 from .datasets import Dataset, load_dataset
+from .evaluation import Targets, evaluate, targets_of
 
 __all__ = ["STAGES", "Pipeline", "run_pipeline"]
 
@@ -81,66 +76,6 @@ class StageRecord:
     did_work: bool = False
     fingerprint: str = ""
     detail: dict = field(default_factory=dict)
-
-
-@dataclass
-class Targets:
-    """Regression targets as solved (standardised, or one-hot for classification) and how to map
-    predictions back."""
-
-    y_train: np.ndarray
-    classes: np.ndarray | None
-    mean: float = 0.0
-    scale: float = 1.0
-
-
-def _targets(ds: Dataset, task: str) -> Targets:
-    if task == "classification":
-        labels = np.asarray(ds.y_train).astype(np.int64).ravel()
-        classes = np.unique(labels)
-        return Targets(encode_labels(labels, classes)[1], classes)
-    y = np.asarray(ds.y_train, dtype=np.float64).ravel()
-    mean, scale = float(y.mean()), float(y.std()) or 1.0
-    return Targets((y - mean) / scale, None, mean, scale)
-
-
-def _uncertainty(truth: np.ndarray, mu: np.ndarray, var: np.ndarray, noise: float, unit: float,
-                 amplitude: float | None) -> dict[str, Any]:
-    """NLPD and interval coverage of the predictive distribution ``N(mu, s (var + noise) unit)``,
-    ``s`` the fitted amplitude (1 with ``amplitude`` None), and as built (``s = 1``) beside it."""
-    v = (var + noise) * unit
-    v = v[:, None] if mu.ndim == 2 else v
-    s = 1.0 if amplitude is None else float(amplitude)
-    out = {"nlpd": nlpd(truth, mu, s * v), "coverage": {"levels": list(COVERAGE_LEVELS),
-                                                       "observed": coverage(truth, mu, s * v)}}
-    if amplitude is not None:
-        out |= {"amplitude": s, "nlpd_unfitted": nlpd(truth, mu, v), "coverage_unfitted": coverage(truth, mu, v)}
-    return out
-
-
-def evaluate(task: str, y_test: np.ndarray, mean: np.ndarray, var: np.ndarray | None, noise: float,
-             targets: Targets, amplitude: float | None = None) -> dict[str, Any]:
-    """Metrics of a prediction: accuracy and confusion (classification); RMSE and standardised RMSE
-    (regression, in the targets' original units). With ``var``, also the mean negative log
-    predictive density (NLPD) and the observed coverage of central intervals (classification: of
-    the regressed one-hot targets, entry by entry), with the variance scaled by ``amplitude``
-    (:func:`nngp_dask.gp.amplitude_mle`; None: unscaled) and, for comparison, unscaled."""
-    if task == "classification":
-        assert targets.classes is not None  # classification targets carry their classes
-        pred = predict_labels(mean, targets.classes)
-        truth = np.asarray(y_test).astype(np.int64).ravel()
-        out = {"accuracy": accuracy(truth, pred), "errors": int(np.sum(pred != truth)),
-               "confusion": confusion_matrix(truth, pred, targets.classes), "classes": targets.classes.tolist()}
-        if var is not None:
-            out |= _uncertainty(encode_labels(truth, targets.classes)[1], mean, var, noise, 1.0, amplitude)
-        return out
-    y = np.asarray(y_test, dtype=np.float64).ravel()
-    mu = mean.ravel() * targets.scale + targets.mean
-    err = rmse(y, mu)
-    out = {"rmse": err, "srmse": err / float(np.std(y) or 1.0)}
-    if var is not None:
-        out |= _uncertainty(y, mu, var, noise, targets.scale ** 2, amplitude)
-    return out
 
 
 class Pipeline:
@@ -238,7 +173,7 @@ class Pipeline:
             log.info("pipeline %s -> %s", cfg["run"]["name"], self.out)
             with self._stage("ingest") as rec:
                 ds = load_dataset(cfg["data"], task=cfg["run"]["task"], seed=cfg["run"]["seed"])
-                targets = _targets(ds, cfg["run"]["task"])
+                targets = targets_of(ds, cfg["run"]["task"])
                 rec.fingerprint = _hash(targets.y_train, np.asarray(ds.y_test, dtype=np.float64))
                 rec.did_work = True
                 rec.detail = {"dataset": ds.description, "n_train": ds.x_train.shape[0], "n_test": ds.x_test.shape[0]}
