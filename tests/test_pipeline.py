@@ -123,12 +123,12 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
 @pytest.mark.slow
 def test_resume_after_sigkill_in_kernel_and_solve(tmp_path):
     store = tmp_path / "run" / "kernel.zarr"
-    args = ("--set", "data.n_train=1500", "--set", "data.n_test=50", "--set", "kernel.tile=64",
+    args = ("--set", "data.n_train=1000", "--set", "data.n_test=50", "--set", "kernel.tile=64",
             "--set", "solver.noise=1e-5", "--set", "solver.tol=1e-9", "--set", "solver.preconditioner=none",
             "--set", "solver.checkpoint_every=2", "--set", "predict.variance=none", "--set", "cluster.n_workers=1")
     done = lambda: int(zarr.open_group(str(store), mode="r")["done/train_train"][...].sum())  # noqa: E731
     _kill_when(_spawn(tmp_path, *args), lambda: done() >= 30)
-    total = 24 * 25 // 2
+    total = 16 * 17 // 2
     killed_at = done()
     assert 30 <= killed_at < total, "the kill did not land mid-build"
 
