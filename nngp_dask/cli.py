@@ -42,10 +42,16 @@ _UNTIL = {"run": "report", "kernel": "kernel", "solve": "solve", "predict": "eva
 def _summary(report: dict[str, Any]) -> str:
     lines = [f"nngp-dask: {report['name']} ({report['task']}), {report['dataset'].get('dataset', '')}"]
     metrics = report.get("metrics") or {}
-    shown = {k: v for k, v in metrics.items() if k not in ("confusion", "classes")}
+    shown = {k: v for k, v in metrics.items() if k not in ("confusion", "classes", "coverage", "coverage_unfitted")}
     if shown:
         lines.append("  metrics: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in shown.items()))
+    coverage = metrics.get("coverage")
+    if coverage:  # the 95 % interval's line; report.json and reliability.png have every level
+        at = coverage["levels"].index(0.95) if 0.95 in coverage["levels"] else -1
+        built = metrics.get("coverage_unfitted")
+        lines.append(f"  {coverage['levels'][at]:.0%} intervals cover {coverage['observed'][at]:.3f} of the test "
+                     "targets" + (f" (kernel as built: {built[at]:.3f})" if built else ""))
     for name, st in report["stages"].items():
         when = st.get("ran_at")
         state = "ran" if st["did_work"] else "up to date" + (
