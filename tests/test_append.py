@@ -300,3 +300,17 @@ def test_a_glob_of_dated_files_is_read_in_name_order(tmp_path, rng):
     np.testing.assert_array_equal(ds.y_train, expected[:, 0])
     with pytest.raises(InputError, match=r"data.x_train: 'z_\*.npy' matches no file"):
         load_dataset({**data, "x_train": "z_*.npy"}, task="regression")
+
+
+@pytest.mark.parametrize("field,value", [("append", "yes"), ("append", 1), ("overwrite", "no")])
+def test_append_and_overwrite_must_be_booleans_and_the_store_stays(thread_client, tmp_path, rng, field, value):
+    x = rng.standard_normal((40, 3))
+    build_kernel(ARCH, x, tmp_path / "k.zarr", tile=16, dtype="float64", client=thread_client, progress=False)
+    store = tmp_path / "k.zarr"
+    before = _files(store, "kernel", "inputs", "diagonals"), (store / "zarr.json").read_bytes()
+    assert before[0]  # tiles, inputs and diagonals were read
+    grown = np.vstack([x, rng.standard_normal((8, 3))])
+    with pytest.raises(TypeError, match=f"^{field}: expected True"):
+        build_kernel(ARCH, grown, tmp_path / "k.zarr", tile=16, dtype="float64", client=thread_client,
+                     progress=False, **{field: value})
+    assert (_files(store, "kernel", "inputs", "diagonals"), (store / "zarr.json").read_bytes()) == before

@@ -249,6 +249,10 @@ def build_kernel(
     check_kind(kind, arch)
     dt = check_dtype(dtype)
     check_policy(page_cache)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite: expected True or False, got {overwrite!r}")
+    if append is not None and not isinstance(append, bool):
+        raise TypeError(f"append: expected True, False or None, got {append!r}")
     t0 = time.perf_counter()
     train = prepare_inputs(x, name="x", normalize=normalize)
     test = prepare_inputs(x_test, name="x_test", normalize=normalize, features=train.d) if x_test is not None else None
