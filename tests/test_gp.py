@@ -96,13 +96,13 @@ def test_auto_variance_picks_by_size_and_bad_mode_is_refused(problem, cluster_cl
     pc = solve(ks, problem["y"], method="cg", preconditioner="pivoted_cholesky", rank=40, **kw)
     monkeypatch.setattr(prediction, "DENSE_VARIANCE_MAX_N", 100)  # 157 training points: "too many"
     assert variance_mode(ks, chol, True) == "dense"  # its factor is the solve's own
-    assert variance_mode(ks, pc, "auto") == "exact"  # 23 test points
-    monkeypatch.setattr(prediction, "EXACT_VARIANCE_MAX", 10)
-    assert variance_mode(ks, pc, "auto") == "lowrank"
-    assert variance_mode(ks, replace(chol, method="cg"), "auto") == "exact"  # no low-rank factor stored
+    # 23 test points: their CG solves (2 m n^2 flops per iteration) against one factor (n^3 / 3)
+    assert pc.iterations >= 2 and variance_mode(ks, pc, "auto") == "tiled"
+    assert variance_mode(ks, replace(pc, iterations=1), "auto") == "exact"  # 6 * 23 < 157
     assert variance_mode(ks, pc, False) is None and variance_mode(ks, pc, "exact") == "exact"
+    assert variance_mode(ks, pc, "lowrank") == "lowrank"  # only when asked for
     for bad in ("lanczos", 1, None):
-        with pytest.raises(ValueError, match=r"variance: expected False, True, 'auto', 'exact', 'dense'"):
+        with pytest.raises(ValueError, match=r"variance: expected False, True, 'auto', 'exact', 'dense', 'tiled'"):
             predict(ks, pc, variance=bad, client=cluster_client)
 
 

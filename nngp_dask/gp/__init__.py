@@ -4,8 +4,15 @@ posterior mean and variance, targets and metrics."""
 from .likelihood import amplitude_mle
 from .metrics import COVERAGE_LEVELS, accuracy, confusion_matrix, coverage, nlpd, rmse
 from .operator import KernelLinearOperator, StoredKernelOperator, aslinearoperator
-from .posterior import posterior_mean, variance_from_cholesky, variance_from_eigh, variance_from_solve, variance_lowrank
-from .prediction import DENSE_VARIANCE_MAX_N, EXACT_VARIANCE_MAX, predict, variance_mode
+from .posterior import (
+    posterior_mean,
+    variance_from_cholesky,
+    variance_from_eigh,
+    variance_from_reduction,
+    variance_from_solve,
+    variance_lowrank,
+)
+from .prediction import DENSE_VARIANCE_MAX_N, predict, variance_mode
 from .regression import DIRECT_MAX_N, SolveResult, solve
 from .targets import TARGETS, class_index, encode_labels, one_hot_targets, predict_labels
 
@@ -25,6 +32,7 @@ __all__ = [
     "posterior_mean",
     "variance_from_cholesky",
     "variance_from_eigh",
+    "variance_from_reduction",
     "variance_from_solve",
     "variance_lowrank",
     "KernelLinearOperator",
@@ -32,7 +40,6 @@ __all__ = [
     "aslinearoperator",
     "DIRECT_MAX_N",
     "DENSE_VARIANCE_MAX_N",
-    "EXACT_VARIANCE_MAX",
     "SolveResult",
     "predict",
     "solve",

@@ -22,8 +22,8 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["posterior_mean", "variance_from_cholesky", "variance_from_eigh", "variance_from_solve",
-           "variance_lowrank"]
+__all__ = ["posterior_mean", "variance_from_cholesky", "variance_from_eigh", "variance_from_reduction",
+           "variance_from_solve", "variance_lowrank"]
 
 
 def posterior_mean(k_cross: ArrayLike, alpha: ArrayLike) -> NDArray[np.float64]:
@@ -81,7 +81,24 @@ def variance_from_cholesky(prior: ArrayLike, k_cross_t: NDArray, lower: NDArray)
     ndarray, shape (m,), clipped at 0
     """
     v = scipy.linalg.solve_triangular(lower, k_cross_t, lower=True, check_finite=False)
-    return np.maximum(np.asarray(prior, dtype=np.float64) - np.einsum("ij,ij->j", v, v), 0.0)
+    return variance_from_reduction(prior, np.einsum("ij,ij->j", v, v))
+
+
+def variance_from_reduction(prior: ArrayLike, reduction: ArrayLike) -> NDArray[np.float64]:
+    """``prior - reduction``, clipped at 0: the last step of every exact variance here.
+
+    Parameters
+    ----------
+    prior : array_like, shape (m,)
+    reduction : array_like, shape (m,)
+        ``k*^T (K + noise I)^{-1} k*`` per test point (e.g. ``||L^{-1} k*||^2`` from an
+        out-of-core factor, :mod:`nngp_dask.gp.tiled_variance`).
+
+    Returns
+    -------
+    ndarray, shape (m,)
+    """
+    return np.maximum(np.asarray(prior, dtype=np.float64) - np.asarray(reduction, dtype=np.float64), 0.0)
 
 
 def variance_from_eigh(prior: ArrayLike, k_cross_u: NDArray, weights: NDArray) -> NDArray[np.float64]:

@@ -12,9 +12,11 @@ K's exact leading eigenvectors, the best rank-r space there is, need r in the th
 (benchmarks/RESULTS.md, section 12). Factorising ``K + noise I`` once costs ``n^3 / 3`` flops and
 each test point ``n^2`` (one triangular solve), against ``2 n^2`` per point and CG iteration: there
 it took 0.54x the mean's solve against 20x for the batched CG, exact to rounding, so
-``variance="auto"`` takes it while the float64 factor fits in memory (``DENSE_VARIANCE_MAX_N``);
-it is not out of core (``12 n^2`` bytes at its peak). Above that size ``"exact"`` (CG) and
-``"lowrank"`` remain.
+``variance="auto"`` takes it while the float64 factor fits in memory (``DENSE_VARIANCE_MAX_N``,
+``12 n^2`` bytes at its peak). Past that size the same factorisation runs out of core
+(``"tiled"``, :mod:`nngp_dask.gp.tiled_variance`: panels from the stored tiles, the factor in
+scratch files), unless so few test points are asked for that their CG solves cost fewer flops
+than the factor. ``"lowrank"`` remains as a cheap, inexact choice, never picked by ``"auto"``.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from ..store import KernelStore, solve_path
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
 from .regression import SolveResult, dense_kernel, open_store, solve_preconditioner
+from .tiled_variance import tiled_variances
 
-__all__ = ["DENSE_VARIANCE_MAX_N", "EXACT_VARIANCE_MAX", "VARIANCE_RANK", "predict", "variance_mode"]
+__all__ = ["DENSE_VARIANCE_MAX_N", "VARIANCE_RANK", "predict", "variance_mode"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -43,13 +46,10 @@ log = logging.getLogger("nngp_dask")
 #: training points: a float64 copy of 8 n^2 bytes (2 GiB at the cap) next to the kernel as read,
 #: 4 n^2 bytes for float32 tiles, so 3 GiB at the peak; a Cholesky of ``n^3 / 3`` flops.
 DENSE_VARIANCE_MAX_N = 16384
-#: Above ``DENSE_VARIANCE_MAX_N``, ``variance="auto"`` is exact (one batched CG per 256 test points)
-#: up to this many test points, else low-rank.
-EXACT_VARIANCE_MAX = 1024
 #: Leading components of the preconditioner's factor used by the low-rank variance: its cost is
 #: 2 m n r flops, so the full rank of a strong preconditioner (thousands) would dominate a run.
 VARIANCE_RANK = 256
-VARIANCES = (False, True, "auto", "exact", "dense", "lowrank")
+VARIANCES = (False, True, "auto", "exact", "dense", "tiled", "lowrank")
 
 
 def _lowrank_factor(ks: KernelStore, result: SolveResult) -> zarr.Array | None:
@@ -60,30 +60,31 @@ def _lowrank_factor(ks: KernelStore, result: SolveResult) -> zarr.Array | None:
 
 def variance_mode(store: KernelStore | str | os.PathLike, result: SolveResult, variance: bool | str) -> str | None:
     """The variance method :func:`predict` runs for ``variance``: ``None`` (no variance),
-    ``"dense"``, ``"exact"`` or ``"lowrank"``.
+    ``"dense"``, ``"tiled"``, ``"exact"`` or ``"lowrank"``.
 
     ``True``/``"auto"`` resolve to ``"dense"`` for a Cholesky solve or up to
-    ``DENSE_VARIANCE_MAX_N`` training points; above that to ``"exact"`` up to
-    ``EXACT_VARIANCE_MAX`` test points, else ``"lowrank"`` when the solve stored a low-rank
-    factor (else ``"exact"``). A caller that caches predictions keys them on this.
+    ``DENSE_VARIANCE_MAX_N`` training points; above that to ``"exact"`` when one CG per test
+    point (at the mean's iteration count) costs fewer flops than a factorisation
+    (``2 m n^2 its < n^3 / 3``), else to ``"tiled"``. All three are exact; ``"lowrank"`` is
+    only taken when asked for. A caller that caches predictions keys them on this.
 
     Raises
     ------
     ValueError
-        ``variance`` not one of ``False, True, "auto", "exact", "dense", "lowrank"``.
+        ``variance`` not one of ``False, True, "auto", "exact", "dense", "tiled", "lowrank"``.
     """
     if not any(variance is v or (isinstance(v, str) and variance == v) for v in VARIANCES):
-        raise ValueError(f"variance: expected False, True, 'auto', 'exact', 'dense' or 'lowrank', got {variance!r}")
+        raise ValueError("variance: expected False, True, 'auto', 'exact', 'dense', 'tiled' or 'lowrank', "
+                         f"got {variance!r}")
     if variance is False:
         return None
     if variance not in (True, "auto"):
         return str(variance)
     ks = open_store(store)
-    if result.method == "cholesky" or ks.shape[0] <= DENSE_VARIANCE_MAX_N:
+    n = ks.shape[0]
+    if result.method == "cholesky" or n <= DENSE_VARIANCE_MAX_N:
         return "dense"
-    if ks.n_test <= EXACT_VARIANCE_MAX or _lowrank_factor(ks, result) is None:
-        return "exact"
-    return "lowrank"
+    return "exact" if 6 * ks.n_test * max(result.iterations, 1) < n else "tiled"
 
 
 def predict(
@@ -105,11 +106,15 @@ def predict(
         Built with ``x_test``.
     result : SolveResult
         From :func:`solve` on the same store.
-    variance : bool or {"auto", "dense", "exact", "lowrank"}
-        ``True``/``"auto"``: see :func:`variance_mode` (``"dense"`` while the factor fits).
+    variance : bool or {"auto", "dense", "tiled", "exact", "lowrank"}
+        ``True``/``"auto"``: see :func:`variance_mode` (``"dense"`` while the factor fits, then
+        ``"tiled"``).
         ``"dense"``: factorises ``K + noise I`` (float64, in memory: ``12 n^2`` bytes at the
         peak) once, then one triangular solve per ``batch`` test points; exact to rounding, and
         at n = 10,000 it costs a fraction of ``"exact"`` (benchmarks/RESULTS.md, section 12).
+        ``"tiled"``: the same factorisation out of core, panel by panel from the stored tiles,
+        the factor (``4 n^2`` bytes) in a temporary folder (``TMPDIR``) deleted afterwards;
+        about ``4 n w + 0.5 GiB`` bytes in memory (``w`` ~ 2,048), exact to rounding.
         ``"exact"``: one batched CG (``batch`` test points at a time; the dense factor for a
         Cholesky solve), streamed over the stored tiles; ``2 n^2`` flops per test point and
         CG iteration.
@@ -168,6 +173,10 @@ def predict(
         if mode == "lowrank":
             assert proj is not None and factor is not None  # factor given: its projections came back
             return mean, variance_lowrank(prior, proj, factor, noise)
+        if mode == "tiled":
+            var, _ = tiled_variances(ks, noise, prior, lambda rows: ks.read_rows("test_train", rows).T, beat=beat)
+            beat(m, "exact variances (out-of-core factor)")
+            return mean, var
         if mode == "dense" or result.method == "cholesky":
             # factorised once for every batch of test points
             lower = cholesky_factor(dense_kernel(ks), noise)[0]

@@ -2,6 +2,7 @@
 callable, preconditioners, stochastic Lanczos quadrature, dense Cholesky/eigh with advice on failure,
 and the compiled products of one tile with thin blocks."""
 
+from .blocked import blocked_cholesky, forward_sum_squares, panel_bounds
 from .cg import ConvergenceWarning, batched_cg, check_rhs, default_maxiter
 from .cg_state import CGResult, CGState
 from .dense import cholesky_factor, dense_solve, positive_definite_advice
@@ -23,6 +24,9 @@ from .products import factor_products, tile_matmat_t
 from .slq import LogdetEstimate, log_marginal_likelihood, logdet_dense, slq_logdet
 
 __all__ = [
+    "blocked_cholesky",
+    "forward_sum_squares",
+    "panel_bounds",
     "factor_products",
     "tile_matmat_t",
     "FLOAT64_RATIO",

@@ -1,0 +1,138 @@
+"""Exact predictive variances past the in-memory size: ``K + noise I`` factorised panel by panel
+from the stored tiles, the factor kept in scratch files.
+
+The in-memory factor (``variance="dense"``) needs ``12 n^2`` bytes at its peak, 15.6 GB for
+kin40k's 36,000 training points; CG per test point costs ``2 n^2`` flops per point and
+iteration. Here (:func:`nngp_dask.linalg.blocked_cholesky`) the driver holds two panels of
+``n x w`` float64 (``w`` about 2,048 columns) and the test points' right-hand sides in groups of
+``RHS_BYTES``; the factor's ``4 n^2`` bytes (its lower half in float64) go to a temporary folder
+(``TMPDIR``, deleted afterwards, refused up front when the disk lacks the space). The flops are
+the dense factor's, ``n^3 / 3`` plus ``n^2`` per test point, and the result is exact to rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..linalg import blocked_cholesky, forward_sum_squares, panel_bounds
+from ..store import KernelStore
+from .posterior import variance_from_reduction
+
+__all__ = ["PANEL_COLUMNS", "RHS_BYTES", "tiled_variances"]
+
+log = logging.getLogger("nngp_dask")
+
+#: Panel width, rounded to whole tiles: wider panels mean fewer passes over the factor's files
+#: (``n^3 / (3 w)`` bytes read in all) and two ``n x w`` float64 panels in memory.
+PANEL_COLUMNS = 2048
+#: Test points are taken in groups whose right-hand sides (``n`` float64 each) fill this many bytes;
+#: each group is one pass over the factor.
+RHS_BYTES = 512 * 2**20
+
+
+class _PanelFiles:
+    """Panels of the factor as raw float64 files in ``folder`` (rows ``c0:``, C order)."""
+
+    def __init__(self, folder: str, n: int, width: int) -> None:
+        self.folder, self.n, self.width = folder, n, width
+
+    def _file(self, j: int) -> str:
+        return os.path.join(self.folder, f"panel-{j:05d}.f64")
+
+    def save(self, j: int, panel: NDArray) -> None:
+        with open(self._file(j), "wb") as f:
+            np.ascontiguousarray(panel, dtype=np.float64).tofile(f)
+
+    def load(self, j: int, row0: int) -> NDArray:
+        c0 = j * self.width
+        cols = min(self.width, self.n - c0)
+        # rows row0.. of a panel whose first row is c0: read exactly those bytes (no mapping, so
+        # nothing of the file stays in this process's memory)
+        return np.fromfile(self._file(j), dtype=np.float64, count=(self.n - row0) * cols,
+                           offset=(row0 - c0) * cols * 8).reshape(self.n - row0, cols)
+
+
+def _kernel_panel(ks: KernelStore) -> Callable[[int, int], NDArray]:
+    """``(c0, c1) -> K[c0:, c0:c1]`` from the verified upper tiles (``c0`` on a tile boundary)."""
+    io, t, n = ks.tiles("train_train"), ks.tile, ks.shape[0]
+
+    def panel(c0: int, c1: int) -> NDArray:
+        out = np.empty((n - c0, c1 - c0), dtype=ks.dtype)
+        for bj in range(c0 // t, -(-c1 // t)):
+            for bi in range(c0 // t, -(-n // t)):
+                block = io.read(bi, bj) if bi <= bj else io.read(bj, bi).T
+                out[bi * t - c0:bi * t - c0 + block.shape[0], bj * t - c0:bj * t - c0 + block.shape[1]] = block
+        return out
+
+    return panel
+
+
+def panel_width(tile: int) -> int:
+    """``PANEL_COLUMNS`` rounded to a whole number of tiles (at least one)."""
+    return tile * max(1, round(PANEL_COLUMNS / tile))
+
+
+@contextmanager
+def _scratch(nbytes: int) -> Iterator[str]:
+    root = tempfile.gettempdir()
+    free = shutil.disk_usage(root).free
+    if free < nbytes * 1.05:
+        raise OSError(f"variance: the out-of-core factor needs {nbytes / 1e9:.1f} GB of scratch space in {root}, "
+                      f"{free / 1e9:.1f} GB are free; set TMPDIR to a larger disk, or use variance='lowrank'")
+    folder = tempfile.mkdtemp(prefix="nngp-dask-factor-", dir=root)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def tiled_variances(ks: KernelStore, noise: float, prior: NDArray, read_test: Callable[[slice], NDArray], *,
+                    beat: Callable[[int, str], None] | None = None) -> tuple[NDArray[np.float64], float]:
+    """Latent variances of every test point from an out-of-core Cholesky factor of ``K + noise I``.
+
+    Parameters
+    ----------
+    ks : KernelStore
+        A complete train x train kernel.
+    noise : float
+        The solve's noise.
+    prior : ndarray, shape (m,)
+        ``K(x*, x*)`` of the test points.
+    read_test : callable ``(rows) -> ndarray, shape (n, len(rows))``
+        ``K(X, X*)`` for a slice of test points.
+    beat : callable ``(done, message)``, optional
+        Progress (test points done, and what is happening).
+
+    Returns
+    -------
+    (var, logdet) : (ndarray, shape (m,), float)
+        Variances clipped at 0; ``log det(K + noise I)``.
+    """
+    n, m = ks.shape[0], prior.shape[0]
+    width = panel_width(ks.tile)
+    # the lower half of the factor: panel j holds (n - c0) x w float64
+    nbytes = sum((n - c0) * (c1 - c0) * 8 for c0, c1 in panel_bounds(n, width))
+    with _scratch(nbytes) as folder:
+        files = _PanelFiles(folder, n, width)
+        note = (lambda c: beat(0, f"out-of-core Cholesky: {c} of {n} columns")) if beat else None
+        log.info("variances: out-of-core Cholesky of the %d x %d kernel in panels of %d columns (%.1f GB of "
+                 "scratch in %s)", n, n, width, nbytes / 1e9, folder)
+        logdet = blocked_cholesky(_kernel_panel(ks), n, width, noise, files.save, files.load, beat=note)
+        group = max(1, RHS_BYTES // (8 * n))
+        var = np.empty(m)
+        for start in range(0, m, group):
+            stop = min(start + group, m)
+            if beat is not None:
+                beat(start, f"variances of test points {start}-{stop - 1}: one pass over the factor")
+            rhs = np.array(read_test(slice(start, stop)), dtype=np.float64)
+            var[start:stop] = variance_from_reduction(prior[start:stop], forward_sum_squares(rhs, n, width, files.load))
+    return var, logdet
+
