@@ -114,7 +114,8 @@ def predict(
         at n = 10,000 it costs a fraction of ``"exact"`` (benchmarks/RESULTS.md, section 12).
         ``"tiled"``: the same factorisation out of core, panel by panel from the stored tiles,
         the factor (``4 n^2`` bytes) in a temporary folder (``TMPDIR``) deleted afterwards;
-        about ``4 n w + 0.5 GiB`` bytes in memory (``w`` ~ 2,048), exact to rounding.
+        about ``4 n w`` float64 in memory (panels and their products, ``w`` ~ 2,048: 2.6 GB at
+        n = 40,000) plus 0.5 GiB of test columns; exact to rounding.
         ``"exact"``: one batched CG (``batch`` test points at a time; the dense factor for a
         Cholesky solve), streamed over the stored tiles; ``2 n^2`` flops per test point and
         CG iteration.

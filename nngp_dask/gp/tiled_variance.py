@@ -3,8 +3,9 @@ from the stored tiles, the factor kept in scratch files.
 
 The in-memory factor (``variance="dense"``) needs ``12 n^2`` bytes at its peak, 15.6 GB for
 kin40k's 36,000 training points; CG per test point costs ``2 n^2`` flops per point and
-iteration. Here (:func:`nngp_dask.linalg.blocked_cholesky`) the driver holds two panels of
-``n x w`` float64 (``w`` about 2,048 columns) and the test points' right-hand sides in groups of
+iteration. Here (:func:`nngp_dask.linalg.blocked_cholesky`) the driver holds a panel of ``n x w``
+float64 (``w`` about 2,048 columns), an earlier one read back and their product (about ``4 n w``
+float64 at the peak, 2.6 GB at n = 40,000), and the test points' right-hand sides in groups of
 ``RHS_BYTES``; the factor's ``4 n^2`` bytes (its lower half in float64) go to a temporary folder
 (``TMPDIR``, deleted afterwards, refused up front when the disk lacks the space). The flops are
 the dense factor's, ``n^3 / 3`` plus ``n^2`` per test point, and the result is exact to rounding.
