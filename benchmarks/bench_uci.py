@@ -15,7 +15,8 @@ standardised units, the same for every method), written to an ``.npz`` in a temp
 * **sklearn**: ``GaussianProcessRegressor(C * Matern(nu=2.5) + White)`` (one length scale, or one
   per feature with ``--ard``, which also turns on nngp-dask's ARD fit) fitted by L-BFGS-B on the
   largest random training subset whose fit and prediction take about the fitted run's wall time
-  (extrapolated as n^3 from a timed fit on ``--sk-probe`` points; capped by ``--sk-memory``).
+  (extrapolated from timed fits on ``--sk-probe`` and twice as many points, ``t ~ n^p``; capped by
+  ``--sk-memory``).
 
 Printed per run: standardised RMSE, NLPD, the coverage of the central 95 % interval of the
 predictive distribution (noise included), wall time and peak RSS summed over all processes
@@ -82,10 +83,9 @@ def pipeline_row(npz: Path, out: Path, fitted: bool, args: argparse.Namespace) -
 
 
 def sklearn_row(xtr, ytr, xte, yte, budget: float, args: argparse.Namespace) -> dict:
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
-
-    from sklearn.exceptions import ConvergenceWarning
 
     from nngp_dask.gp import coverage, nlpd, rmse
     from nngp_dask.monitor import PeakRSS
@@ -104,11 +104,14 @@ def sklearn_row(xtr, ytr, xte, yte, budget: float, args: argparse.Namespace) -> 
         gpr.predict(xte, return_std=True)
         return time.perf_counter() - t0, gpr
 
-    probe = min(args.sk_probe, len(ytr))
-    t_probe, _ = run(probe)
-    # fit and predict grow as n^3 (factorisations) with n^2 (hyperparameters + 1) float64 of kernel
-    # gradients held
-    by_time = probe * max(budget / t_probe, 1.0) ** (1 / 3)
+    # two timed probes give the growth exponent of fit + predict at this size (between the n^2 of
+    # the kernel gradients and the n^3 of the factorisations), which sizes the run to the budget
+    probe = min(args.sk_probe, len(ytr) // 2)
+    t_small, _ = run(probe)
+    t_probe, _ = run(2 * probe)
+    power = float(np.clip(np.log2(t_probe / t_small), 1.5, 3.0))
+    by_time = 2 * probe * max(budget / t_probe, 1.0) ** (1 / power)
+    # n^2 (hyperparameters + 1) float64 of kernel gradients are held during the fit
     by_memory = (args.sk_memory * 2**30 / (8 * ((d if args.ard else 1) + 4))) ** 0.5
     n = int(min(len(ytr), by_time, by_memory))
     with PeakRSS() as peak:
@@ -117,7 +120,8 @@ def sklearn_row(xtr, ytr, xte, yte, budget: float, args: argparse.Namespace) -> 
     var = sd ** 2
     return {"rmse": rmse(yte, mu), "nlpd": nlpd(yte, mu, var), "coverage95": coverage(yte, mu, var, (0.95,))[0],
             "wall_s": wall, "peak_gib": peak.peak / 2**30, "n_used": n,
-            "settings": f"{gpr.kernel_} (probe: {probe} points in {t_probe:.1f} s)"}
+            "settings": f"{gpr.kernel_} (probes: {probe} and {2 * probe} points in {t_small:.1f} and "
+                        f"{t_probe:.1f} s, time ~ n^{power:.2f})"}
 
 
 def main(argv: list[str] | None = None) -> int:
