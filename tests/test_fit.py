@@ -15,7 +15,7 @@ import pytest
 import scipy.stats
 
 from nngp_dask.kernels import Architecture, diagonals, kernel, kernel_log_gradient, tile, with_log_hyperparameters
-from nngp_dask.select import fit_hyperparameters, profile_log_marginal_likelihood, subset_size
+from nngp_dask.select import fit_hyperparameters, profile_log_marginal_likelihood, storage_noise_floor, subset_size
 from nngp_dask.select.fit import _Objective  # the objective's gradient is what is tested
 
 RNG = np.random.default_rng(7)
@@ -116,6 +116,24 @@ def test_fit_raises_the_likelihood_and_reports_the_dense_value():
     assert len(res.architecture.input_weight_var) == 3
     overrides = res.pipeline_overrides()
     assert overrides["solver.noise"] == res.noise and overrides["architecture.depth"] == res.architecture.depth
+
+
+def test_the_noise_stays_above_what_the_storage_resolves():
+    # noiseless targets: the likelihood wants the noise at its lower bound
+    x = np.random.default_rng(3).standard_normal((60, 3))
+    y = np.sin(x[:, 0]) + 0.5 * x[:, 1]
+    start = Architecture(2, "relu", 1.6, 0.1)
+    free = fit_hyperparameters(x, y, arch=start, noise=1e-2, subset=None)
+    floor = storage_noise_floor("float32", 36000)  # kin40k's training split in float32 tiles
+    assert floor == pytest.approx(8 * math.sqrt(36000) * np.finfo(np.float32).eps / 2)  # 9.0e-5
+    assert storage_noise_floor("float64", 36000) == 1e-6  # the fit's own bound
+    held = fit_hyperparameters(x, y, arch=start, noise=1e-2, subset=None, noise_floor=floor)
+    assert free.relative_noise < floor  # (at the fit's own bound, 1e-6, for these noiseless targets)
+    assert held.relative_noise == pytest.approx(floor) and held.noise_at_floor
+    assert held.log_marginal_likelihood < free.log_marginal_likelihood  # a constraint that binds costs likelihood
+    for bad in (-1.0, 10.0, "1e-4", math.nan):
+        with pytest.raises(ValueError, match="noise_floor: expected a number in"):
+            fit_hyperparameters(x, y, arch=start, noise_floor=bad)
 
 
 def test_subset_size_from_a_memory_budget():

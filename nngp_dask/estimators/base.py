@@ -33,7 +33,7 @@ from ..kernels import (
     tile as tile_fn,
 )
 from ..linalg import cholesky_factor
-from ..select import FitResult, fit_hyperparameters
+from ..select import FitResult, fit_hyperparameters, storage_noise_floor
 from ..store import diagonals_path, inputs_path
 
 try:  # scikit-learn >= 1.6
@@ -154,15 +154,18 @@ class NNGPBase(BaseEstimator):
                 raise ValueError(f"{name}: expected an integer >= 0, got {v!r}")
         return arch, float(noise), dt
 
-    def _fit_hyperparameters(self, arch: Architecture, noise: float, xn: NDArray, Y: NDArray) -> FitResult | None:
+    def _fit_hyperparameters(self, arch: Architecture, noise: float, xn: NDArray, Y: NDArray,
+                             dtype: np.dtype) -> FitResult | None:
         """The marginal-likelihood fit on a subset of ``xn`` (None without an optimizer or with
-        nothing to fit: fewer than 2 points, or all-zero targets)."""
+        nothing to fit: fewer than 2 points, or all-zero targets); the noise stays above what a
+        kernel of ``dtype`` resolves at the full size."""
         if self.optimizer is None or xn.shape[0] < 2 or not np.any(Y):
             return None
         seed = int(check_random_state(self.random_state).randint(2**31 - 1))
         return fit_hyperparameters(xn, Y, arch=arch, noise=noise if noise > 0 else 1e-2, kind=self.kind,
                                    depths=self.fit_depths, ard=bool(self.ard), subset=self.fit_subset or None,
-                                   restarts=int(self.n_restarts_optimizer), seed=seed)
+                                   restarts=int(self.n_restarts_optimizer), seed=seed,
+                                   noise_floor=storage_noise_floor(dtype, xn.shape[0]))
 
     # --- fitting --------------------------------------------------------------------------
     def _fit_targets(self, X: NDArray, Y: NDArray) -> None:
@@ -176,7 +179,7 @@ class NNGPBase(BaseEstimator):
             from ..store import store_contents
 
             store_contents(os.fspath(self.store))  # a location that is not ours is refused before any work
-        fitted = self._fit_hyperparameters(arch, noise, xn, Y)
+        fitted = self._fit_hyperparameters(arch, noise, xn, Y, dt)
         self.fit_result_ = fitted
         if fitted is not None:
             arch, noise = fitted.architecture, fitted.noise

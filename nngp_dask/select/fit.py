@@ -54,12 +54,19 @@ from ..kernels import (
     with_log_hyperparameters,
 )
 
-__all__ = ["FIT_BOUNDS", "FitResult", "fit_hyperparameters", "profile_log_marginal_likelihood", "subset_size"]
+__all__ = ["FIT_BOUNDS", "FitResult", "fit_hyperparameters", "profile_log_marginal_likelihood", "storage_noise_floor",
+           "subset_size"]
 
 #: bounds of the fitted values (relative noise r, weight_var, bias_var, each ARD input variance)
 FIT_BOUNDS: dict[str, tuple[float, float]] = {"noise": (1e-6, 10.0), "weight_var": (1e-3, 1e4),
                                               "bias_var": (1e-6, 1e2), "input_weight_var": (1e-4, 1e4)}
 
+#: The relative noise the full-size solve can resolve is bounded below by the storage's rounding: a
+#: kernel of n points stored with unit roundoff u perturbs ``K / m`` by a matrix of norm ~ sqrt(n) u
+#: (random rounding errors); below it ``K + noise I`` as stored need not be positive definite (CG
+#: breaks down). Measured: on kin40k (36,000 points, float32 tiles) a fit that reached r = 1e-6 on
+#: its float64 subset made the full-size CG break down.
+_ROUNDING_MARGIN = 8.0
 #: n x n float64 matrices alive during one evaluation (kernel, factor, inverse, W, two kernels of a difference)
 _MATRICES = 7
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -91,6 +98,8 @@ class FitResult:
     evaluations : int
         Likelihood (and gradient) evaluations, over every depth and start.
     seconds : float
+    relative_noise, noise_floor : float
+        The fitted noise over the kernel's mean diagonal, and the lower bound it was fitted within.
     """
 
     architecture: Architecture
@@ -101,6 +110,13 @@ class FitResult:
     per_depth: dict[int, float] = field(default_factory=dict)
     evaluations: int = 0
     seconds: float = 0.0
+    relative_noise: float = math.nan
+    noise_floor: float = 0.0
+
+    @property
+    def noise_at_floor(self) -> bool:
+        """Whether the fit stopped at the noise's lower bound (the data would take less noise)."""
+        return self.relative_noise <= self.noise_floor * (1 + 1e-6)
 
     def pipeline_overrides(self) -> dict[str, Any]:
         """``{"section.key": value}`` of a pipeline file running with the fitted values."""
@@ -200,8 +216,27 @@ class _Objective:
         return -value, -grad
 
 
-def _bounds(names: tuple[str, ...], d: int) -> list[tuple[float, float]]:
-    out = [FIT_BOUNDS["noise"]]
+def storage_noise_floor(dtype: Any, n: int) -> float:
+    """The smallest relative noise ``r`` (noise over the kernel's mean diagonal) worth fitting when
+    the full-size kernel of ``n`` points is stored as ``dtype``: ``8 sqrt(n) u`` with ``u`` its unit
+    roundoff (1.2e-4 for float32 tiles of 60,000 points; float64 stays at ``FIT_BOUNDS``' 1e-6).
+
+    Parameters
+    ----------
+    dtype : numpy dtype or its name
+    n : int
+        Training points of the full-size solve.
+
+    Returns
+    -------
+    float
+    """
+    u = float(np.finfo(np.dtype(dtype)).eps) / 2
+    return max(FIT_BOUNDS["noise"][0], _ROUNDING_MARGIN * math.sqrt(max(int(n), 1)) * u)
+
+
+def _bounds(names: tuple[str, ...], d: int, noise_floor: float) -> list[tuple[float, float]]:
+    out = [(max(FIT_BOUNDS["noise"][0], noise_floor), FIT_BOUNDS["noise"][1])]
     for name in names:
         out.extend([FIT_BOUNDS[name]] * (d if name == "input_weight_var" else 1))
     return [(math.log(lo), math.log(hi)) for lo, hi in out]
@@ -230,6 +265,7 @@ def fit_hyperparameters(
     restarts: int = 0,
     seed: int | None = 0,
     maxiter: int = 200,
+    noise_floor: float = 0.0,
 ) -> FitResult:
     """Maximise the exact log marginal likelihood on a random subset (module docstring).
 
@@ -258,6 +294,9 @@ def fit_hyperparameters(
     seed : int, optional
     maxiter : int
         L-BFGS-B iterations per start.
+    noise_floor : float
+        Lower bound of the relative noise ``r`` besides ``FIT_BOUNDS``' (e.g.
+        :func:`storage_noise_floor` of the store the full-size solve will read).
 
     Returns
     -------
@@ -288,7 +327,9 @@ def fit_hyperparameters(
     if ard:
         names += ("input_weight_var",)
         start = start.replace(input_weight_var=start.input_weight_var or (start.weight_var,) * d)
-    bounds = _bounds(names, d)
+    if not (isinstance(noise_floor, (int, float)) and 0 <= noise_floor < FIT_BOUNDS["noise"][1]):
+        raise ValueError(f"noise_floor: expected a number in [0, {FIT_BOUNDS['noise'][1]:g}), got {noise_floor!r}")
+    bounds = _bounds(names, d, float(noise_floor))
     lo, hi = np.array(bounds).T
     best: tuple[float, NDArray, int] | None = None
     per_depth: dict[int, float] = {}
@@ -324,4 +365,5 @@ def fit_hyperparameters(
     r = math.exp(theta[0])
     value, s, _ = profile_log_marginal_likelihood(k, ys, r)
     return FitResult(architecture=fitted, noise=r * m, amplitude=s / m, log_marginal_likelihood=value, n_subset=size,
-                     per_depth=per_depth, evaluations=evaluations, seconds=time.perf_counter() - t0)
+                     per_depth=per_depth, evaluations=evaluations, seconds=time.perf_counter() - t0,
+                     relative_noise=r, noise_floor=math.exp(lo[0]))
