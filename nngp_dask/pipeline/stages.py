@@ -42,7 +42,7 @@ from ..gp import (
 )
 from ..kernels import Architecture, normalize as normalize_rows
 from ..monitor import PeakRSS
-from ..select import fit_hyperparameters, storage_noise_floor, subset_size
+from ..select import FIT_BOUNDS, fit_hyperparameters, storage_noise_floor, subset_size
 from ..store import CorruptTileError, KernelStore, inputs_path, is_remote, store_contents, store_lock
 from .config import ConfigError
 from .datasets import Dataset, load_dataset
@@ -227,7 +227,8 @@ class Pipeline:
             idx = np.sort(np.random.default_rng(f["seed"]).choice(n, size, replace=False)) if size < n else None
             x = np.asarray(normalize_rows(_rows(ds.x_train, idx), cfg["data"]["normalize"]), dtype=np.float64)
             y = targets.y_train if idx is None else targets.y_train[idx]
-            rec.fingerprint = _hash(y, x, f, a, cfg["solver"]["noise"], cfg["kernel"]["kind"], cfg["kernel"]["dtype"], n)
+            rec.fingerprint = _hash(y, x, f, a, cfg["solver"]["noise"], cfg["kernel"]["kind"], cfg["kernel"]["dtype"],
+                                    n)
             try:
                 last = json.loads(path.read_text())
                 fitted = last["overrides"] if last["fingerprint"] == rec.fingerprint else None
@@ -242,7 +243,7 @@ class Pipeline:
                                           ard=f["ard"], subset=None, restarts=f["restarts"], seed=f["seed"],
                                           maxiter=f["maxiter"],
                                           noise_floor=storage_noise_floor(cfg["kernel"]["dtype"], n))
-                if res.noise_at_floor:
+                if res.noise_at_floor and res.noise_floor > FIT_BOUNDS["noise"][0]:  # the storage's floor binds
                     log.warning("fit: the noise stopped at %.3g of the kernel's diagonal, the least that %s tiles of "
                                 "%d points resolve; kernel.dtype = 'float64' lets the fit go lower", res.noise_floor,
                                 cfg["kernel"]["dtype"], n)
