@@ -95,7 +95,22 @@ def test_tiled_variance_of_a_stored_kernel_matches_the_dense_solve(problem, clus
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where TMPDIR would point
     r = solve(problem["ks"], problem["y"], noise=NOISE, tol=1e-10, method="cg", preconditioner="nystrom", rank=40,
               client=cluster_client, progress=False)
+    from collections import Counter
+
+    from nngp_dask.store.tileio import TileIO
+
+    reads: Counter = Counter()
+    real_read = TileIO.read
+
+    def counting(self, i, j, out=None):
+        if self.part == "train_train":
+            reads[i, j] += 1
+        return real_read(self, i, j, out)
+
+    monkeypatch.setattr(TileIO, "read", counting)  # in this process: the factor's reads, not the workers'
     mean, var = predict(problem["ks"], r, variance="tiled", client=cluster_client, progress=False)
+    monkeypatch.setattr(TileIO, "read", real_read)
+    assert reads == Counter(dict.fromkeys(problem["ks"].grid.upper_tiles(), 1))  # each stored tile once
     assert np.abs(var - problem["var"]).max() < 1e-9 * problem["var"].max()
     _, dense = predict(problem["ks"], r, variance="dense", client=cluster_client, progress=False)
     np.testing.assert_allclose(var, dense, rtol=1e-9, atol=1e-12)

@@ -36,7 +36,7 @@ from ..store import KernelStore, solve_path
 from .operator import StoredKernelOperator
 from .posterior import variance_from_cholesky, variance_from_solve, variance_lowrank
 from .regression import SolveResult, dense_kernel, open_store, solve_preconditioner
-from .tiled_variance import tiled_variances
+from .tiled_variance import check_scratch, tiled_variances
 
 __all__ = ["DENSE_VARIANCE_MAX_N", "VARIANCE_RANK", "predict", "variance_mode"]
 
@@ -148,6 +148,8 @@ def predict(
     squeeze = alpha.ndim == 1
     a2 = alpha.reshape(alpha.shape[0], -1)
     ks.require_complete("test_train")
+    if mode == "tiled":
+        check_scratch(ks.shape[0], ks.tile)  # before any work
     m = ks.n_test
     factor = None
     if mode == "lowrank":
@@ -175,7 +177,7 @@ def predict(
             assert proj is not None and factor is not None  # factor given: its projections came back
             return mean, variance_lowrank(prior, proj, factor, noise)
         if mode == "tiled":
-            var, _ = tiled_variances(ks, noise, prior, lambda rows: ks.read_rows("test_train", rows).T, beat=beat)
+            var = tiled_variances(ks, noise, prior, lambda rows: ks.read_rows("test_train", rows).T, beat=beat)
             beat(m, "exact variances (out-of-core factor)")
             return mean, var
         if mode == "dense" or result.method == "cholesky":

@@ -27,7 +27,7 @@ from ..linalg import blocked_cholesky, forward_sum_squares, panel_bounds
 from ..store import KernelStore
 from .posterior import variance_from_reduction
 
-__all__ = ["PANEL_COLUMNS", "RHS_BYTES", "tiled_variances"]
+__all__ = ["PANEL_COLUMNS", "RHS_BYTES", "check_scratch", "tiled_variances"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -67,10 +67,19 @@ def _kernel_panel(ks: KernelStore) -> Callable[[int, int], NDArray]:
 
     def panel(c0: int, c1: int) -> NDArray:
         out = np.empty((n - c0, c1 - c0), dtype=ks.dtype)
-        for bj in range(c0 // t, -(-c1 // t)):
-            for bi in range(c0 // t, -(-n // t)):
+        first, last = c0 // t, -(-c1 // t)  # the panel's tile columns
+
+        def place(bi: int, bj: int, block: NDArray) -> None:
+            out[bi * t - c0:bi * t - c0 + block.shape[0], bj * t - c0:bj * t - c0 + block.shape[1]] = block
+
+        for bj in range(first, last):
+            for bi in range(first, -(-n // t)):
+                if bj < bi < last:
+                    continue  # inside the panel's diagonal block: placed as the mirror of (bj, bi)
                 block = io.read(bi, bj) if bi <= bj else io.read(bj, bi).T
-                out[bi * t - c0:bi * t - c0 + block.shape[0], bj * t - c0:bj * t - c0 + block.shape[1]] = block
+                place(bi, bj, block)
+                if bi < bj:
+                    place(bj, bi, block.T)  # each stored tile is read once per panel
         return out
 
     return panel
@@ -81,22 +90,31 @@ def panel_width(tile: int) -> int:
     return tile * max(1, round(PANEL_COLUMNS / tile))
 
 
-@contextmanager
-def _scratch(nbytes: int) -> Iterator[str]:
+def check_scratch(n: int, tile: int) -> int:
+    """The scratch bytes of the factor of ``n`` points (its lower half, float64, in panels);
+    raises :class:`OSError` with one line when ``TMPDIR``'s disk has less free space.
+    :func:`nngp_dask.gp.predict` calls it before any work."""
+    nbytes = sum((n - c0) * (c1 - c0) * 8 for c0, c1 in panel_bounds(n, panel_width(tile)))
     root = tempfile.gettempdir()
     free = shutil.disk_usage(root).free
     if free < nbytes * 1.05:
         raise OSError(f"variance: the out-of-core factor needs {nbytes / 1e9:.1f} GB of scratch space in {root}, "
                       f"{free / 1e9:.1f} GB are free; set TMPDIR to a larger disk, or use variance='lowrank'")
-    folder = tempfile.mkdtemp(prefix="nngp-dask-factor-", dir=root)
+    return nbytes
+
+
+@contextmanager
+def _scratch(n: int, tile: int) -> Iterator[tuple[str, int]]:
+    nbytes = check_scratch(n, tile)  # again: the disk may have filled since predict checked
+    folder = tempfile.mkdtemp(prefix="nngp-dask-factor-", dir=tempfile.gettempdir())
     try:
-        yield folder
+        yield folder, nbytes
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def tiled_variances(ks: KernelStore, noise: float, prior: NDArray, read_test: Callable[[slice], NDArray], *,
-                    beat: Callable[[int, str], None] | None = None) -> tuple[NDArray[np.float64], float]:
+                    beat: Callable[[int, str], None] | None = None) -> NDArray[np.float64]:
     """Latent variances of every test point from an out-of-core Cholesky factor of ``K + noise I``.
 
     Parameters
@@ -114,20 +132,26 @@ def tiled_variances(ks: KernelStore, noise: float, prior: NDArray, read_test: Ca
 
     Returns
     -------
-    (var, logdet) : (ndarray, shape (m,), float)
-        Variances clipped at 0; ``log det(K + noise I)``.
+    ndarray, shape (m,)
+        Variances clipped at 0.
+
+    Raises
+    ------
+    OSError
+        When ``TMPDIR``'s disk lacks the factor's space (:func:`check_scratch`).
     """
-    n, m = ks.shape[0], prior.shape[0]
-    width = panel_width(ks.tile)
-    # the lower half of the factor: panel j holds (n - c0) x w float64
-    nbytes = sum((n - c0) * (c1 - c0) * 8 for c0, c1 in panel_bounds(n, width))
-    with _scratch(nbytes) as folder:
+    n, m, t = ks.shape[0], prior.shape[0], ks.tile
+    width = panel_width(t)
+    with _scratch(n, t) as (folder, nbytes):
         files = _PanelFiles(folder, n, width)
         note = (lambda c: beat(0, f"out-of-core Cholesky: {c} of {n} columns")) if beat else None
         log.info("variances: out-of-core Cholesky of the %d x %d kernel in panels of %d columns (%.1f GB of "
                  "scratch in %s)", n, n, width, nbytes / 1e9, folder)
-        logdet = blocked_cholesky(_kernel_panel(ks), n, width, noise, files.save, files.load, beat=note)
+        blocked_cholesky(_kernel_panel(ks), n, width, noise, files.save, files.load, beat=note)
         group = max(1, RHS_BYTES // (8 * n))
+        if group > t:
+            group -= group % t  # whole rows of test tiles: each is read once
+
         var = np.empty(m)
         for start in range(0, m, group):
             stop = min(start + group, m)
@@ -135,5 +159,5 @@ def tiled_variances(ks: KernelStore, noise: float, prior: NDArray, read_test: Ca
                 beat(start, f"variances of test points {start}-{stop - 1}: one pass over the factor")
             rhs = np.array(read_test(slice(start, stop)), dtype=np.float64)
             var[start:stop] = variance_from_reduction(prior[start:stop], forward_sum_squares(rhs, n, width, files.load))
-    return var, logdet
+    return var
 
