@@ -131,7 +131,7 @@ def test_the_noise_stays_above_what_the_storage_resolves():
     assert free.relative_noise < floor  # (at the fit's own bound, 1e-6, for these noiseless targets)
     assert held.relative_noise == pytest.approx(floor) and held.noise_at_floor
     assert held.log_marginal_likelihood < free.log_marginal_likelihood  # a constraint that binds costs likelihood
-    for bad in (-1.0, 10.0, "1e-4", math.nan):
+    for bad in (-1.0, 10.0, "1e-4", math.nan, True):
         with pytest.raises(ValueError, match="noise_floor: expected a number in"):
             fit_hyperparameters(x, y, arch=start, noise_floor=bad)
 

@@ -327,7 +327,8 @@ def fit_hyperparameters(
     if ard:
         names += ("input_weight_var",)
         start = start.replace(input_weight_var=start.input_weight_var or (start.weight_var,) * d)
-    if not (isinstance(noise_floor, (int, float)) and 0 <= noise_floor < FIT_BOUNDS["noise"][1]):
+    if isinstance(noise_floor, bool) or not (isinstance(noise_floor, (int, float))
+                                             and 0 <= noise_floor < FIT_BOUNDS["noise"][1]):
         raise ValueError(f"noise_floor: expected a number in [0, {FIT_BOUNDS['noise'][1]:g}), got {noise_floor!r}")
     bounds = _bounds(names, d, float(noise_floor))
     lo, hi = np.array(bounds).T
