@@ -421,3 +421,22 @@ def test_store_of_another_version_is_named(tmp_path, good_store):
 def test_refusals_are_value_errors_for_the_cli():
     assert issubclass(NotAKernelStoreError, StoreMismatchError) and issubclass(KernelOverflowError, ValueError)
     assert {"NotAKernelStoreError", "KernelOverflowError"} <= set(nngp_dask.__all__)
+
+
+def test_build_refuses_a_store_that_will_not_fit_before_writing(tmp_path, monkeypatch, inproc_client):
+    """The disk is made to look nearly full (a real full disk cannot be arranged in a test): the
+    build names what it needs and what is free, and writes nothing."""
+    from collections import namedtuple
+
+    import nngp_dask.store.layout as layout
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(layout.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 20_000, 20_000))
+    x = np.random.default_rng(3).random((100, 4))
+    with pytest.raises(OSError, match=r"store: 10 kernel tile\(s\) of 32 x 32 float32 need 40.04 kiB at .*, 19.53 kiB "
+                                      r"are free on its disk"):
+        build_kernel(ARCH, x, tmp_path / "k.zarr", tile=32, client=inproc_client, progress=False)
+    assert not (tmp_path / "k.zarr").exists()
+    monkeypatch.undo()
+    assert build_kernel(ARCH, x, tmp_path / "k.zarr", tile=32, client=inproc_client,
+                        progress=False).complete

@@ -106,7 +106,8 @@ def test_failed_cholesky_advises_to_increase_noise():
 @pytest.fixture(scope="module")
 def inproc_client():
     distributed = pytest.importorskip("distributed")
-    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                             dashboard_address="127.0.0.1:0") as client:
         yield client
 
 

@@ -27,8 +27,8 @@ from ..kernels import (Architecture, KernelOverflowError, check_dtype, check_kin
                        diagonals_from_norms)
 from ..monitor import tracked
 from ..store import (FORMAT_VERSION, ArraySource, KernelStore, NotAKernelStoreError, StoreIdentity, StoreMismatchError,
-                     check_policy, format_message, is_remote, normalise_url, remove_interrupted_writes,
-                     store_contents, store_lock, wants_drop)
+                     check_free_space, check_policy, format_message, is_remote, normalise_url,
+                     remove_interrupted_writes, store_contents, store_lock, wants_drop)
 from ..tiling import DEFAULT_TILE
 from .ingest import PreparedInputs, prepare_inputs
 from .precompile import precompile
@@ -281,6 +281,7 @@ def build_kernel(
             for prep in (train, test):
                 if prep is not None:
                     _refuse_overflow(arch, kind, dt, prep)
+            _check_space(url, ident, _tile_count(train.n, test.n if test else 0, tile))
             log.info("ingesting %d x %d training%s inputs into %s", train.n, train.d,
                      f" and {test.n} test" if test else "", url)
             write_layout(url, opts, ident, arch, train, test)
@@ -303,6 +304,8 @@ def build_kernel(
         if update is not None:
             log.info("updated store %s in place (%s): %d tile(s) kept, %d to build", url, stats.update,
                      stats.tiles_kept, len(todo))
+        if todo and not fresh:  # a resume or an update: only the missing tiles still need room
+            _check_space(url, ident, len(todo))
         if todo:
             _run_tiles(ks, todo, arch, kind, dt, tile, ident.token(), client, progress, page_cache, stats)
         else:
@@ -319,6 +322,20 @@ def build_kernel(
                 f"{len(stats.failed)} of {len(todo)} tile(s) failed (first: {first[0]} tile {first[1:3]}: "
                 f"{first[3]!r}); {stats.tiles_computed} were written and recorded; re-run to resume") from first[3]
     return ks
+
+
+def _tile_count(n: int, m: int, tile: int) -> int:
+    """Stored tiles of a kernel of ``n`` training and ``m`` test points: the upper ones of the
+    train x train grid and all of the test x train grid."""
+    nt, mt = -(-n // tile), -(-m // tile)
+    return nt * (nt + 1) // 2 + mt * nt
+
+
+def _check_space(url: str, ident: StoreIdentity, tiles: int) -> None:
+    """Refuse, before any work, a build whose ``tiles`` (full chunks with their checksums) do not
+    fit on the store's disk."""
+    chunk = ident.tile * ident.tile * np.dtype(ident.dtype).itemsize + 4
+    check_free_space(url, tiles * chunk, f"{tiles} kernel tile(s) of {ident.tile} x {ident.tile} {ident.dtype}")
 
 
 def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: np.dtype, tile: int,

@@ -78,6 +78,15 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "split": Field(int, 0, "csv: which column of test_mask to use (the standard splits)", minimum=0),
         "limit_train": Field(int, 0, "use only the first N training points (0: all)", minimum=0),
         "limit_test": Field(int, 0, "use only the first N test points (0: all)", minimum=0),
+        "validation": Field(int, 0, "hold out the last N training points (after limit_train) and use them "
+                            "instead of the test set: model selection that never sees the test set (0: off)",
+                            minimum=0),
+        "augment": Field(str, "none", "label-preserving augmentation of the training images: none | shift "
+                         "(copies translated by a few pixels, generated as they are read, never stored)",
+                         choices=("none", "shift")),
+        "augment_copies": Field(int, 1, "shift: translated copies of each training image", minimum=1),
+        "augment_shift": Field(int, 1, "shift: the largest translation in pixels along each axis (each copy's "
+                               "offset drawn at random, seeded by run.seed, never (0, 0))", minimum=1),
         "normalize": Field(str, "unit_norm", "per-example input normalisation", choices=NORMALIZATIONS),
         "n_train": Field(int, 2000, "synthetic: training points", minimum=1),
         "n_test": Field(int, 500, "synthetic: test points", minimum=1),

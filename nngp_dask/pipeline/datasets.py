@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 
 from ..kernels import InputError, nonfinite_message
 from ..store import ArraySource, as_source, open_source, read_all, read_csv
+from .augment import Shifted
 
 __all__ = ["Dataset", "synthetic", "load_dataset"]
 
@@ -47,16 +48,16 @@ def synthetic(n_train: int = 2000, n_test: int = 500, features: int = 16, *, noi
 
 
 class _Rows:
-    """The first ``limit`` rows of a source (all when 0), itself a source."""
+    """Rows ``start:stop`` of a source (``stop`` 0: to the end), itself a source."""
 
-    def __init__(self, source: ArraySource, limit: int = 0) -> None:
-        self.source = source
-        self.n = min(source.shape[0], limit) if limit else source.shape[0]
-        self.shape = (self.n, *source.shape[1:])
+    def __init__(self, source: ArraySource, start: int = 0, stop: int = 0) -> None:
+        self.source, self.start = source, start
+        self.stop = min(source.shape[0], stop) if stop else source.shape[0]
+        self.shape = (self.stop - start, *source.shape[1:])
         self.dtype = source.dtype
 
     def read(self, start: int, stop: int) -> NDArray:
-        return self.source.read(start, min(stop, self.n))
+        return self.source.read(self.start + start, self.start + min(stop, self.shape[0]))
 
 
 class _Concat:
@@ -98,7 +99,27 @@ def _targets(source: ArraySource, limit: int) -> NDArray:
 
 
 def load_dataset(data: dict[str, Any], *, task: str, seed: int = 0) -> Dataset:
-    """Build the dataset a pipeline's ``[data]`` section describes."""
+    """Build the dataset a pipeline's ``[data]`` section describes: read it, hold out
+    ``validation`` training points in place of the test set, augment the training images."""
+    ds = _read(data, task=task, seed=seed)
+    held = data["validation"]
+    if held:
+        n = ds.x_train.shape[0]
+        if held >= n:
+            raise InputError(f"data.validation: expected fewer than the {n} training points, got {held}")
+        ds = Dataset(_Rows(ds.x_train, 0, n - held), ds.y_train[:n - held], _Rows(ds.x_train, n - held),
+                     ds.y_train[n - held:], f"{ds.description}; validation: the last {held} training points "
+                     "stand in for the test set")
+    if data["augment"] == "shift":
+        copies = data["augment_copies"]
+        x = Shifted(ds.x_train, copies, data["augment_shift"], seed)
+        ds = Dataset(x, np.concatenate([ds.y_train] * (1 + copies)), ds.x_test, ds.y_test,
+                     f"{ds.description}; augmented: {copies} cop{'y' if copies == 1 else 'ies'} of each training "
+                     f"image shifted by up to {data['augment_shift']} pixel(s) ({x.shape[0]} training points)")
+    return ds
+
+
+def _read(data: dict[str, Any], *, task: str, seed: int) -> Dataset:
     src, path = data["source"], data["path"]
     lt, le = data["limit_train"], data["limit_test"]
     if src == "synthetic":
@@ -137,7 +158,7 @@ def load_dataset(data: dict[str, Any], *, task: str, seed: int = 0) -> Dataset:
             return _files(path, key, data[key])
     xtr, xte = part("x_train"), part("x_test")
     ytr, yte = _targets(part("y_train"), lt), _targets(part("y_test"), le)
-    xtr, xte = _Rows(xtr, limit=lt), _Rows(xte, limit=le)
+    xtr, xte = _Rows(xtr, stop=lt), _Rows(xte, stop=le)
     if xtr.shape[0] != len(ytr) or xte.shape[0] != len(yte):
         raise InputError(f"data: {xtr.shape[0]} training inputs but {len(ytr)} targets, {xte.shape[0]} test "
                          f"inputs but {len(yte)} targets; expected equal counts")

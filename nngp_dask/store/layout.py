@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, cast
@@ -50,7 +51,8 @@ from .errors import NotAKernelStoreError
 
 __all__ = [
     "ATTR", "DIAGONALS", "DONE", "FORMAT_VERSION", "INPUTS", "KERNEL", "SOLVES", "TEST_PRIOR",
-    "StoreIdentity", "array_codecs", "diagonals_path", "dimension_names", "done_path", "format_message", "has_checksum",
+    "StoreIdentity", "array_codecs", "check_free_space",
+    "diagonals_path", "dimension_names", "done_path", "format_message", "has_checksum",
     "inputs_path", "is_remote", "kernel_path", "local_chunk_file", "normalise_url", "open_group",
     "remove_interrupted_writes", "solve_path",
 ]
@@ -67,6 +69,22 @@ def is_remote(url: str | os.PathLike) -> bool:
     """Whether ``url`` names object storage or another fsspec file system (``scheme://...``)
     rather than a local path."""
     return "://" in os.fspath(url)
+
+
+def check_free_space(url: str | os.PathLike, nbytes: int, what: str) -> None:
+    """Raise :class:`OSError` with one line when the local disk holding ``url`` has less than
+    ``nbytes`` (and 2 % more) free; nothing for object storage, which has no such limit to ask."""
+    if is_remote(url):
+        return
+    folder = os.path.abspath(os.fspath(url))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)  # the store may not exist yet: its nearest existing parent
+    free = shutil.disk_usage(folder).free
+    if free < nbytes * 1.02:
+        from dask.utils import format_bytes
+
+        raise OSError(f"store: {what} need {format_bytes(nbytes)} at {os.fspath(url)!r}, {format_bytes(free)} are "
+                      "free on its disk; free space, or put the store on a larger disk")
 
 
 # --- paths inside a store -------------------------------------------------------------------
