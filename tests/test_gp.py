@@ -156,6 +156,35 @@ def test_solve_resumes_after_sigkill(problem, thread_client, tmp_path):
     np.testing.assert_allclose(resumed.alpha, fresh.alpha, rtol=1e-6, atol=1e-8 * np.abs(fresh.alpha).max())
 
 
+def test_a_resumed_solve_reloads_its_preconditioner_instead_of_rebuilding_it(problem, thread_client, monkeypatch,
+                                                                             caplog):
+    """A solve that stopped after its first checkpoints (here: maxiter) continues with the Nystrom
+    factor it saved before its first iteration: no kernel column is read again, and the answer is
+    the uninterrupted solve's."""
+    import logging
+
+    import nngp_dask.gp.regression as regression
+
+    y = problem["y"][:, :2]
+    kw = dict(noise=1e-3, tol=1e-10, method="cg", preconditioner="nystrom", rank=40, checkpoint_every=3,
+              client=thread_client, progress=False)
+    with pytest.warns(ConvergenceWarning):
+        first = solve(problem["ks"], y, maxiter=6, **kw)
+    assert first.iterations == 6 and not first.converged
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("the preconditioner was built again")
+
+    monkeypatch.setattr(regression, "solve_preconditioner", no_rebuild)
+    with caplog.at_level(logging.INFO, logger="nngp_dask"):
+        resumed = solve(problem["ks"], y, maxiter=400, **kw)
+    monkeypatch.undo()
+    assert resumed.resumed_from == 6 and resumed.converged
+    assert any("reloaded from solve" in r.getMessage() for r in caplog.records)
+    fresh = solve(problem["ks"], y, maxiter=400, **{**kw, "tol": 1.01e-10})  # another key: uninterrupted
+    np.testing.assert_allclose(resumed.alpha, fresh.alpha, rtol=1e-6, atol=1e-7 * np.abs(fresh.alpha).max())
+
+
 def test_nonconvergence_warns_and_says_so(tmp_path, thread_client):
     x = np.repeat(np.random.default_rng(1).standard_normal((20, 3)), 3, axis=0)  # rank-deficient kernel
     ks = build_kernel(Architecture(1, "identity", 1.0, 0.0), x, tmp_path / "s.zarr", tile=16, dtype="float64",

@@ -377,10 +377,18 @@ def solve(
         pre, reused = extended_preconditioner(ks, warm.get("from"), pre_name, max(noise, 1e-12),
                                               min(rank or AUTO_RANK, n),
                                               lambda rows: _column_fn(ks, slice(rows, None)))
+        reloaded = pre is None and state is not None
+        if reloaded:
+            # resuming: this solve's own preconditioner, saved before its first iteration, instead of
+            # building it again (at 120,000 points that is a pass over ~30 GB on disk)
+            pre, reused = extended_preconditioner(ks, key, pre_name, max(noise, 1e-12), min(rank or AUTO_RANK, n),
+                                                  lambda rows: _column_fn(ks, slice(rows, None)))
         if pre is None:
+            reloaded = False
             pre = solve_preconditioner(ks, pre_name, max(noise, 1e-12), rank, c, progress)
         pre_s = time.perf_counter() - t_pre
-        if isinstance(pre, (LowRank, ExtendedNystrom)):  # not lowrank_factor: a SplitLowRank's is a float64 copy
+        # not lowrank_factor: a SplitLowRank's is a float64 copy
+        if isinstance(pre, (LowRank, ExtendedNystrom)) and not reloaded:
             ck.save_factor(pre)
         if state is not None:
             x0, warm = None, {}

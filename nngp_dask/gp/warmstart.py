@@ -74,7 +74,8 @@ def extended_preconditioner(ks: KernelStore, source: str | None, name: str, nois
                             ) -> tuple[ExtendedNystrom | None, str]:
     """The Nystrom preconditioner of the solve ``source`` (a solve of a prefix of the stored rows,
     with the same noise: :func:`previous_solution`) extended to the grown kernel, with a line saying
-    so; ``(None, "")`` when a new one is to be built: another preconditioner was asked for, the
+    so, or, for a solve of all the rows (a killed solve resuming), reloaded as it was saved;
+    ``(None, "")`` when a new one is to be built: another preconditioner was asked for, the
     source kept no Nystrom factor of this rank, or the rows grew past ``EXTEND_MAX_GROWTH`` times
     those its landmarks were drawn from.
 
@@ -92,11 +93,14 @@ def extended_preconditioner(ks: KernelStore, source: str | None, name: str, nois
     factor = np.asarray(cast(zarr.Array, g["lowrank_factor"])[...], dtype=np.float64)
     rows = factor.shape[0]
     new = np.empty((n - rows, landmarks.size))
-    fetch = columns(rows)
-    for i in range(0, landmarks.size, 512):  # bounded temporaries however many rows were added
-        new[:, i:i + 512] = fetch(landmarks[i:i + 512])
+    if rows < n:
+        fetch = columns(rows)
+        for i in range(0, landmarks.size, 512):  # bounded temporaries however many rows were added
+            new[:, i:i + 512] = fetch(landmarks[i:i + 512])
     gram = np.asarray(cast(zarr.Array, g["nystrom_gram"])[...]) if "nystrom_gram" in g else None
     transform = np.asarray(cast(zarr.Array, g["nystrom_transform"])[...])
     pre = ExtendedNystrom.extend(factor, gram, transform, landmarks, new, noise, pool=pool)
+    if rows == n:
+        return pre, f"Nystrom (rank {pre.rank}) reloaded from solve {source} (as stored: float32)"
     return pre, (f"Nystrom (rank {pre.rank}) of solve {source} extended from {rows} to {n} rows "
                  f"(landmarks drawn from its first {pool} rows)")
