@@ -102,7 +102,7 @@ def load_dataset(data: dict[str, Any], *, task: str, seed: int = 0) -> Dataset:
     """Build the dataset a pipeline's ``[data]`` section describes: read it, hold out
     ``validation`` training points in place of the test set, augment the training images."""
     ds = _read(data, task=task, seed=seed)
-    held = data["validation"]
+    held = data.get("validation", 0)  # a section from before these keys, or written by hand
     if held:
         n = ds.x_train.shape[0]
         if held >= n:
@@ -110,12 +110,12 @@ def load_dataset(data: dict[str, Any], *, task: str, seed: int = 0) -> Dataset:
         ds = Dataset(_Rows(ds.x_train, 0, n - held), ds.y_train[:n - held], _Rows(ds.x_train, n - held),
                      ds.y_train[n - held:], f"{ds.description}; validation: the last {held} training points "
                      "stand in for the test set")
-    if data["augment"] == "shift":
-        copies = data["augment_copies"]
-        x = Shifted(ds.x_train, copies, data["augment_shift"], seed)
+    if data.get("augment", "none") == "shift":
+        copies, shift = data.get("augment_copies", 1), data.get("augment_shift", 1)
+        x = Shifted(ds.x_train, copies, shift, seed)
         ds = Dataset(x, np.concatenate([ds.y_train] * (1 + copies)), ds.x_test, ds.y_test,
                      f"{ds.description}; augmented: {copies} cop{'y' if copies == 1 else 'ies'} of each training "
-                     f"image shifted by up to {data['augment_shift']} pixel(s) ({x.shape[0]} training points)")
+                     f"image shifted by up to {shift} pixel(s) ({x.shape[0]} training points)")
     return ds
 
 
