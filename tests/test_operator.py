@@ -9,6 +9,7 @@ from nngp_dask import Architecture, kernel
 from nngp_dask.linalg import tile_matmat_t
 from nngp_dask.build import build_kernel
 from nngp_dask.gp import StoredKernelOperator
+from nngp_dask.gp.operator import _balanced_groups
 
 from .oracles import dense_matmat
 
@@ -64,6 +65,45 @@ def test_stored_operator_on_a_two_threaded_worker(tmp_path, thread_client, rng, 
     v = rng.standard_normal((107, 3))
     got = StoredKernelOperator(ks, 0.25, thread_client).matmat(v)
     np.testing.assert_allclose(got, k @ v + 0.25 * v, rtol=1e-12, atol=1e-12)
+
+
+def test_every_other_product_reads_the_tiles_backwards(tmp_path, thread_client, rng, monkeypatch):
+    """Alternating passes turn back at each end (so a kernel larger than the page cache starts each
+    pass on the tiles the last one read); the products are the same to rounding."""
+    from nngp_dask.store import TileIO
+
+    arch = Architecture(2, "relu", 1.6, 0.1)
+    x = rng.standard_normal((75, 4))  # ragged against tile 16
+    ks = build_kernel(arch, x, tmp_path / "k.zarr", tile=16, dtype="float32", client=thread_client, progress=False)
+    want = kernel(arch, x, dtype="float32").astype(np.float64)
+    reads: list = []
+    real_read = TileIO.read
+
+    def recording(self, i, j, out=None):
+        reads.append((i, j))
+        return real_read(self, i, j, out)
+
+    monkeypatch.setattr(TileIO, "read", recording)  # in-process workers: their reads
+    op = StoredKernelOperator(ks, 0.5, thread_client)
+    v = rng.standard_normal((75, 2))
+    passes = []
+    for _ in range(3):
+        reads.clear()
+        np.testing.assert_allclose(op.matmat(v), want @ v + 0.5 * v, rtol=1e-12, atol=1e-12)
+        passes.append(list(reads))
+    tiles = list(ks.grid.upper_tiles())
+    for p in passes:  # every tile once per pass (two threads: two runs, each in its own order)
+        assert sorted(p) == sorted(tiles)
+    runs = _balanced_groups(tiles, 2)  # one worker, two threads: two runs read side by side
+    for p, backwards in zip(passes, (False, True, False)):
+        for run in runs:  # each run's reads, in the order they happened
+            assert [t for t in p if t in run] == (run[::-1] if backwards else run)
+    fixed = StoredKernelOperator(ks, 0.5, thread_client, alternate=False)
+    for _ in range(2):
+        reads.clear()
+        fixed.matmat(v)
+        for run in runs:
+            assert [t for t in reads if t in run] == run
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -54,12 +54,12 @@ def retrying(what: str, fn: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _run_products(io: TileIO, tiles: Sequence[tuple[int, int]], v_t: NDArray, start: int, tile: int
-                  ) -> NDArray[np.float64]:
+def _run_products(io: TileIO, tiles: Sequence[tuple[int, int]], v_t: NDArray, start: int, tile: int,
+                  backwards: bool = False) -> NDArray[np.float64]:
     """``K V`` over a row-major run of upper tiles, transposed, for rows ``start:`` of V."""
     buf = np.empty(io.nbytes, dtype=np.uint8)  # one read buffer for the whole run
     out_t = np.zeros_like(v_t)
-    for i, j in tiles:
+    for i, j in (reversed(tiles) if backwards else tiles):
         # float64 accumulation even for float32 tiles: rounding V to float32 makes the operator
         # nonlinear, and unpreconditioned CG on MNIST then diverges (benchmarks/RESULTS.md)
         tile_matmat_t(io.read(i, j, buf), v_t, out_t, i * tile - start, j * tile - start, transpose_too=i != j)
@@ -67,9 +67,10 @@ def _run_products(io: TileIO, tiles: Sequence[tuple[int, int]], v_t: NDArray, st
 
 
 def _train_tiles_task(url: str, options: str, token: str, groups: Sequence[Sequence[tuple[int, int]]],
-                      v_t: NDArray, start: int, tile: int) -> NDArray[np.float64]:
+                      v_t: NDArray, start: int, tile: int, backwards: bool = False) -> NDArray[np.float64]:
     """One worker's share of ``K V``, transposed: the sum over its ``groups`` (one per thread of
-    the worker, run side by side: tile reads and products release the GIL).
+    the worker, run side by side: tile reads and products release the GIL), each run in its order
+    or ``backwards``.
 
     ``v_t`` holds rows ``start:`` of V transposed: a row-major run of upper tiles touches no row
     above its first tile's, so no more goes out and no more comes back. Each tile is verified as
@@ -77,9 +78,9 @@ def _train_tiles_task(url: str, options: str, token: str, groups: Sequence[Seque
     """
     io = tile_io(url, options, token, "train_train")
     if len(groups) == 1:
-        return _run_products(io, groups[0], v_t, start, tile)
+        return _run_products(io, groups[0], v_t, start, tile, backwards)
     with ThreadPoolExecutor(len(groups)) as pool:
-        parts = list(pool.map(lambda grp: _run_products(io, grp, v_t, start, tile), groups))
+        parts = list(pool.map(lambda grp: _run_products(io, grp, v_t, start, tile, backwards), groups))
     total = parts[0]
     for part in parts[1:]:
         total += part
@@ -159,9 +160,14 @@ class StoredKernelOperator:
     client : distributed.Client
         Runs the tile products (one task per worker and product); the vectors stay in this
         process.
+    alternate : bool, default True
+        Read the tiles in the opposite order on every other product. A kernel larger than the
+        page cache read in the same order each time finds none of it cached (least recently used
+        is evicted first: always the tile needed next); turning back at each end starts every
+        pass on the tiles the last one read, still cached. The sum is the same up to rounding.
     """
 
-    def __init__(self, store: KernelStore, noise: float, client: Any) -> None:
+    def __init__(self, store: KernelStore, noise: float, client: Any, *, alternate: bool = True) -> None:
         store.require_complete("train_train")
         self.store = store
         self.noise = float(noise)
@@ -170,6 +176,7 @@ class StoredKernelOperator:
         self._options = json.dumps(store.storage_options or {}, sort_keys=True)
         self._token = store.identity.token()
         self._tiles = list(store.grid.upper_tiles())
+        self.alternate = alternate
         self.calls = 0
         self.seconds = 0.0
 
@@ -183,6 +190,8 @@ class StoredKernelOperator:
         squeeze = v.ndim == 1
         v_t = np.ascontiguousarray((v[:, None] if squeeze else v).T)
 
+        backwards = self.alternate and self.calls % 2 == 1
+
         def product() -> NDArray[np.float64]:
             # the worker set is read afresh on each attempt: a retry follows a lost worker
             parts = []
@@ -193,7 +202,8 @@ class StoredKernelOperator:
                 vf = self.client.scatter(np.ascontiguousarray(v_t[:, start:]), hash=False,
                                          workers=[worker] if worker else None)
                 parts.append((start, self.client.submit(_train_tiles_task, self.store.url, self._options, self._token,
-                                                        groups, vf, start, self.store.tile, pure=False, **where)))
+                                                        groups, vf, start, self.store.tile, backwards, pure=False,
+                                                        **where)))
             out_t = self.noise * v_t
             for (start, _), part in zip(parts, self.client.gather([f for _, f in parts])):
                 out_t[:, start:] += part
