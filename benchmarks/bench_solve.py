@@ -8,6 +8,7 @@ same (full, float32) matrix (target <= 1.5); the cached comparison needs the ful
 memory, so it runs only when n is small enough (``--max-dense``).
 
     python benchmarks/bench_solve.py STORE [--k 10]
+    python benchmarks/bench_solve.py runs/mnist_augmented/kernel.zarr --cached-repeats 0 --passes 3
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def main() -> None:
     ap.add_argument("--max-dense", type=int, default=30000, help="largest n for the in-memory comparison")
     ap.add_argument("--cached-repeats", type=int, default=3,
                     help="cached passes timed (0: none, for a kernel larger than the page cache)")
+    ap.add_argument("--passes", type=int, default=0,
+                    help="also time this many consecutive passes from a dropped cache, in the same order each "
+                         "time and alternating (for a kernel larger than the page cache)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     ks = open_kernel(args.store)
@@ -72,6 +76,21 @@ def main() -> None:
         print(f"n={n}, k={args.k}, stored {out['stored_gb']:.2f} GB: sequential read {t_read:.2f} s "
               f"({out['disk_read_gb_per_s']:.2f} GB/s); cold CG matmat {out['cold_matmat_s']:.2f} s "
               f"-> ratio {out['cold_ratio']:.2f} (target <= 1.3)", flush=True)
+        if args.passes:
+            # a kernel larger than the page cache: consecutive passes (as CG makes them) in one order
+            # every time against turning back at each end (StoredKernelOperator's alternate)
+            for alternate in (False, True):
+                seq_op = StoredKernelOperator(ks, 0.0, client, alternate=alternate)
+                for f in files:
+                    drop_from_cache(f)
+                times = [_timed(lambda op=seq_op: op.matmat(v)) for _ in range(args.passes)]
+                name = "alternating" if alternate else "same_order"
+                out[f"passes_{name}_s"] = times
+                print(f"{args.passes} consecutive passes, {name.replace('_', ' ')}: "
+                      + ", ".join(f"{t:.1f}" for t in times) + f" s (after the first: mean "
+                      f"{np.mean(times[1:]) if len(times) > 1 else float('nan'):.1f} s, "
+                      f"{np.mean(times[1:]) / t_read if len(times) > 1 else float('nan'):.2f}x the sequential read)",
+                      flush=True)
         if args.cached_repeats < 1:
             print("no cached passes (--cached-repeats 0)")
             return _dump(out, args.json)
