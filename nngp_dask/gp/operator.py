@@ -164,7 +164,9 @@ class StoredKernelOperator:
         Read the tiles in the opposite order on every other product. A kernel larger than the
         page cache read in the same order each time finds none of it cached (least recently used
         is evicted first: always the tile needed next); turning back at each end starts every
-        pass on the tiles the last one read, still cached. The sum is the same up to rounding.
+        pass on the tiles the last one read, still cached. The sum is the same up to rounding;
+        the order follows ``passes_before + calls``, so a resumed solve that sets
+        ``passes_before`` to the products its interrupted run made continues it bit for bit.
     """
 
     def __init__(self, store: KernelStore, noise: float, client: Any, *, alternate: bool = True) -> None:
@@ -177,6 +179,7 @@ class StoredKernelOperator:
         self._token = store.identity.token()
         self._tiles = list(store.grid.upper_tiles())
         self.alternate = alternate
+        self.passes_before = 0
         self.calls = 0
         self.seconds = 0.0
 
@@ -190,7 +193,7 @@ class StoredKernelOperator:
         squeeze = v.ndim == 1
         v_t = np.ascontiguousarray((v[:, None] if squeeze else v).T)
 
-        backwards = self.alternate and self.calls % 2 == 1
+        backwards = self.alternate and (self.passes_before + self.calls) % 2 == 1
 
         def product() -> NDArray[np.float64]:
             # the worker set is read afresh on each attempt: a retry follows a lost worker

@@ -391,6 +391,9 @@ def solve(
         if isinstance(pre, (LowRank, ExtendedNystrom)) and not reloaded:
             ck.save_factor(pre)
         if state is not None:
+            # the interrupted run made one product per iteration, and one more for a warm start's
+            # residual: the read order (and so the rounding) continues where it left off
+            op.passes_before = resumed + (x0 is not None)
             x0, warm = None, {}
         if reused:
             log.info("preconditioner: %s", reused)
