@@ -374,17 +374,18 @@ def solve(
         resumed = int(state.iteration) if state is not None else 0
         x0, warm = previous_solution(ks, y2, noise)
         # a resumed solve extends the same previous preconditioner again: the same M as it started with
-        pre, reused = extended_preconditioner(ks, warm.get("from"), pre_name, max(noise, 1e-12),
-                                              min(rank or AUTO_RANK, n),
-                                              lambda rows: _column_fn(ks, slice(rows, None)))
-        reloaded = pre is None and state is not None
-        if reloaded:
+        def carried_over(source: str | None) -> tuple[Any, str]:
+            return extended_preconditioner(ks, source, pre_name, max(noise, 1e-12), min(rank or AUTO_RANK, n),
+                                           lambda rows: _column_fn(ks, slice(rows, None)))
+
+        pre, reused = carried_over(warm.get("from"))
+        reloaded = False
+        if pre is None and state is not None:
             # resuming: this solve's own preconditioner, saved before its first iteration, instead of
             # building it again (at 120,000 points that is a pass over ~30 GB on disk)
-            pre, reused = extended_preconditioner(ks, key, pre_name, max(noise, 1e-12), min(rank or AUTO_RANK, n),
-                                                  lambda rows: _column_fn(ks, slice(rows, None)))
+            pre, reused = carried_over(key)
+            reloaded = pre is not None
         if pre is None:
-            reloaded = False
             pre = solve_preconditioner(ks, pre_name, max(noise, 1e-12), rank, c, progress)
         pre_s = time.perf_counter() - t_pre
         # not lowrank_factor: a SplitLowRank's is a float64 copy
