@@ -164,6 +164,9 @@ def test_concurrent_run_refused(tmp_path, capsys):
     ("run.store=../escape.zarr", "run.store: expected a path inside run.output"),
     ("data.path=${NNGP_DASK_SURELY_UNSET}", "data.path: environment variable NNGP_DASK_SURELY_UNSET is not set"),
     ("bogus.key=1", "bogus: unknown section"),
+    ("data.augment=rotate", "data.augment: expected one of ['none', 'shift'], got 'rotate'"),
+    ("data.augment_copies=0", "data.augment_copies: expected"),
+    ("data.validation=-1", "data.validation: expected"),
 ])
 def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, message):
     assert main(["run", str(QUICK), *_out(tmp_path), "--set", override]) == 2
@@ -180,6 +183,10 @@ def test_bad_data_refused_and_existing_results_intact(tmp_path, capsys):
     assert main(["-q", "run", str(QUICK), *_out(tmp_path), "--set", "data.source=csv",
                  "--set", f"data.path={bad}", "--set", "data.test_fraction=0.25"]) == 2
     assert "holds NaN or Inf" in capsys.readouterr().err
+    assert (tmp_path / "run" / "report.json").read_bytes() == before
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--set", "data.validation=1000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.validation: expected fewer than the" in err and len(err.splitlines()) == 1
     assert (tmp_path / "run" / "report.json").read_bytes() == before
 
 
