@@ -17,14 +17,28 @@ def cluster_client():
         yield client
 
 
-@pytest.fixture
-def thread_client():
-    """An in-process cluster (threads), for tests that patch code the tasks run."""
+@contextlib.contextmanager
+def _threads():
     from distributed import Client, LocalCluster
 
     # in-process transport; the dashboard on a free loopback port (None would mean 0.0.0.0:8787)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
             dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture
+def thread_client():
+    """An in-process cluster (threads), for tests that patch code the tasks run; the default client
+    while the test runs."""
+    with _threads() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def inproc_client():
+    """The same, shared by a module's tests (and the default client until the module ends)."""
+    with _threads() as client:
         yield client
 
 

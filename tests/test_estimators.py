@@ -103,15 +103,7 @@ def test_failed_cholesky_advises_to_increase_noise():
         NNGPRegressor(noise=-1.0).fit(x, y)
 
 
-@pytest.fixture(scope="module")
-def inproc_client():
-    distributed = pytest.importorskip("distributed")
-    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
-                             dashboard_address="127.0.0.1:0") as client:
-        yield client
-
-
-def test_out_of_core_equals_in_memory(tmp_path, inproc_client):
+def test_out_of_core_equals_in_memory(tmp_path, thread_client):
     x, y, xt = _data(n=90, m=30)
     kw = dict(depth=2, weight_var=1.4, bias_var=0.2, noise=0.01, normalize="unit_norm", optimizer=None)
     mem = NNGPRegressor(**kw).fit(x, y)

@@ -214,3 +214,15 @@ def test_incomplete_store_names_missing_tiles(tmp_path, thread_client):
     ks.group["done/train_train"][0, 2] = 0
     with pytest.raises(IncompleteKernelError, match=r"missing 1 tile\(s\): \(0, 2\)"):
         solve(ks, np.ones(40), noise=0.1, progress=False)
+
+
+def test_cg_estimate_extrapolates_the_whole_residual_history():
+    """The progress line's iteration estimate: log-linear in the worst column's residual, from the
+    first iteration's (a resumed solve's history includes its interrupted run's iterations)."""
+    from nngp_dask.gp.regression import _expected_iterations
+
+    decay = np.array([[1.0, 1.0], [0.1, 0.5], [0.01, 0.25], [0.001, 0.125]])
+    assert _expected_iterations(decay[:2], 1e-4, 500) is None  # one step says nothing about the rate
+    assert _expected_iterations(decay, 0.125 / 8, 500) == 6  # the worst column halves each iteration
+    assert _expected_iterations(decay, 1e-300, 500) == 500  # bounded by maxiter
+    assert _expected_iterations(np.ones((4, 2)), 1e-4, 500) is None  # no decay yet: no estimate

@@ -141,7 +141,9 @@ def test_resume_after_sigkill_in_kernel_and_solve(tmp_path):
     assert stopped_at >= 6, "the kill did not land mid-solve"
     assert main(["-q", "run", str(QUICK), "--no-plots", "--no-progress", *_out(tmp_path), *args]) == 0
     rep = _report(tmp_path)
-    assert not rep["stages"]["kernel"]["did_work"]  # finished by the second run
+    kernel = rep["stages"]["kernel"]
+    assert not kernel["did_work"]  # finished by the second run, which was killed before any report:
+    assert kernel["ran_at"] != rep["started"] and kernel["seconds"] > kernel["this_run_s"]  # its time is kept
     assert rep["stages"]["solve"]["detail"]["resumed_from"] >= stopped_at - 2
     assert rep["stages"]["solve"]["detail"]["converged"]
 

@@ -70,18 +70,8 @@ def _no_secrets_in_bucket(fs, bucket: str) -> int:
     return len(files)
 
 
-@pytest.fixture
-def inproc_client():
-    """In-process workers (threads): tests may patch the tile function they run."""
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster, set_as_default=False) as client:
-        yield client
-
-
 @pytest.mark.slow
-def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypatch, failing_tiles):
+def test_build_resume_solve_predict_on_s3(s3, thread_client, tmp_path, monkeypatch, failing_tiles):
     # An unreachable endpoint in the environment: any step that dropped storage_options fails.
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     opts = {"client_kwargs": {"endpoint_url": s3["endpoint"]}}
@@ -89,7 +79,7 @@ def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypat
     rng = np.random.default_rng(3)
     x, xt = rng.standard_normal((90, 5)), rng.standard_normal((20, 5))
     y = np.column_stack([np.sin(x[:, 0]), np.cos(x[:, 1])])
-    kw = dict(x_test=xt, tile=32, dtype="float64", client=inproc_client, progress=False)
+    kw = dict(x_test=xt, tile=32, dtype="float64", client=thread_client, progress=False)
 
     with failing_tiles(3), pytest.raises(BuildError, match="1 of 9 tile"):  # 6 upper train + 3 test tiles
         build_kernel(ARCH, x, url, storage_options=opts, **kw)
@@ -110,7 +100,7 @@ def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypat
 
     # few iterations: each checkpoint is a few dozen requests to the (slow) moto server
     skw = dict(noise=0.01, tol=1e-6, method="cg", preconditioner="pivoted_cholesky", rank=48,
-               checkpoint_every=4, client=inproc_client, progress=False)
+               checkpoint_every=4, client=thread_client, progress=False)
     res = solve(ks, y, **skw)
     assert res.converged and res.iterations > 2
     group = ks.group[f"solves/{res.key}"]
@@ -121,8 +111,8 @@ def test_build_resume_solve_predict_on_s3(s3, inproc_client, tmp_path, monkeypat
     ref = solve(local, y, **skw)
     np.testing.assert_allclose(res.alpha, ref.alpha, rtol=1e-10, atol=1e-12)
 
-    mean, var = predict(ks, res, variance="lowrank", client=inproc_client)  # reads the factor from S3
-    mean_l, var_l = predict(local, ref, variance="lowrank", client=inproc_client)
+    mean, var = predict(ks, res, variance="lowrank", client=thread_client)  # reads the factor from S3
+    mean_l, var_l = predict(local, ref, variance="lowrank", client=thread_client)
     np.testing.assert_allclose(mean, mean_l, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(var, var_l, rtol=1e-7, atol=1e-10)
 

@@ -125,7 +125,7 @@ def test_tiled_variance_refuses_when_the_scratch_disk_is_too_small(problem, clus
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     r = solve(problem["ks"], problem["y"], noise=NOISE, tol=1e-8, method="cg", preconditioner="nystrom", rank=40,
               client=cluster_client, progress=False)
-    with pytest.raises(OSError, match=r"variance: the out-of-core factor needs 0.0 GB of scratch space in .*"
-                                       r"0.0 GB are free; set TMPDIR"):
+    with pytest.raises(OSError, match=r"variance: the out-of-core factor's scratch space: .* needed at "
+                                       r".*, 0.98 kiB free on its disk; set TMPDIR"):
         predict(problem["ks"], r, variance="tiled", client=cluster_client, progress=False)
     assert os.listdir(tmp_path) == []

@@ -183,16 +183,17 @@ def solve_preconditioner(ks: KernelStore, name: str, noise: float, rank: int | N
                                    n=n)
 
 
-def _expected_iterations(residuals: NDArray, tol: float, first: int, maxiter: int) -> int | None:
+def _expected_iterations(residuals: NDArray, tol: float, maxiter: int) -> int | None:
     """CG iterations to reach ``tol``, extrapolated from the worst column's residual decay so far
-    (log-linear: an estimate; CG often speeds up later)."""
+    (log-linear: an estimate; CG often speeds up later). A resumed solve's history includes the
+    interrupted run's iterations, so its estimate is there from its first iteration on."""
     done = len(residuals) - 1
-    if done - first < 2:
+    if done < 2:
         return None
-    start, now = float(np.max(residuals[first])), float(np.max(residuals[-1]))
+    start, now = float(np.max(residuals[0])), float(np.max(residuals[-1]))
     if not 0 < now < start:
         return None
-    per_iteration = np.log(now / start) / (done - first)
+    per_iteration = np.log(now / start) / done
     return int(min(maxiter, done + max(np.ceil(np.log(tol / now) / per_iteration), 0)))
 
 
@@ -411,7 +412,7 @@ def solve(
         def callback(s: CGState) -> None:
             worst = float(np.max(s.residuals[-1]))
             beat(s.iteration, f"worst relative residual {worst:.2e}, {int(np.sum(s.active))} column(s) active",
-                 expected=_expected_iterations(s.residuals, tol, resumed, maxiter))
+                 expected=_expected_iterations(s.residuals, tol, maxiter))
             beat.bar.set_postfix(residual=f"{worst:.2e}", active=int(np.sum(s.active)))
             if s.iteration % checkpoint_every == 0:
                 ck.save(s)

@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..linalg import blocked_cholesky, forward_sum_squares, panel_bounds
-from ..store import KernelStore
+from ..store import KernelStore, check_free_space
 from .posterior import variance_from_reduction
 
 __all__ = ["PANEL_COLUMNS", "RHS_BYTES", "check_scratch", "tiled_variances"]
@@ -95,11 +95,8 @@ def check_scratch(n: int, tile: int) -> int:
     raises :class:`OSError` with one line when ``TMPDIR``'s disk has less free space.
     :func:`nngp_dask.gp.predict` calls it before any work."""
     nbytes = sum((n - c0) * (c1 - c0) * 8 for c0, c1 in panel_bounds(n, panel_width(tile)))
-    root = tempfile.gettempdir()
-    free = shutil.disk_usage(root).free
-    if free < nbytes * 1.05:
-        raise OSError(f"variance: the out-of-core factor needs {nbytes / 1e9:.1f} GB of scratch space in {root}, "
-                      f"{free / 1e9:.1f} GB are free; set TMPDIR to a larger disk, or use variance='lowrank'")
+    check_free_space(tempfile.gettempdir(), nbytes, "the out-of-core factor's scratch space", field="variance",
+                     advice="set TMPDIR to a larger disk, or use variance='lowrank'")
     return nbytes
 
 

@@ -54,6 +54,9 @@ log = logging.getLogger("nngp_dask")
 
 STAGES = ("ingest", "fit", "kernel", "solve", "predict", "evaluate", "report")
 
+#: Each finished stage's record (report.json's ``stages`` entry), kept beside the report as it ends.
+STAGES_FILE = "stages.json"
+
 
 def _hash(*parts: Any) -> str:
     h = hashlib.blake2b(digest_size=10)
@@ -103,6 +106,8 @@ class Pipeline:
         store = cfg["run"]["store"]
         self.store_url = store if is_remote(store) else str(self.out / store)
         self.records: dict[str, StageRecord] = {}
+        self.stamp = ""  # when this run started (report.json's ``started``)
+        self._last_stages: dict[str, Any] = {}  # the stage records kept by earlier runs
 
     # --- helpers ----------------------------------------------------------------------------
     @contextmanager
@@ -114,6 +119,9 @@ class Pipeline:
         rec.seconds = time.perf_counter() - t0
         self.records[name] = rec
         log.info("stage %s %s in %.1f s", name, "done" if rec.did_work else "up to date (skipped)", rec.seconds)
+        # kept as each stage ends: a run killed in a later stage loses none of the time spent here
+        _atomic_write(self.out / STAGES_FILE, json.dumps(self._last_stages | self._stage_report(), indent=2,
+                                                         default=_json_default).encode())
 
     @contextmanager
     def _log_file(self) -> Iterator[None]:
@@ -166,8 +174,10 @@ class Pipeline:
         stop = STAGES.index(until)
         cfg = self.cfg
         started = time.time()
+        self.stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))
         self._check_locations()
         self.out.mkdir(parents=True, exist_ok=True)
+        self._last_stages = self._kept_stages()
         with store_lock(str(self.out / "pipeline"), name=f"pipeline {cfg['run']['name']}"), self._log_file(), \
                 PeakRSS() as peak:
             log.info("pipeline %s -> %s", cfg["run"]["name"], self.out)
@@ -324,19 +334,18 @@ class Pipeline:
                     figures = self._figures(ks, result, pred, ds, targets, metrics) \
                         if self.plots and metrics is not None else []
                     rec.did_work = True
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))
         report = {
             "name": self.cfg["run"]["name"],
             "task": self.cfg["run"]["task"],
             "dataset": self.records["ingest"].detail,
             "metrics": metrics,
-            "stages": self._stage_report(stamp),
+            "stages": self._stage_report(),
             "kernel": ks.summary() | {"store": self.store_url},
             "reused": self._reused(),
             "cg_residuals": result.residuals.tolist() if result is not None and result.method == "cg" else None,
             "peak_rss_bytes": peak,
             "wall_s": round(time.time() - started, 3),
-            "started": stamp,
+            "started": self.stamp,
             "figures": figures,
             # from the installed metadata: importing distributed only for its version took a second
             "versions": {"nngp_dask": __version__, "python": platform.python_version(),
@@ -349,20 +358,29 @@ class Pipeline:
             _atomic_write(self.out / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
         return report
 
-    def _stage_report(self, stamp: str) -> dict[str, dict[str, Any]]:
+    def _kept_stages(self) -> dict[str, Any]:
+        """The stage records earlier runs kept: ``stages.json`` (written as each stage ends, so a
+        killed run's finished stages are there), else the last report's."""
+        for name, key in ((STAGES_FILE, None), ("report.json", "stages")):
+            try:
+                kept = json.loads((self.out / name).read_text())
+                kept = kept[key] if key else kept
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(kept, dict):
+                return kept
+        return {}
+
+    def _stage_report(self) -> dict[str, dict[str, Any]]:
         """Each stage's entry of report.json. ``seconds`` is the time of the run that did the work
         (``ran_at``); a stage that was up to date keeps the time of the run that did it, from the
-        last report (same fingerprint), and ``this_run_s`` is what checking it cost now."""
-        try:
-            last = json.loads((self.out / "report.json").read_text())["stages"]
-        except (OSError, ValueError, KeyError, TypeError):
-            last = {}
+        kept records (same fingerprint), and ``this_run_s`` is what checking it cost now."""
         out = {}
         for name, r in self.records.items():
             entry: dict[str, Any] = {"seconds": round(r.seconds, 3), "did_work": r.did_work,
-                                     "status": "ran" if r.did_work else "up to date", "ran_at": stamp,
+                                     "status": "ran" if r.did_work else "up to date", "ran_at": self.stamp,
                                      "this_run_s": round(r.seconds, 3), "fingerprint": r.fingerprint}
-            prev = last.get(name) if isinstance(last, dict) else None
+            prev = self._last_stages.get(name)
             if not r.did_work and isinstance(prev, dict) and prev.get("fingerprint") == r.fingerprint:
                 entry.update(seconds=prev.get("seconds", entry["seconds"]), ran_at=prev.get("ran_at"))
                 detail = prev.get("detail") or r.detail  # what that run did, matching its time

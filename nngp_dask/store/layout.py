@@ -71,9 +71,11 @@ def is_remote(url: str | os.PathLike) -> bool:
     return "://" in os.fspath(url)
 
 
-def check_free_space(url: str | os.PathLike, nbytes: int, what: str) -> None:
-    """Raise :class:`OSError` with one line when the local disk holding ``url`` has less than
-    ``nbytes`` (and 2 % more) free; nothing for object storage, which has no such limit to ask."""
+def check_free_space(url: str | os.PathLike, nbytes: int, what: str, *, field: str = "store",
+                     advice: str = "free space, or put the store on a larger disk") -> None:
+    """Raise :class:`OSError` with one line (``field``, ``what``, the bytes needed and free,
+    ``advice``) when the local disk holding ``url`` has less than ``nbytes`` (and 2 % more) free;
+    nothing for object storage, which has no such limit to ask."""
     if is_remote(url):
         return
     folder = os.path.abspath(os.fspath(url))
@@ -83,8 +85,8 @@ def check_free_space(url: str | os.PathLike, nbytes: int, what: str) -> None:
     if free < nbytes * 1.02:
         from dask.utils import format_bytes
 
-        raise OSError(f"store: {what} need {format_bytes(nbytes)} at {os.fspath(url)!r}, {format_bytes(free)} are "
-                      "free on its disk; free space, or put the store on a larger disk")
+        raise OSError(f"{field}: {what}: {format_bytes(nbytes)} needed at {os.fspath(url)!r}, {format_bytes(free)} "
+                      f"free on its disk; {advice}")
 
 
 # --- paths inside a store -------------------------------------------------------------------
