@@ -180,7 +180,9 @@ def test_series_error_within_truncation_bound(name):
     bound = 1.5 * np.sqrt(np.outer(tail, tail))
     err = np.abs(k - ref)
     assert bound.max() > floor  # visibly truncated: the bound is not vacuous
-    assert np.all(err <= bound + 1e-12)
+    # the bound is the truncation's; the coefficients' quadrature (default 240 nodes) adds ~1e-11
+    # at variance 4.4 (a pair with a zero-tail point once passed only by the tail's rounding noise)
+    assert np.all(err <= bound + 5e-11)
     np.testing.assert_allclose(np.diag(ref) - np.diag(k), np.diag(bound), rtol=1e-3, atol=1e-12)
     precise = Elementwise(fn=fn, name=act.name, degree=160, nodes=300)
     k_hi = kernel(Architecture(1, precise, 1.5, 0.1), x, dtype="float64")

@@ -264,7 +264,9 @@ class Elementwise(Activation):
         return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
     def truncation_error(self, variance: ArrayLike) -> NDArray:
-        """Tail ``E[phi(s z)^2] - sum_{k<=K} a_k(s)^2`` per point (bound on the NNGP error)."""
+        """Tail ``E[phi(s z)^2] - sum_{k<=K} a_k(s)^2`` per point: bounds the NNGP error of the
+        series' truncation. The coefficients' own quadrature over ``nodes`` points adds its error on
+        top (tanh, 240 nodes, variance 4.4: ~1e-11, against 300 nodes)."""
         s = np.sqrt(np.maximum(np.asarray(variance, dtype=np.float64).ravel(), 0.0))
         values = np.asarray(self.fn(s[:, None] * self._z[None, :]), dtype=np.float64)
         second_moment = (values**2) @ self._w

@@ -150,9 +150,14 @@ def _point_recursion(arch: Architecture, sqnorm: NDArray, d: int, *, ntk: bool) 
     Theta is only carried when asked for: for activations without an NTK (the step, whose
     derivative kernel is infinite on the diagonal) it would be ``inf * 0 = nan``.
     """
-    n = sqnorm.shape[0]
+    return _diagonal_recursion(arch, arch.bias_var + arch.input_layer_weight / d * sqnorm, ntk=ntk)
+
+
+def _diagonal_recursion(arch: Architecture, k0: NDArray, *, ntk: bool) -> tuple[NDArray, NDArray | None]:
+    """:func:`_point_recursion` from the layer-0 diagonal ``k0`` (n,)."""
+    n = k0.shape[0]
     k = np.empty((arch.depth + 1, n))
-    k[0] = arch.bias_var + arch.input_layer_weight / d * sqnorm
+    k[0] = k0
     t = None
     if ntk:
         t = np.empty((arch.depth + 1, n))
@@ -206,6 +211,20 @@ def diagonals_from_norms(arch: Architecture, sqnorm: ArrayLike, features: int, *
 def _sqnorm_max(x: NDArray) -> float:
     with np.errstate(over="ignore"):
         return float(np.max(np.einsum("ij,ij->i", x, x, dtype=np.float64)))
+
+
+def _pin_diagonal(arch: Architecture, diag: NDArray, out_k: NDArray, out_t: NDArray | None, all_depths: bool) -> None:
+    """Write the per-point diagonals into a symmetric block's diagonal: the NNGP's as given (from
+    :func:`diagonals`), the NTK's by the same point recursion from them. The fused recursion
+    computes them too, but the compiler may fuse its multiply-adds (FMA) in the vectorised part of
+    a row and not in the rest, so which entries matched to the last bit depended on the CPU and
+    the block's width (seen on AVX-512)."""
+    t = _diagonal_recursion(arch, np.asarray(diag[0], dtype=np.float64), ntk=True)[1] if out_t is not None else None
+    layers = range(arch.depth + 1) if all_depths else (arch.depth,)
+    for slot, layer in enumerate(layers):
+        np.fill_diagonal(out_k[slot], diag[layer])
+        if out_t is not None and t is not None:
+            np.fill_diagonal(out_t[slot], t[layer])
 
 
 def _layer_roots(diag: NDArray, depth: int) -> tuple[NDArray, NDArray]:
@@ -275,8 +294,9 @@ def tile(
     x_cols : ndarray, shape (n, d)
     diag_rows, diag_cols : ndarray, shape (L + 1, m) and (L + 1, n)
         NNGP diagonals of both blocks, from :func:`diagonals`. With ``symmetric`` the
-        diagonal entries start from ``diag_rows[0]`` rather than the GEMM's diagonal, so the
-        diagonal of the result (NNGP and NTK, every depth) equals :func:`diagonals` exactly.
+        diagonal entries start from ``diag_rows[0]`` rather than the GEMM's diagonal, and the
+        result's diagonal (NNGP and NTK, every depth) is written from these diagonals, so it
+        equals :func:`diagonals` of the same points exactly, on any CPU.
     kind : {"nngp", "ntk", "both"}
         ``"both"`` returns ``(nngp, ntk)`` from the same pass.
     dtype : float32 or float64
@@ -361,6 +381,7 @@ def tile_from_gram(
         rec.mirror_upper(out_k)
         if ntk:
             rec.mirror_upper(out_t)
+        _pin_diagonal(arch, diag_rows, out_k, out_t if ntk else None, all_depths)
     k_out = out_k if all_depths else out_k[0]
     t_out = out_t if all_depths else out_t[0]
     if kind == "nngp":
