@@ -216,9 +216,9 @@ def _sqnorm_max(x: NDArray) -> float:
 def _pin_diagonal(arch: Architecture, diag: NDArray, out_k: NDArray, out_t: NDArray | None, all_depths: bool) -> None:
     """Write the per-point diagonals into a symmetric block's diagonal: the NNGP's as given (from
     :func:`diagonals`), the NTK's by the same point recursion from them. The fused recursion
-    computes them too, but the compiler may fuse its multiply-adds (FMA) in the vectorised part of
-    a row and not in the rest, so which entries matched to the last bit depended on the CPU and
-    the block's width (seen on AVX-512)."""
+    computes them too, but on an AVX-512 machine the Hermite family's differed from the point
+    recursion's in the last bit for some entries and not others, by the block's width (the
+    vectorised part of a row against its remainder: the likely cause is fused multiply-adds)."""
     t = _diagonal_recursion(arch, np.asarray(diag[0], dtype=np.float64), ntk=True)[1] if out_t is not None else None
     layers = range(arch.depth + 1) if all_depths else (arch.depth,)
     for slot, layer in enumerate(layers):
