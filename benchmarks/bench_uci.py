@@ -74,11 +74,14 @@ def pipeline_row(npz: Path, out: Path, fitted: bool, args: argparse.Namespace) -
     m, a, s = rep["metrics"], rep["config"]["architecture"], rep["config"]["solver"]
     cov = dict(zip(m["coverage"]["levels"], m["coverage"]["observed"]))
     solve = rep["stages"]["solve"].get("detail", {})
+    # the noise is in the unscaled kernel's units (whose scale the fit leaves free, e.g. weight_var^depth
+    # for a ReLU network): noise x amplitude is the noise variance of the standardised targets
+    amp = m.get("amplitude", s["amplitude"])
     return {"rmse": m["rmse"], "nlpd": m["nlpd"], "coverage95": cov[0.95], "wall_s": wall,
             "peak_gib": rep["peak_rss_bytes"] / 2**30, "n_used": None,
             "settings": f"depth {a['depth']}, weight_var {a['weight_var']:.3g}, bias_var {a['bias_var']:.3g}, "
-                        f"noise {s['noise']:.3g}, amplitude {m.get('amplitude', s['amplitude']):.3g}, "
-                        f"CG iterations {solve.get('iterations', '?')}",
+                        f"noise {s['noise']:.3g}, amplitude {amp:.3g} (noise variance {s['noise'] * amp:.3g} in "
+                        f"standardised units), CG iterations {solve.get('iterations', '?')}",
             "stages": {k: round(v["seconds"], 1) for k, v in rep["stages"].items() if "seconds" in v}}
 
 
