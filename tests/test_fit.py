@@ -116,6 +116,10 @@ def test_fit_raises_the_likelihood_and_reports_the_dense_value():
     assert len(res.architecture.input_weight_var) == 3
     overrides = res.pipeline_overrides()
     assert overrides["solver.noise"] == res.noise and overrides["architecture.depth"] == res.architecture.depth
+    # the summary says the noise in the targets' units too (the kernel's own scale is free)
+    m = np.mean(np.diag(kernel(res.architecture, X[idx], dtype="float64")))
+    assert res.relative_noise == pytest.approx(res.noise / m, rel=1e-9)
+    assert f"noise variance in the targets' units {res.noise * res.amplitude:.4g}" in res.summary()
 
 
 def test_the_noise_stays_above_what_the_storage_resolves():

@@ -132,7 +132,11 @@ class FitResult:
         lines = [(f"fitted on {self.n_subset} points in {self.seconds:.1f} s ({self.evaluations} evaluations): "
                  f"log marginal likelihood {self.log_marginal_likelihood:.4f}"),
                  (f"  depth {a.depth}, activation {a.activation.name}, weight_var {a.weight_var:.6g}, "
-                 f"bias_var {a.bias_var:.6g}, noise {self.noise:.6g}, amplitude {self.amplitude:.6g}")]
+                 f"bias_var {a.bias_var:.6g}, noise {self.noise:.6g}, amplitude {self.amplitude:.6g}"),
+                 # the kernel's own scale is left free (for ReLU it grows like weight_var^depth), so the
+                 # noise in its units can read oddly (1e10 x 3e-11 on protein): say it in the targets'
+                 (f"  noise variance in the targets' units {self.noise * self.amplitude:.4g} "
+                  f"({self.relative_noise:.3g} of the kernel's mean diagonal)")]
         if a.input_weight_var is not None:
             lines.append("  input_weight_var " + ", ".join(f"{v:.4g}" for v in a.input_weight_var))
         lines.append("  per depth: " + ", ".join(f"{d}: {v:.4f}" for d, v in sorted(self.per_depth.items())))
