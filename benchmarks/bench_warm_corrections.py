@@ -44,10 +44,10 @@ def run(x: np.ndarray, labels: np.ndarray, new_fraction: float, rank: int, noise
     old = Nystrom.build(lambda idx: k[:no][:, idx], no, rank, noise)
     alpha_old = batched_cg(lambda v: a[o, o] @ v, y[o], tol=tol, preconditioner=old).x
     landmarks, transform = old.info["landmarks"], old.info["transform"]
-    f = k[:, landmarks] @ transform  # the extended factor: F' = K[:, S] T (nngp_dask.linalg.extend)
-    info = {"landmarks": landmarks, "transform": transform, "pool": no}
-    pre = ExtendedNystrom(f, f.T @ f, noise, info=info)
-    pre_old = ExtendedNystrom(f[o], f[o].T @ f[o], noise, info=info)
+    pre = ExtendedNystrom.extend(old.lowrank_factor, None, transform, landmarks, k[w][:, landmarks], noise, pool=no)
+    pre_old = ExtendedNystrom.extend(old.lowrank_factor, None, transform, landmarks, k[w][:0, landmarks], noise,
+                                     pool=no)
+    f = pre.lowrank_factor  # [F_o; F_w], as a re-fit extends it
 
     print(f"n = {n} ({n - no} new rows), Nystrom rank {rank}, noise {noise}, tol {tol}")
 
