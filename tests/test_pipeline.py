@@ -68,6 +68,8 @@ def test_quickstart_idempotent_and_noise_change_reruns_only_solve(tmp_path, caps
     assert not any(unfitted["stages"][s]["did_work"] for s in ("kernel", "solve", "predict"))
     assert "amplitude" not in unfitted["metrics"]
     assert unfitted["metrics"]["nlpd"] == pytest.approx(first["metrics"]["nlpd_unfitted"])
+    assert first["metrics"]["noise_variance"] == pytest.approx(  # in the targets' units, scaled like the kernel
+        first["metrics"]["amplitude"] * unfitted["metrics"]["noise_variance"])
 
     assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--set", "solver.noise=0.05", "--no-plots"]) == 0
     changed = _report(tmp_path)

@@ -12,7 +12,7 @@ import scipy.linalg
 
 from nngp_dask import Architecture, build_kernel, kernel
 from nngp_dask.gp import predict, solve
-from nngp_dask.linalg import blocked_cholesky, forward_sum_squares
+from nngp_dask.linalg import blocked_cholesky, cholesky_factor, dense, forward_sum_squares
 
 ARCH = Architecture(3, "relu", 1.6, 0.1)
 NOISE = 1e-3
@@ -61,6 +61,21 @@ def test_blocked_cholesky_matches_scipy_and_its_forward_solve_matches_a_dense_on
     expect = np.sum(scipy.linalg.solve_triangular(lower, b, lower=True) ** 2, axis=0)
     got = forward_sum_squares(b.copy(), n, WIDTH, load)
     np.testing.assert_allclose(got, expect, rtol=1e-10)
+
+
+def test_in_memory_factor_by_blocks_equals_one_potrf(monkeypatch):
+    # above POTRF_MAX_N the dense factor is taken by blocks (OpenBLAS's threaded syrk overruns its
+    # buffer at large orders); shrunk here so that 157 points make ragged blocks of 40
+    monkeypatch.setattr(dense, "POTRF_MAX_N", 40)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((157, 6))
+    k = kernel(ARCH, x, dtype="float64")
+    got = np.tril(cholesky_factor(k, NOISE)[0])
+    want = scipy.linalg.cholesky(k + NOISE * np.eye(157), lower=True)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    k[100, 100] = -1.0  # not positive definite in the third block
+    with pytest.raises(np.linalg.LinAlgError, match="diagonal block of rows 80-119"):
+        cholesky_factor(k, NOISE)
 
 
 def test_blocked_cholesky_of_an_indefinite_matrix_gives_the_one_advice():

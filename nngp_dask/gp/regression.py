@@ -16,6 +16,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -225,7 +226,9 @@ class _Checkpoints:
         if slot is None:
             return None
         g = cast(zarr.Group, self.group[f"slot{slot}"])
-        return CGState.from_arrays({name: arr[...] for name, arr in g.arrays()})
+        # by name, not by listing the group: a killed metadata write leaves zarr's temporary
+        # ``zarr.<uuid>.partial`` beside the arrays, which a listing warns about
+        return CGState.from_arrays(cast(Mapping[str, Any], g))
 
     def save(self, state: CGState) -> None:
         slot = 1 - int(cast(int, self.group.attrs.get("slot", 1)))  # an int, as written below

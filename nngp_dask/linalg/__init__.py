@@ -5,7 +5,7 @@ and the compiled products of one tile with thin blocks."""
 from .blocked import blocked_cholesky, forward_sum_squares, panel_bounds
 from .cg import ConvergenceWarning, batched_cg, check_rhs, default_maxiter
 from .cg_state import CGResult, CGState
-from .dense import cholesky_factor, dense_solve, positive_definite_advice
+from .dense import POTRF_MAX_N, cholesky_factor, cholesky_in_place, dense_solve, positive_definite_advice
 from .extend import EXTEND_MAX_GROWTH, ExtendedNystrom, orthogonal_factor
 from .nystrom import FLOAT64_RATIO, SplitLowRank, nystrom_transform
 from .preconditioners import (
@@ -30,6 +30,7 @@ __all__ = [
     "factor_products",
     "tile_matmat_t",
     "FLOAT64_RATIO",
+    "POTRF_MAX_N",
     "SplitLowRank",
     "nystrom_transform",
     "nystrom_landmarks",
@@ -43,6 +44,7 @@ __all__ = [
     "ExtendedNystrom",
     "orthogonal_factor",
     "cholesky_factor",
+    "cholesky_in_place",
     "dense_solve",
     "positive_definite_advice",
     "AUTO_RANK",

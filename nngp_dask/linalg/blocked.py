@@ -21,7 +21,7 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import NDArray
 
-from .dense import positive_definite_advice
+from .dense import cholesky_in_place, positive_definite_advice
 
 __all__ = ["blocked_cholesky", "forward_sum_squares", "panel_bounds"]
 
@@ -73,7 +73,7 @@ def blocked_cholesky(
         top = panel[:c1 - c0]
         top[np.diag_indices_from(top)] += noise
         try:
-            top[:] = scipy.linalg.cholesky(top, lower=True, check_finite=False)
+            top[:] = np.tril(cholesky_in_place(np.array(top, order="F")))
         except np.linalg.LinAlgError as exc:
             raise np.linalg.LinAlgError(positive_definite_advice(
                 noise, f"the factorisation failed in columns {c0}-{c1 - 1} ({exc})")) from None

@@ -16,7 +16,16 @@ from numpy.typing import ArrayLike, NDArray
 
 from .cg import check_rhs
 
-__all__ = ["cholesky_factor", "dense_solve", "positive_definite_advice"]
+__all__ = ["POTRF_MAX_N", "cholesky_factor", "cholesky_in_place", "dense_solve", "positive_definite_advice"]
+
+#: The largest order handed to one LAPACK ``potrf`` call; larger matrices are factorised in blocks
+#: of this order. OpenBLAS's threaded ``syrk``, which its parallel ``potrf`` calls, packs each
+#: thread's share of the rows into one fixed buffer (32 MiB in the wheels of numpy and scipy) and
+#: writes past its end when a share is large, i.e. for a large order on few threads. Measured here
+#: (OpenBLAS 0.3.30 and 0.3.31, SkylakeX kernels, 2 threads): a 15,641 x 15,641 factorisation
+#: segfaulted in ``dgemm_otcopy`` and killed the pipeline; where the overrun lands on mapped memory
+#: it corrupts it silently instead. At 8,192 a share needs 18 MB on 2 threads (less on more).
+POTRF_MAX_N = 8192
 
 
 def _check_noise(noise: Any) -> float:
@@ -99,12 +108,55 @@ def cholesky_factor(k: ArrayLike, noise: float) -> tuple[NDArray[np.float64], bo
     noise = _check_noise(noise)
     a[np.diag_indices_from(a)] += noise
     try:
-        return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
+        return cholesky_in_place(a), True
     except np.linalg.LinAlgError as exc:
         mean_diag = float(np.mean(np.diagonal(k_arr), dtype=np.float64))
         raise np.linalg.LinAlgError(
             positive_definite_advice(noise, f"the Cholesky factorisation failed ({exc})", mean_diag=mean_diag)
         ) from exc
+
+
+def cholesky_in_place(a: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Overwrite the lower triangle of the symmetric positive definite ``a`` with its Cholesky factor.
+
+    One LAPACK ``potrf`` up to :data:`POTRF_MAX_N`; above it, by blocks of that order (a
+    right-looking factorisation: ``potrf`` on each diagonal block, triangular solves below it,
+    GEMM updates of the blocks right of it; ~1.3x the time of one ``potrf`` at 15,000, and at
+    most three blocks of scratch), so OpenBLAS never sees an order its threaded ``syrk`` overruns.
+
+    Parameters
+    ----------
+    a : ndarray, shape (n, n), float64
+        Fortran-ordered for speed (a C-ordered one works, slower). Only its lower triangle is
+        meaningful afterwards, as with :func:`scipy.linalg.cho_factor`.
+
+    Returns
+    -------
+    ndarray
+        ``a`` itself.
+
+    Raises
+    ------
+    numpy.linalg.LinAlgError
+        ``a`` is not positive definite.
+    """
+    n = a.shape[0]
+    if n <= POTRF_MAX_N:
+        return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)[0]
+    edges = [(s, min(s + POTRF_MAX_N, n)) for s in range(0, n, POTRF_MAX_N)]
+    for k, (c0, c1) in enumerate(edges):
+        try:
+            a[c0:c1, c0:c1] = scipy.linalg.cholesky(a[c0:c1, c0:c1], lower=True, check_finite=False)
+        except np.linalg.LinAlgError as exc:
+            raise np.linalg.LinAlgError(f"{exc} (in the diagonal block of rows {c0}-{c1 - 1})") from None
+        top = a[c0:c1, c0:c1]
+        for r0, r1 in edges[k + 1:]:
+            a[r0:r1, c0:c1] = scipy.linalg.solve_triangular(top, a[r0:r1, c0:c1].T, lower=True,
+                                                            check_finite=False).T
+        for j, (j0, j1) in enumerate(edges[k + 1:], k + 1):
+            for r0, r1 in edges[j:]:
+                a[r0:r1, j0:j1] -= a[r0:r1, c0:c1] @ a[j0:j1, c0:c1].T
+    return a
 
 
 @overload

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import NDArray
 
+from .dense import cholesky_factor
 from .preconditioners import LowRank, Preconditioner
 
 __all__ = ["EXTEND_MAX_GROWTH", "ExtendedNystrom", "orthogonal_factor"]
@@ -56,7 +57,7 @@ class ExtendedNystrom(Preconditioner):
         self._f = factor
         self._f.setflags(write=False)
         self.info = dict(info, gram=gram)
-        self._chol = scipy.linalg.cho_factor(self.noise * np.eye(self.rank) + gram, lower=True, check_finite=False)
+        self._chol = cholesky_factor(gram, self.noise)
 
     @classmethod
     def extend(cls, factor: NDArray[np.float64], gram: NDArray[np.float64] | None, transform: NDArray[np.float64],

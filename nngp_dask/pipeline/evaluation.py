@@ -39,12 +39,15 @@ def targets_of(ds: Dataset, task: str) -> Targets:
 def _uncertainty(truth: np.ndarray, mu: np.ndarray, var: np.ndarray, noise: float, unit: float,
                  amplitude: float | None) -> dict[str, Any]:
     """NLPD and interval coverage of the predictive distribution ``N(mu, s (var + noise) unit)``,
-    ``s`` the fitted amplitude (1 with ``amplitude`` None), and as built (``s = 1``) beside it."""
+    ``s`` the fitted amplitude (1 with ``amplitude`` None), and as built (``s = 1``) beside it;
+    ``noise_variance`` is the observation noise ``s noise unit`` in the targets' units."""
     v = (var + noise) * unit
     v = v[:, None] if mu.ndim == 2 else v
     s = 1.0 if amplitude is None else float(amplitude)
+    # the noise in the targets' units: the kernel's own scale is free, so solver.noise alone reads oddly
     out = {"nlpd": nlpd(truth, mu, s * v), "coverage": {"levels": list(COVERAGE_LEVELS),
-                                                       "observed": coverage(truth, mu, s * v)}}
+                                                       "observed": coverage(truth, mu, s * v)},
+           "noise_variance": s * noise * unit}
     if amplitude is not None:
         out |= {"amplitude": s, "nlpd_unfitted": nlpd(truth, mu, v), "coverage_unfitted": coverage(truth, mu, v)}
     return out

@@ -53,6 +53,7 @@ from ..kernels import (
     log_hyperparameters,
     with_log_hyperparameters,
 )
+from ..linalg import cholesky_in_place
 
 __all__ = ["FIT_BOUNDS", "FitResult", "fit_hyperparameters", "profile_log_marginal_likelihood", "storage_noise_floor",
            "subset_size"]
@@ -162,7 +163,7 @@ def profile_log_marginal_likelihood(k: NDArray, y: NDArray, r: float, *, gradien
     n, c = y.shape
     a = k.copy()
     a[np.diag_indices_from(a)] += r
-    factor = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
+    factor = cholesky_in_place(a), True
     alpha = scipy.linalg.cho_solve(factor, y, check_finite=False)
     q = float(np.sum(y * alpha))
     if not q > 0:
@@ -174,7 +175,9 @@ def profile_log_marginal_likelihood(k: NDArray, y: NDArray, r: float, *, gradien
         return value, s, None
     w = scipy.linalg.cho_solve(factor, np.eye(n), check_finite=False)
     w *= -c
-    w += (alpha @ alpha.T) / s
+    # (alpha / s) is a new buffer: numpy would hand ``alpha @ alpha.T`` to OpenBLAS's threaded syrk,
+    # which overruns its buffer at large n (see nngp_dask.linalg.dense.POTRF_MAX_N)
+    w += (alpha / s) @ alpha.T
     return value, s, w
 
 
