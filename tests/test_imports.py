@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nngp_dask"
 # build and gp because both ask it for a client; plots sits below select because a sweep draws its
 # own figure, and above validation whose result types it draws.
 LAYERS: list[tuple[str, ...]] = [
-    ("_version", "tiling", "fields", "tomlfile", "monitor", "defaults"),  # foundations: no imports from the package
+    ("_version", "_blas", "tiling", "fields", "tomlfile", "monitor", "defaults"),  # foundations: no imports from the package
     ("kernels", "linalg"),  # the mathematics: pure functions on arrays; no Dask, no Zarr, no tiles
     ("store",),  # the Zarr layout (paths, local or remote), the kernel store, its lock and input sources
     ("cluster",),  # the Dask runtime; asks the store layer whether a configured path is remote

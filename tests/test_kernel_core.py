@@ -464,3 +464,17 @@ def test_normalizations():
     assert normalize(x, "none") is x
     with pytest.raises(InputError, match="normalization: expected one of"):
         normalize(x, "l2")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_input_gram_by_block_rows_above_the_syrk_limit_equals_the_product(monkeypatch, dtype):
+    # above SYRK_MAX_N the symmetric Gram is built by block rows (OpenBLAS's threaded syrk
+    # overruns a buffer at large orders); shrunk so 50 rows make ragged blocks of 16
+    from nngp_dask.kernels import tiles
+
+    monkeypatch.setattr(tiles, "SYRK_MAX_N", 16)
+    a = np.random.default_rng(5).standard_normal((50, 7))
+    got = tiles.input_gram(a, a, np.dtype(dtype), symmetric=True)
+    want = a.astype(dtype) @ a.astype(dtype).T
+    upper = np.triu(np.ones((50, 50), bool))
+    np.testing.assert_allclose(got[upper], want[upper], rtol=1e-5 if dtype == np.float32 else 1e-12)

@@ -14,6 +14,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from scipy.linalg import blas
 
 from .. import defaults
+from .._blas import SYRK_MAX_N
 from . import _recursion as rec
 from .activations import FAMILY_HERMITE, Elementwise
 from .architecture import Architecture
@@ -252,6 +253,13 @@ def input_gram(x_rows: NDArray, x_cols: NDArray, dtype: np.dtype, symmetric: boo
     ndarray, shape (m, n), of ``dtype``
     """
     a = np.ascontiguousarray(x_rows, dtype=dtype)
+    if symmetric and len(a) > SYRK_MAX_N:
+        # by block rows of the upper triangle: OpenBLAS's threaded syrk overruns a buffer at this
+        # order (nngp_dask._blas); numpy's matmul takes a GEMM here (the operands' shapes differ)
+        out = np.empty((len(a), len(a)), dtype=a.dtype)
+        for r0 in range(0, len(a), SYRK_MAX_N):
+            out[r0:r0 + SYRK_MAX_N, r0:] = a[r0:r0 + SYRK_MAX_N] @ a[r0:].T
+        return out
     if symmetric:
         syrk = blas.ssyrk if dtype == np.float32 else blas.dsyrk
         # syrk on the Fortran view a.T computes a @ a.T; asking for its lower triangle

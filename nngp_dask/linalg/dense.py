@@ -14,18 +14,14 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 
+from .._blas import SYRK_MAX_N
 from .cg import check_rhs
 
 __all__ = ["POTRF_MAX_N", "cholesky_factor", "cholesky_in_place", "dense_solve", "positive_definite_advice"]
 
 #: The largest order handed to one LAPACK ``potrf`` call; larger matrices are factorised in blocks
-#: of this order. OpenBLAS's threaded ``syrk``, which its parallel ``potrf`` calls, packs each
-#: thread's share of the rows into one fixed buffer (32 MiB in the wheels of numpy and scipy) and
-#: writes past its end when a share is large, i.e. for a large order on few threads. Measured here
-#: (OpenBLAS 0.3.30 and 0.3.31, SkylakeX kernels, 2 threads): a 15,641 x 15,641 factorisation
-#: segfaulted in ``dgemm_otcopy`` and killed the pipeline; where the overrun lands on mapped memory
-#: it corrupts it silently instead. At 8,192 a share needs 18 MB on 2 threads (less on more).
-POTRF_MAX_N = 8192
+#: of this order (OpenBLAS's parallel ``potrf`` overruns a buffer above it: :mod:`nngp_dask._blas`).
+POTRF_MAX_N = SYRK_MAX_N
 
 
 def _check_noise(noise: Any) -> float:
