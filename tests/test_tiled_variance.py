@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from nngp_dask import Architecture, build_kernel, kernel
+from nngp_dask import Architecture, _blas, build_kernel, kernel
 from nngp_dask.gp import predict, solve
 from nngp_dask.linalg import blocked_cholesky, cholesky_factor, dense, forward_sum_squares
 
@@ -76,6 +76,16 @@ def test_in_memory_factor_by_blocks_equals_one_potrf(monkeypatch):
     k[100, 100] = -1.0  # not positive definite in the third block
     with pytest.raises(np.linalg.LinAlgError, match="diagonal block of rows 80-119"):
         cholesky_factor(k, NOISE)
+
+
+@pytest.mark.parametrize("limit", [64, 4])  # one syrk; a GEMM above the limit
+def test_gram_upper_is_the_product_on_either_side_of_the_syrk_limit(monkeypatch, limit):
+    monkeypatch.setattr(_blas, "SYRK_MAX_N", limit)
+    x = np.random.default_rng(7).standard_normal((30, 9))  # (k, r): the Gram is x.T @ x, 9 x 9
+    upper = np.triu(np.ones((9, 9), bool))
+    np.testing.assert_allclose(_blas.gram_upper(x.T)[upper], (x.T @ x)[upper], rtol=1e-12)
+    c = np.asfortranarray(np.eye(9))
+    np.testing.assert_allclose(_blas.gram_upper(x.T, c)[upper], (x.T @ x + np.eye(9))[upper], rtol=1e-12)
 
 
 def test_blocked_cholesky_of_an_indefinite_matrix_gives_the_one_advice():

@@ -22,9 +22,9 @@ import operator as _op
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 from numpy.typing import NDArray
 
+from .._blas import gram_upper
 from ..linalg import FLOAT64_RATIO, SplitLowRank, nystrom_landmarks, nystrom_transform
 from ..monitor import tracked
 from ..store import KernelStore, tile_io
@@ -62,7 +62,7 @@ def _columns_task(url: str, options: str, token: str, blocks: list[int], tile: i
         c = _landmark_rows(io, i, tile, landmarks, bounds, buf)
         c64 = c.astype(np.float64)
         # c64.T is Fortran-ordered: syrk reads it in place and accumulates the upper triangle
-        gram = scipy.linalg.blas.dsyrk(1.0, c64.T, beta=1.0, c=gram, trans=0, overwrite_c=1)
+        gram = gram_upper(c64.T, gram)
         a, b = int(bounds[i]), int(bounds[i + 1])
         w_idx.append(np.arange(a, b))
         w_rows.append(c64[landmarks[a:b] - i * tile])

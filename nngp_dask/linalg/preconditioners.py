@@ -42,6 +42,8 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 
+from .._blas import gram_upper
+
 __all__ = [
     "PRECONDITIONERS",
     "AUTO_RANK",
@@ -420,7 +422,7 @@ class Nystrom(LowRank):
         # build went from 156 s to 79 s: benchmarks/RESULTS.md). F F^T = L L^T holds to rounding
         # whatever the Gram's accuracy; the small s^2 are known only to about eps s_max^2, which
         # moves M^-1 by about eps s_max^2 / noise relative (see _set).
-        gram = scipy.linalg.blas.dsyrk(1.0, lf.T, trans=0)  # upper triangle; lf.T is Fortran-ordered
+        gram = gram_upper(lf.T)  # upper triangle; lf.T is Fortran-ordered
         gram = np.triu(gram) + np.triu(gram, 1).T
         sig2, w2 = scipy.linalg.eigh(gram, check_finite=False)
         f = lf @ w2[:, ::-1]
