@@ -65,8 +65,10 @@ def test_blocked_cholesky_matches_scipy_and_its_forward_solve_matches_a_dense_on
 
 def test_in_memory_factor_by_blocks_equals_one_potrf(monkeypatch):
     # above POTRF_MAX_N the dense factor is taken by blocks (OpenBLAS's threaded syrk overruns its
-    # buffer at large orders); shrunk here so that 157 points make ragged blocks of 40
+    # buffer at large orders); shrunk here so that 157 points make ragged blocks of 40, solved and
+    # updated in ragged strips of 24 rows
     monkeypatch.setattr(dense, "POTRF_MAX_N", 40)
+    monkeypatch.setattr(dense, "_STRIP", 24)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((157, 6))
     k = kernel(ARCH, x, dtype="float64")

@@ -22,6 +22,8 @@ __all__ = ["POTRF_MAX_N", "cholesky_factor", "cholesky_in_place", "dense_solve",
 #: The largest order handed to one LAPACK ``potrf`` call; larger matrices are factorised in blocks
 #: of this order (OpenBLAS's parallel ``potrf`` overruns a buffer above it: :mod:`nngp_dask._blas`).
 POTRF_MAX_N = SYRK_MAX_N
+#: Rows of the strips the blocked factorisation solves and updates at a time (its scratch)
+_STRIP = 2048
 
 
 def _check_noise(noise: Any) -> float:
@@ -117,8 +119,9 @@ def cholesky_in_place(a: NDArray[np.float64]) -> NDArray[np.float64]:
 
     One LAPACK ``potrf`` up to :data:`POTRF_MAX_N`; above it, by blocks of that order (a
     right-looking factorisation: ``potrf`` on each diagonal block, triangular solves below it,
-    GEMM updates of the blocks right of it; ~1.3x the time of one ``potrf`` at 15,000, and at
-    most three blocks of scratch), so OpenBLAS never sees an order its threaded ``syrk`` overruns.
+    GEMM updates of the blocks right of it, all in place), so OpenBLAS never sees an order its
+    threaded ``syrk`` overruns (:mod:`nngp_dask._blas`). Scratch: one diagonal block and a few
+    strips of :data:`_STRIP` rows (~0.9 GB at blocks of 8,192).
 
     Parameters
     ----------
@@ -141,16 +144,20 @@ def cholesky_in_place(a: NDArray[np.float64]) -> NDArray[np.float64]:
         return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)[0]
     edges = [(s, min(s + POTRF_MAX_N, n)) for s in range(0, n, POTRF_MAX_N)]
     for k, (c0, c1) in enumerate(edges):
+        top = np.array(a[c0:c1, c0:c1], order="F")  # contiguous: factorised in place, then reused below
         try:
-            a[c0:c1, c0:c1] = scipy.linalg.cholesky(a[c0:c1, c0:c1], lower=True, check_finite=False)
+            scipy.linalg.cho_factor(top, lower=True, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError as exc:
             raise np.linalg.LinAlgError(f"{exc} (in the diagonal block of rows {c0}-{c1 - 1})") from None
-        top = a[c0:c1, c0:c1]
-        for r0, r1 in edges[k + 1:]:
+        a[c0:c1, c0:c1] = top
+        for r0 in range(c1, n, _STRIP):
+            r1 = min(r0 + _STRIP, n)
             a[r0:r1, c0:c1] = scipy.linalg.solve_triangular(top, a[r0:r1, c0:c1].T, lower=True,
                                                             check_finite=False).T
-        for j, (j0, j1) in enumerate(edges[k + 1:], k + 1):
-            for r0, r1 in edges[j:]:
+        del top
+        for j0, j1 in edges[k + 1:]:
+            for r0 in range(j0, n, _STRIP):
+                r1 = min(r0 + _STRIP, n)
                 a[r0:r1, j0:j1] -= a[r0:r1, c0:c1] @ a[j0:j1, c0:c1].T
     return a
 
