@@ -32,6 +32,8 @@ from nngp_dask.gp import solve
 from nngp_dask.cluster.runtime import (CLUSTER_SCHEMA, ClusterConfigError, client_for, jobqueue_kwargs, kubernetes_kwargs,
                                        load_cluster_file, local_cluster_kwargs, resolve_cluster)
 
+from .probes import solve_iteration
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 QUICK = ROOT / "pipelines" / "quickstart.toml"
@@ -275,14 +277,7 @@ def test_killed_driver_and_workers_cost_only_their_work(slowed_remote, tmp_path)
     thread.start()
 
     def iteration() -> int:
-        # each solve group's own zarr.json, read directly: listing the groups through zarr while the
-        # solve rewrites their metadata would meet zarr's in-flight ``zarr.<uuid>.partial`` files
-        def attrs(path: Path) -> dict:
-            try:
-                return json.loads(path.read_text()).get("attributes", {})
-            except (FileNotFoundError, json.JSONDecodeError):
-                return {}
-        return max((attrs(p).get("iteration", 0) for p in store.glob("solves/*/zarr.json")), default=0)
+        return solve_iteration(store)
 
     _wait_until(lambda: iteration() >= 4 or not thread.is_alive(), 180, "CG iterations")
     at_solve_kill = iteration()

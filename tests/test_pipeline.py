@@ -19,6 +19,8 @@ from nngp_dask.cli import main
 from nngp_dask.pipeline import SCHEMA, ConfigError, load_config, resolve
 from nngp_dask.store import store_lock
 
+from .probes import solve_iteration
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "pipelines" / "quickstart.toml"
 SMALL = ["--set", "data.n_train=600", "--set", "data.n_test=80", "--set", "kernel.tile=256",
@@ -134,12 +136,8 @@ def test_resume_after_sigkill_in_kernel_and_solve(tmp_path):
     killed_at = done()
     assert 30 <= killed_at < total, "the kill did not land mid-build"
 
-    def solve_iteration() -> int:
-        solves = zarr.open_group(str(store), mode="r").get("solves")
-        return max((g.attrs.get("iteration", 0) for _, g in solves.groups()), default=0) if solves else 0
-
-    _kill_when(_spawn(tmp_path, *args), lambda: solve_iteration() >= 6)
-    stopped_at = solve_iteration()
+    _kill_when(_spawn(tmp_path, *args), lambda: solve_iteration(store) >= 6)
+    stopped_at = solve_iteration(store)
     assert stopped_at >= 6, "the kill did not land mid-solve"
     assert main(["-q", "run", str(QUICK), "--no-plots", "--no-progress", *_out(tmp_path), *args]) == 0
     rep = _report(tmp_path)
