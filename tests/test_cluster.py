@@ -276,11 +276,8 @@ def test_killed_driver_and_workers_cost_only_their_work(slowed_remote, tmp_path)
     thread = threading.Thread(target=run_solve)
     thread.start()
 
-    def iteration() -> int:
-        return solve_iteration(store)
-
-    _wait_until(lambda: iteration() >= 4 or not thread.is_alive(), 180, "CG iterations")
-    at_solve_kill = iteration()
+    _wait_until(lambda: solve_iteration(store) >= 4 or not thread.is_alive(), 180, "CG iterations")
+    at_solve_kill = solve_iteration(store)
     _replace_dead_worker(procs, client, procs.alive_workers()[0])
     thread.join(300)
     assert not thread.is_alive(), "the solve did not finish after a worker was killed"
@@ -440,6 +437,15 @@ def test_bad_cluster_file_is_exit_2_before_any_work(tmp_path, capsys):
     assert "missing.toml' does not exist" in capsys.readouterr().err
 
 
+def _started(cls, kw):
+    # distributed's loop runner gives its IO thread 10 s to start and asserts past that, which a
+    # loaded CI machine missed once (2026-12-03); the job script, not the start time, is under test
+    try:
+        return cls(**kw)
+    except AssertionError:
+        return cls(**kw)
+
+
 def test_slurm_and_pbs_job_scripts(tmp_path):
     """No batch system here: the configuration is checked down to the job script dask-jobqueue writes."""
     dask_jobqueue = pytest.importorskip("dask_jobqueue")
@@ -453,7 +459,7 @@ def test_slurm_and_pbs_job_scripts(tmp_path):
         kw = jobqueue_kwargs(spec)
         assert kw["processes"] == kw["cores"] == 16 and kw["security"] is True
         os.makedirs(spec["shared_temp_directory"], exist_ok=True)
-        with cls(**kw) as cluster:
+        with _started(cls, kw) as cluster:
             script = cluster.job_script()
             assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
             assert "127.0.0.1" in cluster.dashboard_link

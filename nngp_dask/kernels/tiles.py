@@ -255,7 +255,8 @@ def input_gram(x_rows: NDArray, x_cols: NDArray, dtype: np.dtype, symmetric: boo
     a = np.ascontiguousarray(x_rows, dtype=dtype)
     if symmetric and len(a) > SYRK_MAX_N:
         # by block rows of the upper triangle: OpenBLAS's threaded syrk overruns a buffer at this
-        # order (nngp_dask._blas); numpy's matmul takes a GEMM here (the operands' shapes differ)
+        # order (nngp_dask._blas); numpy's matmul takes a GEMM for each block row (the operands'
+        # shapes differ) but the last, a syrk of at most SYRK_MAX_N rows
         out = np.empty((len(a), len(a)), dtype=a.dtype)
         for r0 in range(0, len(a), SYRK_MAX_N):
             out[r0:r0 + SYRK_MAX_N, r0:] = a[r0:r0 + SYRK_MAX_N] @ a[r0:].T

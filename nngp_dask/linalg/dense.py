@@ -132,7 +132,8 @@ def cholesky_in_place(a: NDArray[np.float64]) -> NDArray[np.float64]:
     Returns
     -------
     ndarray
-        ``a`` itself.
+        The factor in its lower triangle: ``a`` itself, except for a C-ordered ``a`` of at most
+        :data:`POTRF_MAX_N` rows, which LAPACK factorises in a Fortran-ordered copy.
 
     Raises
     ------

@@ -176,7 +176,7 @@ def profile_log_marginal_likelihood(k: NDArray, y: NDArray, r: float, *, gradien
     w = scipy.linalg.cho_solve(factor, np.eye(n), check_finite=False)
     w *= -c
     # (alpha / s) is a new buffer: numpy would hand ``alpha @ alpha.T`` to OpenBLAS's threaded syrk,
-    # which overruns its buffer at large n (see nngp_dask.linalg.dense.POTRF_MAX_N)
+    # which overruns its buffer at large n (nngp_dask._blas)
     w += (alpha / s) @ alpha.T
     return value, s, w
 
