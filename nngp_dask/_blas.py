@@ -1,8 +1,9 @@
 """What the BLAS shipped in the numpy and scipy wheels can be trusted with.
 
 OpenBLAS's threaded ``syrk`` (``a @ a.T``, and the trailing updates of its parallel ``potrf``)
-packs each thread's share of the output's rows into one fixed buffer (32 MiB in those wheels) and
-writes past its end when a share is large: a large order on few threads. Measured on this
+packs each thread's share of the output's rows into one fixed buffer and writes past its end when a
+share is large: a large order on few threads. (The buffer's size is inferred, not read from the
+wheels' build: 32 MiB puts the limit near 15,100 rows on 2 threads, where it was observed.) Measured on this
 project's 2-core machine (OpenBLAS 0.3.30 in scipy, 0.3.31 in numpy, SkylakeX kernels): the
 Cholesky factorisation of a 15,641 x 15,641 kernel segfaulted in ``dgemm_otcopy`` under
 ``dsyrk_thread_LN`` and killed a pipeline, while 15,000 did not, and single-threaded both pass;
