@@ -78,6 +78,10 @@ def test_in_memory_factor_by_blocks_equals_one_potrf(monkeypatch):
     k[100, 100] = -1.0  # not positive definite in the third block
     with pytest.raises(np.linalg.LinAlgError, match="diagonal block of rows 80-119"):
         cholesky_factor(k, NOISE)
+    for bad, message in ((np.eye(3, dtype=np.float32), "a: expected a float64 array"),
+                         (np.ones((2, 3)), r"a: expected a non-empty square 2-D array \(n, n\), got shape \(2, 3\)")):
+        with pytest.raises(ValueError, match=message):
+            dense.cholesky_in_place(bad)
 
 
 @pytest.mark.parametrize("limit", [64, 4])  # one syrk; a GEMM above the limit

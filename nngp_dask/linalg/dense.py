@@ -139,7 +139,12 @@ def cholesky_in_place(a: NDArray[np.float64]) -> NDArray[np.float64]:
     ------
     numpy.linalg.LinAlgError
         ``a`` is not positive definite.
+    ValueError
+        ``a`` is not a square float64 array (it is overwritten, so it is not converted).
     """
+    _check_square(a, "a")
+    if a.dtype != np.float64:
+        raise ValueError(f"a: expected a float64 array (factorised in place), got dtype {a.dtype}")
     n = a.shape[0]
     if n <= POTRF_MAX_N:
         return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)[0]
