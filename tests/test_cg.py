@@ -93,17 +93,40 @@ def test_warm_start_at_solution_needs_no_iteration(k_train, system):
 def test_zero_columns_return_zeros(system):
     b = _rhs(3)
     b[:, 1] = 0.0
-    widths = []
+    passed = []
 
     def matmat(v):
-        widths.append(v.shape[1])
+        passed.append(v.copy())
         return system[0](v)
 
     res = batched_cg(matmat, b, tol=1e-10)
     assert res.converged
     assert np.array_equal(res.x[:, 1], np.zeros(N))
     assert (res.residuals[:, 1] == 0).all()
-    assert max(widths) == 2
+    assert all(np.all(np.any(v != 0, axis=0)) for v in passed)  # the zero column never goes in
+
+
+def test_one_product_per_iteration_and_confirmed_true_residuals(k_train, system):
+    """Columns converging at different iterations cost no extra product: each column's true
+    residual is checked inside the next iteration's product, and stands below tol at the end."""
+    matmat, a = system[0], system[1]
+    _, vecs = np.linalg.eigh(a)
+    b = np.column_stack([_rhs(3), vecs[:, -1] + 1e-3 * _rhs(1)[:, 0]])  # the last converges early
+    widths = []
+
+    def counting(v):
+        widths.append(v.shape[1])
+        return matmat(v)
+
+    res = batched_cg(counting, b, tol=1e-8, true_residual_every=0)
+    assert res.converged and len(widths) == res.iterations
+    claimed = np.argmax(res.residuals <= 1e-8, axis=0)  # the iteration each column's residual got there
+    assert len(set(claimed.tolist())) > 1
+    for i, width in enumerate(widths, 1):  # iteration i: the directions still active, the iterates to confirm
+        assert width == np.sum(claimed + 1 >= i) + np.sum(claimed == i - 1)
+    true = np.linalg.norm(b - a @ res.x, axis=0) / np.linalg.norm(b, axis=0)
+    assert np.all(true <= 1e-8)
+    np.testing.assert_allclose(res.residuals[-1], true, rtol=1e-6)
 
 
 def test_per_column_convergence_freezes_easy_column(system):
@@ -119,10 +142,13 @@ def test_per_column_convergence_freezes_easy_column(system):
     res = batched_cg(counting, b, tol=1e-10, true_residual_every=0)
     assert res.converged and res.iterations > 10
     easy = res.residuals[:, 1]
-    done = int(np.argmax(easy <= 1e-10))
+    done = int(np.argmax(easy <= 1e-10))  # its recursive residual gets there
     assert done <= 2
-    assert (easy[done:] == easy[done]).all()  # frozen: keeps its final value
-    assert widths[:done] == [2] * done and set(widths[done:]) == {1}  # only the active column is passed
+    assert (easy[done + 1:] == easy[done + 1]).all()  # confirmed in the next product, then frozen
+    # both directions, then both plus the easy column's iterate (its true residual), then the other
+    # direction only, and at last its direction with its own iterate, confirmed
+    assert widths[:done] == [2] * done and widths[done] == 3 and set(widths[done + 1:-1]) == {1}
+    assert widths[-1] == 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -156,6 +182,14 @@ def test_resume_is_bit_identical(system, name):
     assert np.array_equal(resumed.x, full.x)
     assert np.array_equal(resumed.residuals, full.residuals)
     assert resumed.state == full.state
+
+    # from a state whose column awaits the confirmation of its residual in the next product
+    states = []
+    batched_cg(matmat, _rhs(4), callback=states.append, **kw)
+    waiting = [s for s in states if np.any(s.active & (s.residuals[-1] <= kw["tol"]))]
+    assert waiting
+    again = batched_cg(matmat, b, state=waiting[0], **kw)
+    assert np.array_equal(again.x, full.x) and again.state == full.state
 
     # the same through maxiter and CGResult.state
     with pytest.warns(ConvergenceWarning):

@@ -5,7 +5,9 @@ vectors) with ``A = K + noise I`` symmetric positive definite; it knows nothing 
 tiles, Dask or Zarr. All right-hand sides share one ``matmat`` per iteration, each
 column has its own step sizes and its own stopping test, converged columns are
 frozen and no longer passed to ``matmat`` (a column stops only once its true residual
-``b - A x``, recomputed then, confirms the recursive one). The iterate is an immutable
+``b - A x`` confirms the recursive one; that residual rides along in the next iteration's
+product, so every iteration is exactly one ``matmat``: out of core, one pass over the
+stored kernel). The iterate is an immutable
 :class:`CGState` handed to ``callback`` after every iteration, and accepted back
 through ``state=`` to resume bit-identically after a crash.
 
@@ -18,6 +20,8 @@ References
 .. [3] J. R. Gardner, G. Pleiss, D. Bindel, K. Q. Weinberger, A. G. Wilson,
    "GPyTorch: Blackbox matrix-matrix Gaussian process inference with GPU
    acceleration", NeurIPS 2018 (batched CG with per-column step sizes).
+.. [4] H. A. van der Vorst and Q. Ye, "Residual replacement strategies for Krylov subspace
+   iterative methods for the convergence of true residuals", SIAM J. Sci. Comput. 22 (2000).
 """
 
 from __future__ import annotations
@@ -181,16 +185,42 @@ def _initial_state(op: _Op, b: NDArray, x0: NDArray | None, preconditioner: Any,
                    residuals=res0[None, :], b_norm=b_norm)
 
 
+def _pending(s: CGState, tol: float) -> NDArray[np.intp]:
+    """Active columns whose recursive residual claims convergence: their true residual decides."""
+    return np.flatnonzero(s.active & (s.residuals[-1] <= tol))
+
+
 def _step(op: _Op, b: NDArray, s: CGState, preconditioner: Any, tol: float,
           true_residual_every: int) -> CGState:
-    """One CG iteration on the active columns; frozen columns are copied unchanged."""
+    """One CG iteration on the active columns; frozen columns are copied unchanged.
+
+    The true residuals ``b - A x`` that the iteration needs (of the columns whose recursive
+    residual claimed convergence in the last iteration, and of every active column on schedule)
+    ride along with the search directions in its one product: out of core a product is a pass
+    over the stored kernel whatever its width, so a separate product for them would cost a pass.
+    A confirmed column stops at its current iterate; the others replace their residual by the true
+    one (residual replacement, [4]_) and step.
+    """
     idx = np.flatnonzero(s.active)
     x, r, z, p, rz = s.x.copy(), s.r.copy(), s.z.copy(), s.p.copy(), s.rz.copy()
     active = s.active.copy()
     res = s.residuals[-1].copy()
+    iteration = s.iteration + 1
 
+    on_schedule = true_residual_every and iteration % true_residual_every == 0
+    check = idx if on_schedule else _pending(s, tol)
     p_a = p[:, idx]
-    ap = op(p_a)
+    product = op(np.concatenate([p_a, x[:, check]], axis=1) if check.size else p_a)
+    ap = product[:, :idx.size]
+    if check.size:
+        r[:, check] = b[:, check] - product[:, idx.size:]
+        res[check] = _colnorm(r[:, check]) / s.b_norm[check]
+        finite = np.isfinite(res[check])
+        active[check[~finite]] = False  # not a number: broke down
+        active[check[finite & (res[check] <= tol)]] = False  # confirmed: stops at x
+    stepping = active[idx]
+    idx, p_a, ap = idx[stepping], p_a[:, stepping], ap[:, stepping]
+
     pap = _coldot(p_a, ap)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         step = rz[idx] / pap
@@ -199,38 +229,40 @@ def _step(op: _Op, b: NDArray, s: CGState, preconditioner: Any, tol: float,
     # breakdown (A not positive definite along p, or a non-finite step): freeze the column
     ok = np.isfinite(step) & (pap > 0) & (rz[idx] > 0)
     ok &= np.all(np.isfinite(x_new), axis=0) & np.all(np.isfinite(r_new), axis=0)
-    iteration = s.iteration + 1
-    if true_residual_every and iteration % true_residual_every == 0 and np.any(ok):
-        sel = np.flatnonzero(ok)
-        r_new[:, sel] = b[:, idx[sel]] - op(x_new[:, sel])
-        ok[sel] &= np.all(np.isfinite(r_new[:, sel]), axis=0)
     good, bad = idx[ok], idx[~ok]
     x[:, good] = x_new[:, ok]
     r[:, good] = r_new[:, ok]
     active[bad] = False
-
+    # a column whose residual now claims convergence keeps going until the next product confirms
+    # it (or not): the recursive residual drifts from b - A x in floating point
     res[good] = _colnorm(r[:, good]) / s.b_norm[good]
-    done = res[good] <= tol
-    if np.any(done):
-        # confirm with the true residual before a column stops: the recursive one drifts in
-        # floating point and can report convergence the iterate does not have
-        fin = good[done]
-        r[:, fin] = b[:, fin] - op(x[:, fin])
-        res[fin] = _colnorm(r[:, fin]) / s.b_norm[fin]
-        done = res[good] <= tol
-    active[good[done]] = False
-    go = good[~done]
-    if go.size:
-        z_go = _precondition(preconditioner, r[:, go])
-        rz_go = _coldot(r[:, go], z_go)
-        beta = rz_go / rz[go]
-        p[:, go] = z_go + beta * p[:, go]
-        z[:, go] = z_go
-        rz[go] = rz_go
+    if good.size:
+        z_go = _precondition(preconditioner, r[:, good])
+        rz_go = _coldot(r[:, good], z_go)
+        beta = rz_go / rz[good]
+        p[:, good] = z_go + beta * p[:, good]
+        z[:, good] = z_go
+        rz[good] = rz_go
     residuals = np.concatenate([s.residuals, res[None, :]], axis=0)
     for arr in (x, r, z, p, rz, active, residuals):
         readonly(arr)  # fresh arrays: the state takes them without copying
     return CGState(x=x, r=r, z=z, p=p, rz=rz, iteration=iteration, active=active,
+                   residuals=residuals, b_norm=s.b_norm)
+
+
+def _confirm(op: _Op, b: NDArray, s: CGState, tol: float) -> CGState:
+    """At ``maxiter``: the true residuals of the columns whose recursive residual claims
+    convergence (one product of their iterates; the iteration count is unchanged)."""
+    check = _pending(s, tol)
+    if not check.size:
+        return s
+    r, active, residuals = s.r.copy(), s.active.copy(), s.residuals.copy()
+    r[:, check] = b[:, check] - op(s.x[:, check])
+    residuals[-1, check] = _colnorm(r[:, check]) / s.b_norm[check]
+    active[check[residuals[-1, check] <= tol]] = False
+    for arr in (r, active, residuals):
+        readonly(arr)
+    return CGState(x=s.x, r=r, z=s.z, p=s.p, rz=s.rz, iteration=s.iteration, active=active,
                    residuals=residuals, b_norm=s.b_norm)
 
 
@@ -250,9 +282,12 @@ def batched_cg(
 
     Each column ``j`` runs its own CG recurrence (its own ``alpha_j``, ``beta_j``; [2]_,
     Algorithm 9.1) and all active columns share one ``matmat`` call per iteration ([3]_).
-    Column ``j`` stops when ``||r_j|| <= tol ||b_j||``; it is then frozen and no longer passed
-    to ``matmat`` (which receives ``(n, k_active)`` blocks). Zero columns of ``b`` return zeros
-    without iterating.
+    Column ``j`` stops when ``||r_j|| <= tol ||b_j||`` for its true residual ``r_j = b_j - A x_j``:
+    when its recursive residual gets there, the next iteration's product also takes ``x_j``, and
+    the column stops at ``x_j`` if confirmed. It is then frozen and no longer passed to
+    ``matmat``, which receives ``(n, m)`` blocks: the active columns' search directions, then
+    the iterates being checked. Every iteration is one ``matmat`` call (one more at ``maxiter``
+    when an iterate is left to confirm). Zero columns of ``b`` return zeros without iterating.
 
     Parameters
     ----------
@@ -281,8 +316,8 @@ def batched_cg(
         :class:`CGState`; checkpoint it (e.g. ``state.to_arrays()``) as often as you like.
         Raising from the callback aborts the solve.
     true_residual_every : int, default 50
-        Every this many iterations replace the recursive residual by ``b - A x`` (one extra
-        ``matmat``) to stop drift; 0 disables.
+        Every this many iterations replace the recursive residual by ``b - A x`` to stop drift
+        (computed in that iteration's ``matmat``, which is then twice as wide); 0 disables.
 
     Returns
     -------
@@ -346,6 +381,7 @@ def batched_cg(
         s = _step(op, b2, s, preconditioner, tol, true_residual_every)
         if callback is not None:
             callback(s)
+    s = _confirm(op, b2, s, tol)
 
     converged = s.residuals[-1] <= tol
     result = CGResult(

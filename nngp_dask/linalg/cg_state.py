@@ -32,8 +32,9 @@ class CGState:
     x : ndarray, shape (n, k)
         Current solution estimate.
     r : ndarray, shape (n, k)
-        Current residual ``b - A x`` (recursively updated, replaced by the true residual
-        every ``true_residual_every`` iterations).
+        Current residual ``b - A x`` (recursively updated; replaced by the true residual
+        wherever that is computed: every ``true_residual_every`` iterations, and to confirm a
+        column's convergence).
     z : ndarray, shape (n, k)
         Preconditioned residual ``M^{-1} r``.
     p : ndarray, shape (n, k)
@@ -43,7 +44,8 @@ class CGState:
     iteration : int
         Number of iterations done (each one ``matmat`` call on the active columns).
     active : ndarray of bool, shape (k,)
-        Columns still iterating (not converged, not broken down).
+        Columns still iterating (not converged, not broken down). An active column whose last
+        residual is at the tolerance waits for the next iteration to confirm it.
     residuals : ndarray, shape (iteration + 1, k)
         Relative residual ``||r_j|| / ||b_j||`` per iteration and column (row 0 is the
         start); a frozen column repeats its final value.
