@@ -128,7 +128,9 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
 def test_resume_after_sigkill_in_kernel_and_solve(tmp_path):
     store = tmp_path / "run" / "kernel.zarr"
     args = ("--set", "data.n_train=1000", "--set", "data.n_test=50", "--set", "kernel.tile=64",
-            "--set", "solver.noise=1e-5", "--set", "solver.tol=1e-9", "--set", "solver.preconditioner=none",
+            # ~150 CG iterations (~500 without the preconditioner): time to land a kill, not more
+            "--set", "solver.noise=1e-5", "--set", "solver.tol=1e-9", "--set", "solver.preconditioner=pivoted_cholesky",
+            "--set", "solver.rank=128",
             "--set", "solver.checkpoint_every=2", "--set", "predict.variance=none", "--set", "cluster.n_workers=1")
     done = lambda: int(zarr.open_group(str(store), mode="r")["done/train_train"][...].sum())  # noqa: E731
     _kill_when(_spawn(tmp_path, *args), lambda: done() >= 30)
