@@ -129,6 +129,21 @@ def test_one_product_per_iteration_and_confirmed_true_residuals(k_train, system)
     np.testing.assert_allclose(res.residuals[-1], true, rtol=1e-6)
 
 
+def test_a_non_finite_confirmation_is_a_breakdown_not_a_convergence(system):
+    matmat = system[0]
+    b = _rhs(2)
+
+    def nan_for_iterates(v):  # the iterates checked ride after the 2 directions
+        out = matmat(v)
+        out[:, 2:] = np.nan
+        return out
+
+    with pytest.warns(ConvergenceWarning, match="broke down"):
+        res = batched_cg(nan_for_iterates, b, tol=1e-6, true_residual_every=0)
+    assert not res.converged and np.isinf(res.residuals[-1]).any()
+    assert not np.isnan(res.residuals).any()
+
+
 def test_per_column_convergence_freezes_easy_column(system):
     matmat, a, _, _ = system
     _, vecs = np.linalg.eigh(a)

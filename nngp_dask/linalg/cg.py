@@ -213,11 +213,7 @@ def _step(op: _Op, b: NDArray, s: CGState, preconditioner: Any, tol: float,
     product = op(np.concatenate([p_a, x[:, check]], axis=1) if check.size else p_a)
     ap = product[:, :idx.size]
     if check.size:
-        r[:, check] = b[:, check] - product[:, idx.size:]
-        res[check] = _colnorm(r[:, check]) / s.b_norm[check]
-        finite = np.isfinite(res[check])
-        active[check[~finite]] = False  # not a number: broke down
-        active[check[finite & (res[check] <= tol)]] = False  # confirmed: stops at x
+        _replace_residuals(b, product[:, idx.size:], check, r, res, active, s.b_norm, tol)
     stepping = active[idx]
     idx, p_a, ap = idx[stepping], p_a[:, stepping], ap[:, stepping]
 
@@ -250,6 +246,21 @@ def _step(op: _Op, b: NDArray, s: CGState, preconditioner: Any, tol: float,
                    residuals=residuals, b_norm=s.b_norm)
 
 
+def _replace_residuals(b: NDArray, a_x: NDArray, check: NDArray, r: NDArray, res: NDArray, active: NDArray,
+                       b_norm: NDArray, tol: float) -> None:
+    """Columns ``check`` take their true residual ``b - A x`` (``a_x``: their ``A x``) in ``r`` and
+    ``res``, in place; those at the tolerance stop (confirmed), those not finite break down (their
+    residual reads ``inf``: not converged, whatever the recursion claimed; no NaN in the history)."""
+    r_true = b[:, check] - a_x
+    with np.errstate(invalid="ignore", over="ignore"):
+        res_true = _colnorm(r_true) / b_norm[check]
+    finite = np.isfinite(res_true)
+    r[:, check[finite]] = r_true[:, finite]
+    res[check] = np.where(finite, res_true, np.inf)
+    active[check[~finite]] = False
+    active[check[finite & (res_true <= tol)]] = False
+
+
 def _confirm(op: _Op, b: NDArray, s: CGState, tol: float) -> CGState:
     """At ``maxiter``: the true residuals of the columns whose recursive residual claims
     convergence (one product of their iterates; the iteration count is unchanged)."""
@@ -257,9 +268,7 @@ def _confirm(op: _Op, b: NDArray, s: CGState, tol: float) -> CGState:
     if not check.size:
         return s
     r, active, residuals = s.r.copy(), s.active.copy(), s.residuals.copy()
-    r[:, check] = b[:, check] - op(s.x[:, check])
-    residuals[-1, check] = _colnorm(r[:, check]) / s.b_norm[check]
-    active[check[residuals[-1, check] <= tol]] = False
+    _replace_residuals(b, op(s.x[:, check]), check, r, residuals[-1], active, s.b_norm, tol)
     for arr in (r, active, residuals):
         readonly(arr)
     return CGState(x=s.x, r=r, z=s.z, p=s.p, rz=s.rz, iteration=s.iteration, active=active,
