@@ -140,3 +140,23 @@ def test_worker_runs_cover_the_upper_tiles_once_in_contiguous_runs(nthreads):
     if len(runs) > 1:  # a later run starts lower down, so it is sent only the rows below its start
         starts = [groups[0][0][0] for _, groups in runs]
         assert starts == sorted(starts) and starts[0] == 0 and starts[-1] > 0
+
+
+def test_a_worker_gone_before_the_scatter_is_a_retried_loss():
+    """distributed's scheduler looks the scatter's worker up by address: one that left since
+    ``nthreads()`` raises KeyError there, which the product must retry like any lost worker
+    (seen once in a fresh CI run of the killed-worker solve test)."""
+    from nngp_dask.gp.operator import _RETRYABLE, _scatter_to
+
+    class Client:
+        def __init__(self, error):
+            self.error = error
+
+        def scatter(self, data, hash, workers):
+            raise self.error
+
+    gone = "tcp://127.0.0.1:1"
+    with pytest.raises(_RETRYABLE, match="left before"):
+        _scatter_to(Client(KeyError(gone)), np.zeros(2), gone)
+    with pytest.raises(KeyError):  # any other KeyError is a bug, not a lost worker
+        _scatter_to(Client(KeyError("other")), np.zeros(2), gone)

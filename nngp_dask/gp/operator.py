@@ -110,6 +110,21 @@ def _test_rows_task(url: str, options: str, token: str, i: int, tile: int, alpha
     return i, (mean_t.T if mean_t is not None else None), sq, proj
 
 
+def _scatter_to(client: Any, data: NDArray, worker: str | None) -> Any:
+    """``data`` scattered to ``worker`` only, not broadcast (see _RETRYABLE).
+
+    A worker that left between ``client.nthreads()`` and the scatter is a lost worker like any
+    other: the scheduler's scatter looks it up by address and raises KeyError (distributed
+    2026.7), which is re-raised as a retryable OSError.
+    """
+    try:
+        return client.scatter(data, hash=False, workers=[worker] if worker else None)
+    except KeyError as exc:
+        if worker is None or worker not in str(exc):
+            raise
+        raise ConnectionError(f"worker {worker} left before the vectors reached it") from exc
+
+
 def _prefer(worker: str | None) -> dict[str, Any]:
     """Submit options that prefer ``worker`` (None: any worker). ``allow_other_workers`` keeps it a
     preference, so a dead worker's tasks still run elsewhere."""
@@ -201,9 +216,7 @@ class StoredKernelOperator:
             for worker, groups in _worker_runs(self.client.nthreads(), self._tiles):
                 start = groups[0][0][0] * self.store.tile
                 where = _prefer(worker)
-                # to this worker only, not broadcast (see _RETRYABLE)
-                vf = self.client.scatter(np.ascontiguousarray(v_t[:, start:]), hash=False,
-                                         workers=[worker] if worker else None)
+                vf = _scatter_to(self.client, np.ascontiguousarray(v_t[:, start:]), worker)
                 parts.append((start, self.client.submit(_train_tiles_task, self.store.url, self._options, self._token,
                                                         groups, vf, start, self.store.tile, backwards, pure=False,
                                                         **where)))
