@@ -217,3 +217,14 @@ def test_every_input_format_gives_the_same_store(thread_client, tmp_path, rng):
                       dtype="float64", client=thread_client, progress=False)
     np.testing.assert_allclose(ks.to_dask().compute(), kernel(ARCH, normalize(flat, "unit_norm"), dtype="float64"),
                                rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("features", [3, 18])
+def test_precompile_runs_for_ard_architectures(features):
+    """The build compiles its kernels first on inputs of its own; with ARD those must have one
+    column per input weight. (A process's first build is the only one that compiles, so a test
+    order with a plain build first hid this: an ARD pipeline failed in a fresh process.)"""
+    from nngp_dask.build.precompile import _compile
+
+    arch = ARCH.replace(input_weight_var=tuple(np.linspace(0.5, 2.0, features)))
+    assert _compile(arch, np.dtype(np.float32)) >= 0.0

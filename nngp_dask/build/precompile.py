@@ -31,7 +31,8 @@ _ANNOUNCE_AFTER_S = 1.0
 
 def _compile(arch: Architecture, dtype: np.dtype) -> float:
     t0 = time.perf_counter()
-    x = np.linspace(0.1, 1.0, 24).reshape(6, 4)  # nothing overflows, nothing is degenerate
+    d = 4 if arch.input_scale is None else arch.input_scale.shape[0]  # ARD: one weight per feature
+    x = np.linspace(0.1, 1.0, 6 * d).reshape(6, d)  # nothing overflows, nothing is degenerate
     kernel(arch, x, dtype=dtype)  # per-point diagonals, a symmetric block, its mirror
     kernel(arch, x, x[:3], dtype=dtype)
     tile_matmat_t(np.ones((3, 3), dtype), np.ones((1, 6)), np.zeros((1, 6)), 0, 3, transpose_too=True)
