@@ -2,10 +2,13 @@
 
 Each row of a block is loaded once into a row buffer, runs through every layer
 there (the buffer stays in L1/L2 cache) and is written once: one pass over memory
-whatever the depth. The per-layer loop over a row is branch-free so LLVM
-vectorises it (``acos``/``asin`` from glibc's vector maths). Arithmetic is float64
-in registers whatever the storage dtype, with strict IEEE semantics (no fastmath):
-float32 storage loses only the final rounding.
+whatever the depth. The per-layer loop over a row is branch-free so that LLVM vectorises it:
+``arccos`` is :func:`_acos` (fdlibm's rational approximation, within 1 ulp; a call to libm's
+``acos`` cannot be vectorised and cost ~10x as much), square roots take arguments LLVM can see
+are non-negative (otherwise it keeps the libm call, which may set ``errno``), and the kernels
+compile with NumPy's error model (Python's tests every division for zero). Arithmetic is float64
+in registers whatever the storage dtype, with strict IEEE semantics (no fastmath): float32
+storage loses only the final rounding.
 
 The closed-form families share one compiled kernel that branches on the family
 code inside the loop (a loop-invariant, perfectly predicted branch that LLVM unswitches): a
@@ -33,6 +36,35 @@ from numba import njit
 from .activations import FAMILY_ERF, FAMILY_HERMITE, FAMILY_STEP, FAMILY_TWO_SLOPE
 
 _INV_TWO_PI = 1.0 / (2.0 * math.pi)
+# fdlibm's e_acos.c (Sun Microsystems, 1993: "Permission to use, copy, modify, and distribute this
+# software is freely granted, provided that this notice is preserved"): acos(x) from a rational
+# approximation of asin on [0, 1/2], R(z) = P(z) / Q(z), z = x^2 or (1 - |x|) / 2.
+_PIO2_HI, _PIO2_LO = 1.57079632679489655800e+00, 6.12323399573676603587e-17
+_PS = (1.66666666666666657415e-01, -3.25565818622400915405e-01, 2.01212532134862925881e-01,
+       -4.00555345006794114027e-02, 7.91534994289814532176e-04, 3.47933107596021167570e-05)
+_QS = (-2.40339491173441421878e+00, 2.02094576023350569471e+00, -6.88283971605453293030e-01,
+       7.70381505559019352791e-02)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _acos(x):
+    # All three of fdlibm's branches are computed and one is selected, so that a loop over x
+    # vectorises. Without fdlibm's split of sqrt(z) into high and low words for x > 1/2 the
+    # result is within 1 ulp of the correctly rounded one instead of 1/2 (tests/test_kernel_core.py).
+    ax = abs(x)
+    small = ax < 0.5
+    z_small = x * x
+    z_large = (1.0 - ax) * 0.5
+    z = z_small if small else z_large
+    p = z * (_PS[0] + z * (_PS[1] + z * (_PS[2] + z * (_PS[3] + z * (_PS[4] + z * _PS[5])))))
+    q = 1.0 + z * (_QS[0] + z * (_QS[1] + z * (_QS[2] + z * _QS[3])))
+    r = p / q
+    s = math.sqrt(abs(z))
+    near_zero = _PIO2_HI - (x - (_PIO2_LO - x * r))
+    near_one = 2.0 * (s + s * r)
+    near_minus_one = math.pi - 2.0 * (s + (s * r - _PIO2_LO))
+    large = near_one if x > 0.0 else near_minus_one
+    return near_zero if small else large
 
 
 # --- scalar dual kernels -----------------------------------------------------------------------
@@ -42,13 +74,13 @@ _INV_TWO_PI = 1.0 / (2.0 * math.pi)
 # into visible error, layer after layer), s = sqrt(k_ii).
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _dual_two_slope(c, k12, s1, s2, p0, p1):
     # a for x < 0, b for x > 0; J(c) = sqrt(1 - c^2) + (pi - theta) c (Cho & Saul 2009).
     aa_bb = p0 * p0 + p1 * p1
     ab2 = 2.0 * p0 * p1
-    sin_t = math.sqrt(max(1.0 - c * c, 0.0))
-    theta = math.acos(c)
+    sin_t = math.sqrt(abs(max(1.0 - c * c, 0.0)))  # abs: see the module's docstring
+    theta = _acos(c)
     j_plus = sin_t + (math.pi - theta) * c
     j_minus = sin_t - theta * c
     e = s1 * s2 * (aa_bb * j_plus - ab2 * j_minus) * _INV_TWO_PI
@@ -56,20 +88,20 @@ def _dual_two_slope(c, k12, s1, s2, p0, p1):
     return e, ed
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _dual_identity(c, k12, s1, s2, p0, p1):
     return k12, 1.0
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _dual_step(c, k12, s1, s2, p0, p1):
     # A point of zero variance has u = 0 exactly and step(0) = 0 (``Step`` is 1[x > 0]), so its
     # row is 0, as in the network; the formula would give the limit from positive variance.
-    e = (math.pi - math.acos(c)) * _INV_TWO_PI
+    e = (math.pi - _acos(c)) * _INV_TWO_PI
     return (e if s1 * s2 > 0.0 else 0.0), math.inf
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _dual_erf(c, k12, s1, s2, p0, p1):
     # Williams (1998); (1 + 2 k11)(1 + 2 k22) - 4 k12^2 >= 1 by Cauchy-Schwarz.
     d12 = (1.0 + 2.0 * s1 * s1) * (1.0 + 2.0 * s2 * s2)
@@ -78,7 +110,7 @@ def _dual_erf(c, k12, s1, s2, p0, p1):
     return (2.0 / math.pi) * math.asin(arg), (4.0 / math.pi) / math.sqrt(rest)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _dual(family, c, k12, s1, s2, p0, p1):
     if family == FAMILY_TWO_SLOPE:
         return _dual_two_slope(c, k12, s1, s2, p0, p1)
@@ -89,10 +121,8 @@ def _dual(family, c, k12, s1, s2, p0, p1):
     return _dual_identity(c, k12, s1, s2, p0, p1)
 
 
-@njit(cache=True, inline="always")
-def _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1, ntk, diagonal):
-    si, ri = s_i[layer, i], r_i[layer, i]
-    start = 1 if diagonal else 0
+@njit(cache=True, inline="always", error_model="numpy")
+def _layer_loop(kb, tb, j0, start, si, ri, s_j, r_j, layer, wv, bv, family, p0, p1, ntk):
     for q in range(start, kb.shape[0]):
         j = j0 + q
         k12 = kb[q]
@@ -102,6 +132,20 @@ def _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1,
         if ntk:
             tb[q] = k_new + wv * tb[q] * ed
         kb[q] = k_new
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1, ntk, diagonal):
+    si, ri = s_i[layer, i], r_i[layer, i]
+    start = 1 if diagonal else 0
+    # A copy of the loop with a constant family code for the two-slope family (ReLU and its
+    # kin, what most runs use): LLVM drops the other families' code from it, and with it erf's
+    # call to asin, which would stop the vectoriser. A copy per family would vectorise step too,
+    # at ~5 s more of the first run's compilation.
+    if family == FAMILY_TWO_SLOPE:
+        _layer_loop(kb, tb, j0, start, si, ri, s_j, r_j, layer, wv, bv, FAMILY_TWO_SLOPE, p0, p1, ntk)
+    else:
+        _layer_loop(kb, tb, j0, start, si, ri, s_j, r_j, layer, wv, bv, family, p0, p1, ntk)
     if diagonal:
         e, ed = _dual(family, 1.0, si * si, si, si, p0, p1)
         k_new = bv + wv * e
@@ -110,7 +154,7 @@ def _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1,
         kb[0] = k_new
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _row(gram, k0_i, ii, i, j0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths,
          diagonal, out_k, out_t):
     # ii: the row in ``gram`` / ``out_*`` (a block of rows); i: the row of the whole block
@@ -127,7 +171,7 @@ def _row(gram, k0_i, ii, i, j0, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p
     _store(out_k, out_t, kb, tb, depth if all_depths else 0, ii, j0, ntk)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _closed_rows(gram, row0, k0_i, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family, p0, p1, ntk, all_depths, upper,
                  out_k, out_t):
     for ii in range(gram.shape[0]):
@@ -136,7 +180,7 @@ def _closed_rows(gram, row0, k0_i, s_i, s_j, r_i, r_j, depth, w0, wv, bv, family
              all_depths, upper, out_k, out_t)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _closed_points(k, s, family, p0, p1, out_e, out_ed):
     for i in range(k.shape[0]):
         e, ed = _dual(family, 1.0, s[i] * s[i], s[i], s[i], p0, p1)
@@ -144,7 +188,7 @@ def _closed_points(k, s, family, p0, p1, out_e, out_ed):
         out_ed[i] = ed
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _layer0(gram, k0_i, ii, i, j0, w0, bv, diagonal, kb):
     """Row ``i`` of ``K^0 = bias_var + weight_var / d <x_i, x_j>`` from ``j0`` on, into ``kb``.
 
@@ -159,7 +203,7 @@ def _layer0(gram, k0_i, ii, i, j0, w0, bv, diagonal, kb):
         kb[0] = k0_i[i]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _store(out_k, out_t, kb, tb, layer, ii, j0, ntk):
     for q in range(kb.shape[0]):
         out_k[layer, ii, j0 + q] = kb[q]
@@ -171,7 +215,7 @@ def _store(out_k, out_t, kb, tb, layer, ii, j0, ntk):
 # --- the Hermite-series family ----------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _hermite_row(gram, k0_i, ii, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths,
                  diagonal, out_k, out_t):
     # ha_*: (L, K + 1, n) so that the Horner step over a row is a contiguous, vectorised loop.
@@ -212,7 +256,7 @@ def _hermite_row(gram, k0_i, ii, i, j0, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth,
     _store(out_k, out_t, kb, tb, depth if all_depths else 0, ii, j0, ntk)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _hermite_rows(gram, row0, k0_i, r_i, r_j, ha_i, ha_j, hb_i, hb_j, depth, w0, wv, bv, ntk, all_depths, upper,
                   out_k, out_t):
     for ii in range(gram.shape[0]):
@@ -308,7 +352,7 @@ def dual_points(k, s, ha, hb, family, p0, p1, out_e, out_ed):
         _closed_points(k, s, family, p0, p1, out_e, out_ed)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def mirror_upper(a):
     """Copy the upper triangle of each square ``a[d]`` into its lower triangle, in cache blocks."""
     n = a.shape[-1]
