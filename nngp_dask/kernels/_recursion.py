@@ -2,19 +2,22 @@
 
 Each row of a block is loaded once into a row buffer, runs through every layer
 there (the buffer stays in L1/L2 cache) and is written once: one pass over memory
-whatever the depth. The per-layer loop over a row is branch-free so that LLVM vectorises it:
-``arccos`` is :func:`_acos` (fdlibm's rational approximation, within 1 ulp; a call to libm's
-``acos`` cannot be vectorised and cost ~10x as much), square roots take arguments LLVM can see
-are non-negative (otherwise it keeps the libm call, which may set ``errno``), and the kernels
-compile with NumPy's error model (Python's tests every division for zero). Arithmetic is float64
-in registers whatever the storage dtype, with strict IEEE semantics (no fastmath): float32
-storage loses only the final rounding.
+whatever the depth. Arithmetic is float64 in registers whatever the storage dtype, with strict
+IEEE semantics (no fastmath): float32 storage loses only the final rounding.
 
-The closed-form families share one compiled kernel that branches on the family
-code inside the loop (a loop-invariant, perfectly predicted branch that LLVM unswitches): a
-closure per family would be faster to write but Numba cannot cache closures, and every
-worker process would then spend ~20 s compiling. The Hermite-series family has its own
-Horner loop.
+The per-layer loop over a row is vectorised by LLVM (4 lanes with AVX2) for the two-slope family
+(ReLU, leaky ReLU, abs, ...), which takes what stops a vectoriser out of it: ``arccos`` is
+:func:`_acos` (fdlibm's rational approximation, within 1 ulp of libm's ``acos``, whose call kept
+the loop scalar), square roots take arguments LLVM can see are non-negative (otherwise it keeps
+the libm call, which may set ``errno``), and the kernels compile with NumPy's error model
+(Python's tests every division for zero).
+
+The closed-form families share one compiled kernel: a closure per family would be simpler to
+write but Numba cannot cache closures, and every worker process would then spend ~20 s
+compiling. The layer loop branches on the family code inside; LLVM does not unswitch that
+branch, so :func:`_layer_row` calls the (inlined) loop once with the two-slope code as a
+constant, which leaves erf's ``asin`` call out of that copy. The other families (step, erf,
+identity) run the generic copy, scalar. The Hermite-series family has its own Horner loop.
 
 Compile once, run anywhere: the compiled kernels take float64 rows only (one specialisation,
 whatever the storage dtype: :func:`recurse_block` converts a few rows at a time in and out) and
@@ -138,10 +141,8 @@ def _layer_loop(kb, tb, j0, start, si, ri, s_j, r_j, layer, wv, bv, family, p0, 
 def _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1, ntk, diagonal):
     si, ri = s_i[layer, i], r_i[layer, i]
     start = 1 if diagonal else 0
-    # A copy of the loop with a constant family code for the two-slope family (ReLU and its
-    # kin, what most runs use): LLVM drops the other families' code from it, and with it erf's
-    # call to asin, which would stop the vectoriser. A copy per family would vectorise step too,
-    # at ~5 s more of the first run's compilation.
+    # the two-slope copy vectorises (module docstring); one for step too would add ~5 s to the
+    # first run's compilation
     if family == FAMILY_TWO_SLOPE:
         _layer_loop(kb, tb, j0, start, si, ri, s_j, r_j, layer, wv, bv, FAMILY_TWO_SLOPE, p0, p1, ntk)
     else:
