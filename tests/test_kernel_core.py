@@ -210,28 +210,30 @@ def test_monte_carlo_finite_width_converges(name):
     assert np.abs(narrow - k).max() > np.abs(cov - k).max()
 
 
-def test_vectorisable_arccos_within_one_ulp_of_libm():
-    # the recursion's own arccos (nngp_dask/kernels/_recursion.py: fdlibm's approximation, all
-    # branches computed so that the layer loop vectorises) against the C library's
+def test_vectorisable_arccos_and_arcsin_within_one_and_two_ulp_of_libm():
+    # the recursion's own acos and asin (nngp_dask/kernels/_recursion.py: fdlibm's approximation,
+    # all branches computed so that the layer loop vectorises) against the C library's
     from numba import njit
 
-    from nngp_dask.kernels._recursion import _acos
+    from nngp_dask.kernels._recursion import _acos, _asin
 
     @njit
-    def acos_all(x, out):
+    def both(x, a, b):
         for i in range(x.shape[0]):
-            out[i] = _acos(x[i])
+            a[i] = _acos(x[i])
+            b[i] = _asin(x[i])
 
     rng = np.random.default_rng(5)
     x = np.concatenate([rng.uniform(-1, 1, 200_000), 1 - rng.random(20_000) ** 6, rng.random(20_000) ** 6 - 1,
                         rng.uniform(-1e-9, 1e-9, 1_000), np.nextafter([0.5, -0.5, 1.0, -1.0], 0.0),
-                        [0.5, -0.5, 0.0, -0.0, 1e-300]])
-    ours = np.empty_like(x)
-    acos_all(x, ours)
-    libm = np.arccos(x)
-    assert (np.abs(ours - libm) / np.spacing(libm)).max() <= 1.0
-    acos_all(np.array([1.0, -1.0, 0.0]), ours[:3])
-    assert ours[0] == 0.0 and ours[1] == math.pi and ours[2] == math.pi / 2
+                        [0.5, -0.5, 0.975, -0.975, 0.0, -0.0, 1e-300]])
+    acos, asin = np.empty_like(x), np.empty_like(x)
+    both(x, acos, asin)
+    ulps = lambda ours, libm: np.abs(ours - libm) / np.spacing(np.maximum(np.abs(libm), 1e-300))  # noqa: E731
+    assert ulps(acos, np.arccos(x)).max() <= 1.0
+    assert ulps(asin, np.arcsin(x)).max() <= 2.0
+    both(np.array([1.0, -1.0, 0.0]), acos[:3], asin[:3])
+    assert list(acos[:3]) == [0.0, math.pi, math.pi / 2] and list(asin[:3]) == [math.pi / 2, -math.pi / 2, 0.0]
 
 
 def test_identities():

@@ -5,19 +5,19 @@ there (the buffer stays in L1/L2 cache) and is written once: one pass over memor
 whatever the depth. Arithmetic is float64 in registers whatever the storage dtype, with strict
 IEEE semantics (no fastmath): float32 storage loses only the final rounding.
 
-The per-layer loop over a row is vectorised by LLVM (4 lanes with AVX2) for the two-slope family
-(ReLU, leaky ReLU, abs, ...), which takes what stops a vectoriser out of it: ``arccos`` is
-:func:`_acos` (fdlibm's rational approximation, within 1 ulp of libm's ``acos``, whose call kept
-the loop scalar), square roots take arguments LLVM can see are non-negative (otherwise it keeps
-the libm call, which may set ``errno``), and the kernels compile with NumPy's error model
-(Python's tests every division for zero).
+The per-layer loop over a row is vectorised by LLVM (4 lanes with AVX2), once what stops a
+vectoriser is out of it: ``arccos`` and ``arcsin`` are :func:`_acos` and :func:`_asin` (fdlibm's
+rational approximation, within 1 and 2 ulp of libm's, whose calls kept the loop scalar), square
+roots take arguments LLVM can see are non-negative (otherwise it keeps the libm call, which may
+set ``errno``), and the kernels compile with NumPy's error model (Python's tests every division
+for zero).
 
 The closed-form families share one compiled kernel: a closure per family would be simpler to
 write but Numba cannot cache closures, and every worker process would then spend ~20 s
 compiling. The layer loop branches on the family code inside; LLVM does not unswitch that
-branch, so :func:`_layer_row` calls the (inlined) loop once with the two-slope code as a
-constant, which leaves erf's ``asin`` call out of that copy. The other families (step, erf,
-identity) run the generic copy, scalar. The Hermite-series family has its own Horner loop.
+branch but if-converts it (every family's dual computed, one selected), so :func:`_layer_row`
+also calls the (inlined) loop with the two-slope code as a constant: ReLU and its kin, what most
+runs use, then compute only their own dual. The Hermite-series family has its own Horner loop.
 
 Compile once, run anywhere: the compiled kernels take float64 rows only (one specialisation,
 whatever the storage dtype: :func:`recurse_block` converts a few rows at a time in and out) and
@@ -39,9 +39,9 @@ from numba import njit
 from .activations import FAMILY_ERF, FAMILY_HERMITE, FAMILY_STEP, FAMILY_TWO_SLOPE
 
 _INV_TWO_PI = 1.0 / (2.0 * math.pi)
-# fdlibm's e_acos.c (Sun Microsystems, 1993: "Permission to use, copy, modify, and distribute this
-# software is freely granted, provided that this notice is preserved"): acos(x) from a rational
-# approximation of asin on [0, 1/2], R(z) = P(z) / Q(z), z = x^2 or (1 - |x|) / 2.
+# fdlibm's e_acos.c and e_asin.c (Sun Microsystems, 1993: "Permission to use, copy, modify, and
+# distribute this software is freely granted, provided that this notice is preserved"): asin and
+# acos from a rational approximation of asin on [0, 1/2], R(z) = P(z) / Q(z), z = x^2 or (1 - |x|) / 2.
 _PIO2_HI, _PIO2_LO = 1.57079632679489655800e+00, 6.12323399573676603587e-17
 _PS = (1.66666666666666657415e-01, -3.25565818622400915405e-01, 2.01212532134862925881e-01,
        -4.00555345006794114027e-02, 7.91534994289814532176e-04, 3.47933107596021167570e-05)
@@ -50,10 +50,11 @@ _QS = (-2.40339491173441421878e+00, 2.02094576023350569471e+00, -6.8828397160545
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _acos(x):
-    # All three of fdlibm's branches are computed and one is selected, so that a loop over x
-    # vectorises. Without fdlibm's split of sqrt(z) into high and low words for x > 1/2 the
-    # result is within 1 ulp of the correctly rounded one instead of 1/2 (tests/test_kernel_core.py).
+def _asin_reduced(x):
+    # (|x| < 1/2, R(z), sqrt(z)). fdlibm's branches are all computed and one is selected (here
+    # and in the callers), so that a loop over x vectorises. Without fdlibm's split of sqrt(z)
+    # into high and low words for |x| > 1/2, results are within 1 ulp of the correctly rounded
+    # ones instead of 1/2 (tests/test_kernel_core.py).
     ax = abs(x)
     small = ax < 0.5
     z_small = x * x
@@ -61,13 +62,26 @@ def _acos(x):
     z = z_small if small else z_large
     p = z * (_PS[0] + z * (_PS[1] + z * (_PS[2] + z * (_PS[3] + z * (_PS[4] + z * _PS[5])))))
     q = 1.0 + z * (_QS[0] + z * (_QS[1] + z * (_QS[2] + z * _QS[3])))
-    r = p / q
-    s = math.sqrt(abs(z))
+    return small, p / q, math.sqrt(abs(z))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _acos(x):
+    small, r, s = _asin_reduced(x)
     near_zero = _PIO2_HI - (x - (_PIO2_LO - x * r))
     near_one = 2.0 * (s + s * r)
     near_minus_one = math.pi - 2.0 * (s + (s * r - _PIO2_LO))
     large = near_one if x > 0.0 else near_minus_one
     return near_zero if small else large
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _asin(x):
+    small, r, s = _asin_reduced(x)
+    near_zero = x + x * r
+    large = _PIO2_HI - (2.0 * (s + s * r) - _PIO2_LO)
+    signed = large if x > 0.0 else -large
+    return near_zero if small else signed
 
 
 # --- scalar dual kernels -----------------------------------------------------------------------
@@ -108,9 +122,9 @@ def _dual_step(c, k12, s1, s2, p0, p1):
 def _dual_erf(c, k12, s1, s2, p0, p1):
     # Williams (1998); (1 + 2 k11)(1 + 2 k22) - 4 k12^2 >= 1 by Cauchy-Schwarz.
     d12 = (1.0 + 2.0 * s1 * s1) * (1.0 + 2.0 * s2 * s2)
-    arg = min(max(2.0 * k12 / math.sqrt(d12), -1.0), 1.0)
+    arg = min(max(2.0 * k12 / math.sqrt(abs(d12)), -1.0), 1.0)
     rest = max(d12 - 4.0 * k12 * k12, 1.0)
-    return (2.0 / math.pi) * math.asin(arg), (4.0 / math.pi) / math.sqrt(rest)
+    return (2.0 / math.pi) * _asin(arg), (4.0 / math.pi) / math.sqrt(abs(rest))
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -141,8 +155,8 @@ def _layer_loop(kb, tb, j0, start, si, ri, s_j, r_j, layer, wv, bv, family, p0, 
 def _layer_row(kb, tb, i, j0, s_i, s_j, r_i, r_j, layer, wv, bv, family, p0, p1, ntk, diagonal):
     si, ri = s_i[layer, i], r_i[layer, i]
     start = 1 if diagonal else 0
-    # the two-slope copy vectorises (module docstring); one for step too would add ~5 s to the
-    # first run's compilation
+    # the two-slope copy computes only its own dual (module docstring); each copy adds ~5 s to
+    # the first run's compilation
     if family == FAMILY_TWO_SLOPE:
         _layer_loop(kb, tb, j0, start, si, ri, s_j, r_j, layer, wv, bv, FAMILY_TWO_SLOPE, p0, p1, ntk)
     else:
