@@ -9,8 +9,8 @@ The per-layer loop over a row is vectorised by LLVM (4 lanes with AVX2), once wh
 vectoriser is out of it: ``arccos`` and ``arcsin`` are :func:`_acos` and :func:`_asin` (fdlibm's
 rational approximation, within 1 and 2 ulp of libm's, whose calls kept the loop scalar), square
 roots take arguments LLVM can see are non-negative (otherwise it keeps the libm call, which may
-set ``errno``), and the kernels compile with NumPy's error model (Python's tests every division
-for zero).
+set ``errno``), and the kernels compile with NumPy's error model (Python's model tests every
+division for zero).
 
 The closed-form families share one compiled kernel: a closure per family would be simpler to
 write but Numba cannot cache closures, and every worker process would then spend ~20 s
@@ -53,8 +53,8 @@ _QS = (-2.40339491173441421878e+00, 2.02094576023350569471e+00, -6.8828397160545
 def _asin_reduced(x):
     # (|x| < 1/2, R(z), sqrt(z)). fdlibm's branches are all computed and one is selected (here
     # and in the callers), so that a loop over x vectorises. Without fdlibm's split of sqrt(z)
-    # into high and low words for |x| > 1/2, results are within 1 ulp of the correctly rounded
-    # ones instead of 1/2 (tests/test_kernel_core.py).
+    # into high and low words for |x| > 1/2 (bit operations), acos is within 1 ulp of libm's and
+    # asin within 2 (tests/test_kernel_core.py), where fdlibm's are within 1.
     ax = abs(x)
     small = ax < 0.5
     z_small = x * x
