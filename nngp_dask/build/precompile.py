@@ -59,7 +59,7 @@ def precompile(arch: Architecture, dtype: DTypeLike = np.float32) -> Future:
 
         def announce() -> None:
             if not done.wait(_ANNOUNCE_AFTER_S):
-                log.info("compiling the NNGP kernels once (about 12 s on 2 cores; later runs load them from "
+                log.info("compiling the NNGP kernels once (about 20 s on 2 cores; later runs load them from "
                          "Numba's cache)")
 
         threading.Thread(target=announce, daemon=True).start()
