@@ -1,4 +1,5 @@
-"""CG iterations to a relative residual with each preconditioner, on an MNIST NNGP kernel.
+"""CG iterations to a relative residual with each preconditioner (and each CG method), on an
+MNIST NNGP kernel.
 
 The kernel of the MNIST pipeline's architecture on the first --n training images is held in
 memory (the operator is a dense matmat, so this measures iterations, not I/O); all 10 one-hot
@@ -12,12 +13,16 @@ standardised inputs, float32 tiles of 2048). Candidates there: ``nystrom:R`` is 
 build from kernel columns of the inputs (the solve's path before issue 16), ``stored_nystrom:R``
 the build on the workers from the stored tiles (the solve's path now). Each candidate's build is
 timed best of --repeat, with the peak RSS summed over the driver and its workers during the builds
-(and the rise above what they held before it).
+(and the rise above what they held before it). With --methods cg,block_cg every preconditioner
+is built once and used by both solvers (:func:`nngp_dask.linalg.batched_cg`, one recurrence per
+column, and :func:`nngp_dask.linalg.block_cg`, one Krylov space for all ten), side by side.
 
     python benchmarks/bench_precond.py --n 10000
     python benchmarks/bench_precond.py --store RUN/kernel.zarr --candidates none,nystrom:4096
     python benchmarks/bench_precond.py --store /tmp/k20k.zarr --build --n 20000 \
         --candidates nystrom:1024,stored_nystrom:1024 --repeat 3 --build-only
+    python benchmarks/bench_precond.py --store /tmp/k60k.zarr --build --n 60000 \
+        --candidates stored_nystrom:2048 --methods cg,block_cg
 """
 
 from __future__ import annotations
@@ -30,13 +35,13 @@ import time
 
 import numpy as np
 
-from nngp_dask import Architecture, batched_cg, kernel, normalize, open_kernel, tile
+from nngp_dask import Architecture, kernel, normalize, open_kernel, tile
 from nngp_dask.build import prepare_inputs
 from nngp_dask.cluster import client_for
 from nngp_dask.gp import StoredKernelOperator, encode_labels
-from nngp_dask.kernels import diagonals
 from nngp_dask.gp.nystrom_store import stored_nystrom
-from nngp_dask.linalg import make_preconditioner
+from nngp_dask.kernels import diagonals
+from nngp_dask.linalg import batched_cg, block_cg, make_preconditioner
 from nngp_dask.monitor import PeakRSS, tree_rss
 
 
@@ -55,6 +60,7 @@ def main() -> None:
     ap.add_argument("--build", action="store_true", help="build --store from the first --n images if absent")
     ap.add_argument("--repeat", type=int, default=1, help="builds per candidate (best time is reported)")
     ap.add_argument("--build-only", action="store_true", help="time the preconditioner builds, no CG")
+    ap.add_argument("--methods", default="cg", help="CG methods, comma-separated: cg (batched), block_cg")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
@@ -117,22 +123,33 @@ def run(args, arch, x, dx, diag, y, matmat) -> None:
                                               rank=int(rank) if rank else None, n=args.n)
                 times.append(time.perf_counter() - t0)
         t_build = min(times)
-        if args.build_only:
-            res, t_cg = None, 0.0
-        else:
-            t0 = time.perf_counter()
-            res = batched_cg(matmat, y, tol=args.tol, maxiter=args.maxiter, preconditioner=pre)
-            t_cg = time.perf_counter() - t0
-        its = f"{res.iterations:>5} iterations ({'converged' if res.converged else 'NOT converged'}), " if res else ""
-        rows.append({"preconditioner": cand, "iterations": res and res.iterations, "converged": res and res.converged,
-                     "build_s": t_build, "build_times_s": times, "cg_s": t_cg, "peak_rss": peak.peak,
-                     "rss_before": before})
-        print(f"  {cand:<22} {its}build {t_build:6.1f} s (best of {len(times)}: {', '.join(f'{t:.1f}' for t in times)}), "
-              f"CG {t_cg:6.1f} s, peak RSS {peak.peak / 2**30:.2f} GiB summed "
+        print(f"  {cand:<22} build {t_build:6.1f} s (best of {len(times)}: {', '.join(f'{t:.1f}' for t in times)}), "
+              f"peak RSS {peak.peak / 2**30:.2f} GiB summed "
               f"(+{(peak.peak - before) / 2**30:.2f} over {before / 2**30:.2f} before)", flush=True)
-    if len(rows) > 1:
-        base = rows[0]
-        for row in rows[1:]:
+        solved = []
+        for method in ([] if args.build_only else args.methods.split(",")):
+            solver = {"cg": batched_cg, "block_cg": block_cg}[method]
+            t0 = time.perf_counter()
+            res = solver(matmat, y, tol=args.tol, maxiter=args.maxiter, preconditioner=pre)
+            t_cg = time.perf_counter() - t0
+            solved.append((method, res.iterations, t_cg))
+            state = "converged" if res.converged else "NOT converged"
+            print(f"    {method:<9} {res.iterations:>5} iterations ({state}, worst relative residual "
+                  f"{res.residuals[-1].max():.2e}), CG {t_cg:6.1f} s "
+                  f"({t_cg / max(res.iterations, 1):.2f} s per iteration)", flush=True)
+            rows.append({"preconditioner": cand, "method": method, "iterations": res.iterations,
+                         "converged": res.converged, "build_s": t_build, "build_times_s": times, "cg_s": t_cg,
+                         "peak_rss": peak.peak, "rss_before": before})
+        if args.build_only:
+            rows.append({"preconditioner": cand, "build_s": t_build, "build_times_s": times, "peak_rss": peak.peak,
+                         "rss_before": before})
+        for method, its, t_cg in solved[1:]:
+            print(f"    {method} / {solved[0][0]}: iterations {its / solved[0][1]:.2f}x, CG time "
+                  f"{t_cg / solved[0][2]:.2f}x", flush=True)
+    builds = list({row["preconditioner"]: row for row in rows}.values())
+    if len(builds) > 1:
+        base = builds[0]
+        for row in builds[1:]:
             print(f"  {row['preconditioner']} / {base['preconditioner']}: build time "
                   f"{row['build_s'] / base['build_s']:.2f}x, peak RSS rise "
                   f"{(row['peak_rss'] - row['rss_before']) / max(base['peak_rss'] - base['rss_before'], 1):.2f}x")

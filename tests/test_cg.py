@@ -1,4 +1,4 @@
-"""Batched CG, preconditioners and SLQ against dense linear algebra on a real NNGP kernel."""
+"""Batched and block CG, preconditioners and SLQ against dense linear algebra on a real NNGP kernel."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from nngp_dask.linalg import (
     Nystrom,
     PivotedCholesky,
     batched_cg,
+    block_cg,
     dense_solve,
     log_marginal_likelihood,
     logdet_dense,
@@ -27,6 +28,8 @@ N = 437  # ragged on purpose
 N_DUP = 37  # the last N_DUP inputs repeat the first ones: K is exactly singular
 NOISE = 0.05
 PRECONDITIONERS = ["none", "jacobi", "pivoted_cholesky", "nystrom", "auto"]
+# what holds for both solvers is tested on both
+both_solvers = pytest.mark.parametrize("cg", [batched_cg, block_cg], ids=["batched", "block"])
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +63,12 @@ def _rhs(k, seed=1):
 
 @pytest.mark.parametrize("name", PRECONDITIONERS)
 @pytest.mark.parametrize("k", [1, 10])
-def test_cg_matches_dense_cholesky(k_train, system, name, k):
+@both_solvers
+def test_cg_matches_dense_cholesky(k_train, system, name, k, cg):
     matmat, _, _, _ = system
     b = _rhs(k)[:, 0] if k == 1 else _rhs(k)
     expected = dense_solve(k_train, b, NOISE)
-    res = batched_cg(matmat, b, tol=1e-10, preconditioner=_precond(name, system))
+    res = cg(matmat, b, tol=1e-10, preconditioner=_precond(name, system))
     assert isinstance(res, CGResult)
     assert res.converged and res.converged_columns.all()
     assert res.x.shape == b.shape and res.alpha is res.x and res.x.flags.writeable
@@ -74,23 +78,26 @@ def test_cg_matches_dense_cholesky(k_train, system, name, k):
     assert "converged" in res.summary()
 
 
-def test_lowrank_preconditioners_reduce_iterations(system):
+@both_solvers
+def test_lowrank_preconditioners_reduce_iterations(system, cg):
     matmat = system[0]
     b = _rhs(10)
-    plain = batched_cg(matmat, b, tol=1e-8).iterations
+    plain = cg(matmat, b, tol=1e-8).iterations
     for name in ("pivoted_cholesky", "nystrom"):
-        its = batched_cg(matmat, b, tol=1e-8, preconditioner=_precond(name, system)).iterations
+        its = cg(matmat, b, tol=1e-8, preconditioner=_precond(name, system)).iterations
         assert its < 0.75 * plain, (name, its, plain)
 
 
-def test_warm_start_at_solution_needs_no_iteration(k_train, system):
+@both_solvers
+def test_warm_start_at_solution_needs_no_iteration(k_train, system, cg):
     b = _rhs(3)
     x0 = dense_solve(k_train, b, NOISE)
-    res = batched_cg(system[0], b, tol=1e-8, x0=x0)
+    res = cg(system[0], b, tol=1e-8, x0=x0)
     assert res.iterations == 0 and res.converged
 
 
-def test_zero_columns_return_zeros(system):
+@both_solvers
+def test_zero_columns_return_zeros(system, cg):
     b = _rhs(3)
     b[:, 1] = 0.0
     passed = []
@@ -99,7 +106,7 @@ def test_zero_columns_return_zeros(system):
         passed.append(v.copy())
         return system[0](v)
 
-    res = batched_cg(matmat, b, tol=1e-10)
+    res = cg(matmat, b, tol=1e-10)
     assert res.converged
     assert np.array_equal(res.x[:, 1], np.zeros(N))
     assert (res.residuals[:, 1] == 0).all()
@@ -129,7 +136,8 @@ def test_one_product_per_iteration_and_confirmed_true_residuals(k_train, system)
     np.testing.assert_allclose(res.residuals[-1], true, rtol=1e-6)
 
 
-def test_a_non_finite_confirmation_is_a_breakdown_not_a_convergence(system):
+@both_solvers
+def test_a_non_finite_confirmation_is_a_breakdown_not_a_convergence(system, cg):
     matmat = system[0]
     b = _rhs(2)
 
@@ -139,7 +147,7 @@ def test_a_non_finite_confirmation_is_a_breakdown_not_a_convergence(system):
         return out
 
     with pytest.warns(ConvergenceWarning, match="broke down"):
-        res = batched_cg(nan_for_iterates, b, tol=1e-6, true_residual_every=0)
+        res = cg(nan_for_iterates, b, tol=1e-6, true_residual_every=0)
     assert not res.converged and np.isinf(res.residuals[-1]).any()
     assert not np.isnan(res.residuals).any()
 
@@ -166,6 +174,64 @@ def test_per_column_convergence_freezes_easy_column(system):
     assert widths[-1] == 2
 
 
+def test_block_cg_solves_dependent_right_hand_sides(k_train, system):
+    """Zero-mean one-hot targets (ten columns spanning nine directions), a repeated column and a
+    multiple of another: the dependent directions are deflated, not divided by zero."""
+    labels = np.random.default_rng(4).integers(0, 10, N)
+    onehot = np.eye(10)[labels] - 0.1
+    b = np.column_stack([onehot, onehot[:, 3], -2.5 * onehot[:, 7]])
+    for pre in ("none", "nystrom"):
+        res = block_cg(system[0], b, tol=1e-10, preconditioner=_precond(pre, system))
+        expected = dense_solve(k_train, b, NOISE)
+        assert res.converged
+        assert np.linalg.norm(res.x - expected) <= 1e-6 * np.linalg.norm(expected)
+        np.testing.assert_array_equal(res.x[:, 10], res.x[:, 3])  # one block: identical columns stay identical
+
+
+def test_block_cg_needs_fewer_iterations_than_batched(system):
+    """Each column searches every column's Krylov space: on this kernel's spectrum that is fewer
+    passes for the same tolerance (the MNIST figures are in benchmarks/RESULTS.md)."""
+    b = _rhs(10)
+    for pre in ("none", "nystrom"):
+        kw = dict(tol=1e-8, preconditioner=_precond(pre, system, rank=32))
+        batched, block = batched_cg(system[0], b, **kw), block_cg(system[0], b, **kw)
+        assert block.converged and batched.converged
+        assert block.iterations < 0.8 * batched.iterations, (pre, block.iterations, batched.iterations)
+
+
+def test_block_cg_on_one_column_is_preconditioned_cg(system):
+    b = _rhs(1)[:, 0]
+    kw = dict(tol=1e-9, preconditioner=_precond("pivoted_cholesky", system))
+    batched, block = batched_cg(system[0], b, **kw), block_cg(system[0], b, **kw)
+    assert block.iterations == batched.iterations
+    np.testing.assert_allclose(block.residuals, batched.residuals, rtol=1e-6, atol=1e-14)
+    np.testing.assert_allclose(block.x, batched.x, rtol=1e-8, atol=1e-12)
+
+
+def test_block_cg_passes_every_active_direction_and_confirms_at_once(system):
+    matmat, a = system[0], system[1]
+    b = _rhs(3)
+    widths = []
+
+    def counting(v):
+        widths.append(v.shape[1])
+        return matmat(v)
+
+    res = block_cg(counting, b, tol=1e-8, true_residual_every=0)
+    assert res.converged and len(widths) == res.iterations
+    # the block's three directions every iteration; the three iterates ride along in the last one
+    assert widths[:-1] == [3] * (res.iterations - 1) and widths[-1] == 6
+    true = np.linalg.norm(b - a @ res.x, axis=0) / np.linalg.norm(b, axis=0)
+    np.testing.assert_allclose(res.residuals[-1], true, rtol=1e-6)
+
+
+def test_block_cg_breaks_down_on_an_indefinite_matrix(system):
+    a = system[1] - 0.5 * np.trace(system[1]) / N * np.eye(N)  # eigenvalues of both signs
+    with pytest.warns(ConvergenceWarning, match="broke down"):
+        res = block_cg(lambda v: a @ v, _rhs(2), tol=1e-10)
+    assert not res.converged and np.isfinite(res.x).all()
+
+
 # ------------------------------------------------------------------------------------------
 # checkpoint / resume
 # ------------------------------------------------------------------------------------------
@@ -176,12 +242,13 @@ class _Crash(RuntimeError):
 
 
 @pytest.mark.parametrize("name", ["none", "pivoted_cholesky"])
-def test_resume_is_bit_identical(system, name):
+@both_solvers
+def test_resume_is_bit_identical(system, name, cg):
     matmat = system[0]
     pre = _precond(name, system)
     b = _rhs(4)
     kw = dict(tol=1e-10, preconditioner=pre, true_residual_every=5)
-    full = batched_cg(matmat, b, **kw)
+    full = cg(matmat, b, **kw)
 
     saved = {}
 
@@ -191,8 +258,8 @@ def test_resume_is_bit_identical(system, name):
             raise _Crash  # the process dies after checkpointing iteration 7
 
     with pytest.raises(_Crash):
-        batched_cg(matmat, b, callback=checkpoint, **kw)
-    resumed = batched_cg(matmat, b, state=CGState.from_arrays(saved), **kw)
+        cg(matmat, b, callback=checkpoint, **kw)
+    resumed = cg(matmat, b, state=CGState.from_arrays(saved), **kw)
     assert resumed.iterations == full.iterations
     assert np.array_equal(resumed.x, full.x)
     assert np.array_equal(resumed.residuals, full.residuals)
@@ -200,23 +267,24 @@ def test_resume_is_bit_identical(system, name):
 
     # from a state whose column awaits the confirmation of its residual in the next product
     states = []
-    batched_cg(matmat, _rhs(4), callback=states.append, **kw)
+    cg(matmat, _rhs(4), callback=states.append, **kw)
     waiting = [s for s in states if np.any(s.active & (s.residuals[-1] <= kw["tol"]))]
     assert waiting
-    again = batched_cg(matmat, b, state=waiting[0], **kw)
+    again = cg(matmat, b, state=waiting[0], **kw)
     assert np.array_equal(again.x, full.x) and again.state == full.state
 
     # the same through maxiter and CGResult.state
     with pytest.warns(ConvergenceWarning):
-        part = batched_cg(matmat, b, maxiter=7, **kw)
+        part = cg(matmat, b, maxiter=7, **kw)
     assert part.iterations == 7 and not part.converged
-    again = batched_cg(matmat, b, state=part.state, **kw)
+    again = cg(matmat, b, state=part.state, **kw)
     assert np.array_equal(again.x, full.x) and again.iterations == full.iterations
 
 
-def test_state_is_immutable_and_round_trips(system):
+@both_solvers
+def test_state_is_immutable_and_round_trips(system, cg):
     states = []
-    batched_cg(system[0], _rhs(2), tol=1e-6, callback=states.append)
+    cg(system[0], _rhs(2), tol=1e-6, callback=states.append)
     s = states[3]
     assert s.iteration == 4 and s.residuals.shape == (5, 2)
     with pytest.raises(ValueError):
@@ -232,19 +300,21 @@ def test_state_is_immutable_and_round_trips(system):
 # ------------------------------------------------------------------------------------------
 
 
-def test_singular_kernel_without_noise_does_not_converge(k_train):
+@both_solvers
+def test_singular_kernel_without_noise_does_not_converge(k_train, cg):
     b = _rhs(1)[:, 0]  # differs on duplicated inputs: outside the range of K
     with pytest.warns(ConvergenceWarning) as record:
-        res = batched_cg(lambda v: k_train @ v, b, tol=1e-8, maxiter=200)
+        res = cg(lambda v: k_train @ v, b, tol=1e-8, maxiter=200)
     assert not res.converged and not res.converged_columns[0]
     assert np.isfinite(res.residuals).all()
     message = str(record[0].message)
     assert "noise" in message and "rank" in message and "float64" in message
 
 
-def test_maxiter_warns_with_advice(system):
+@both_solvers
+def test_maxiter_warns_with_advice(system, cg):
     with pytest.warns(ConvergenceWarning, match="maxiter=3"):
-        res = batched_cg(system[0], _rhs(2), tol=1e-12, maxiter=3)
+        res = cg(system[0], _rhs(2), tol=1e-12, maxiter=3)
     assert res.iterations == 3 and not res.converged and "NOT converged" in res.summary()
 
 
@@ -270,24 +340,26 @@ def test_dense_solve_failure_advises_noise(k_train):
         ({"true_residual_every": -5}, "true_residual_every"),
     ],
 )
-def test_bad_inputs_raise(system, kwargs, field):
+@both_solvers
+def test_bad_inputs_raise(system, kwargs, field, cg):
     args = {"matmat": system[0], "b": np.ones((N, 2))}
     args.update(kwargs)
     matmat, b = args.pop("matmat"), args.pop("b")
     with pytest.raises(ValueError, match=f"^{field}"):
-        batched_cg(matmat, b, **args)
+        cg(matmat, b, **args)
 
 
-def test_state_for_another_rhs_is_refused(system):
+@both_solvers
+def test_state_for_another_rhs_is_refused(system, cg):
     states = []
     with pytest.warns(ConvergenceWarning):
-        batched_cg(system[0], _rhs(2), tol=1e-6, maxiter=3, callback=states.append)
+        cg(system[0], _rhs(2), tol=1e-6, maxiter=3, callback=states.append)
     with pytest.raises(ValueError, match="^state"):
-        batched_cg(system[0], _rhs(2, seed=9), state=states[-1])
+        cg(system[0], _rhs(2, seed=9), state=states[-1])
     with pytest.raises(ValueError, match="^state"):
-        batched_cg(system[0], _rhs(3), state=states[-1])
+        cg(system[0], _rhs(3), state=states[-1])
     with pytest.raises(ValueError, match="^x0"):
-        batched_cg(system[0], _rhs(2), state=states[-1], x0=np.zeros((N, 2)))
+        cg(system[0], _rhs(2), state=states[-1], x0=np.zeros((N, 2)))
 
 
 def test_bad_preconditioner_arguments(system):

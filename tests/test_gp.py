@@ -44,7 +44,8 @@ def _rel(a, b):
 
 # "none" and "jacobi" are checked against dense solves in tests/test_cg.py; over the distributed
 # operator they cost hundreds of passes (~55 s of CI) and exercise no other code
-@pytest.mark.parametrize("method,pre", [("cholesky", "none"), ("cg", "pivoted_cholesky"), ("cg", "nystrom")])
+@pytest.mark.parametrize("method,pre", [("cholesky", "none"), ("cg", "pivoted_cholesky"), ("cg", "nystrom"),
+                                        ("block_cg", "nystrom")])
 @pytest.mark.parametrize("cols", [1, 10])
 def test_solution_mean_and_variance_match_dense(problem, cluster_client, method, pre, cols):
     y = problem["y"][:, 0] if cols == 1 else problem["y"]

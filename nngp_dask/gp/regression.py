@@ -35,6 +35,7 @@ from ..linalg import (
     ExtendedNystrom,
     LowRank,
     batched_cg,
+    block_cg,
     default_maxiter,
     dense_solve,
     make_preconditioner,
@@ -53,7 +54,7 @@ log = logging.getLogger("nngp_dask")
 #: Below this many training points ``method="auto"`` factorises the dense kernel (float64
 #: copy: 8 n^2 bytes, 200 MB at the threshold; a Cholesky of that size takes ~1 s).
 DIRECT_MAX_N = 5000
-METHODS = ("auto", "cg", "cholesky")
+METHODS = ("auto", "cg", "block_cg", "cholesky")
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class SolveResult:
         Relative residual per iteration and column.
     converged : bool
     noise, tol : float
-    method : {"cg", "cholesky"}
+    method : {"cg", "block_cg", "cholesky"}
     preconditioner : str
     key : str
         Names the solve in the store (``solves/<key>``).
@@ -309,8 +310,13 @@ def solve(
         Low-rank ones are built from kernel columns computed from the stored inputs.
     rank : int, optional
         Preconditioner rank (default ``min(n, AUTO_RANK)`` = 1024).
-    method : {"auto", "cg", "cholesky"}
-        ``"auto"``: dense Cholesky for ``n <= DIRECT_MAX_N``, else CG.
+    method : {"auto", "cg", "block_cg", "cholesky"}
+        ``"auto"``: dense Cholesky for ``n <= DIRECT_MAX_N``, else CG. ``"cg"``: one CG recurrence
+        per column (:func:`~nngp_dask.linalg.batched_cg`; a converged column leaves the product).
+        ``"block_cg"``: every column searches all columns' Krylov spaces
+        (:func:`~nngp_dask.linalg.block_cg`): fewer iterations, so fewer passes over the tiles,
+        for several right-hand sides (MNIST's ten classes: benchmarks/RESULTS.md section 21); with
+        one right-hand side it is the same as ``"cg"``.
     checkpoint_every : int
         CG iterations between checkpoints.
     client : distributed.Client or address, optional
@@ -422,8 +428,9 @@ def solve(
 
         with warnings.catch_warnings(record=True) as caught, beat:
             warnings.simplefilter("always", ConvergenceWarning)
-            result = batched_cg(op.matmat, y2, tol=tol, maxiter=maxiter, preconditioner=pre, state=state,
-                                x0=x0, callback=callback)
+            solver = block_cg if method == "block_cg" else batched_cg
+            result = solver(op.matmat, y2, tol=tol, maxiter=maxiter, preconditioner=pre, state=state, x0=x0,
+                            callback=callback)
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         ck.save(result.state)

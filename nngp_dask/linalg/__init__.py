@@ -1,7 +1,8 @@
-"""Linear algebra that knows nothing of tiles or stores: batched conjugate gradients on a ``matmat``
-callable, preconditioners, stochastic Lanczos quadrature, dense Cholesky/eigh with advice on failure,
+"""Linear algebra that knows nothing of tiles or stores: batched and block conjugate gradients on a
+``matmat`` callable, preconditioners, stochastic Lanczos quadrature, dense Cholesky/eigh with advice on failure,
 and the compiled products of one tile with thin blocks."""
 
+from .block_cg import DEFLATION_TOL, block_cg
 from .blocked import blocked_cholesky, forward_sum_squares, panel_bounds
 from .cg import ConvergenceWarning, batched_cg, check_rhs, default_maxiter
 from .cg_state import CGResult, CGState
@@ -24,6 +25,8 @@ from .products import factor_products, tile_matmat_t
 from .slq import LogdetEstimate, log_marginal_likelihood, logdet_dense, slq_logdet
 
 __all__ = [
+    "DEFLATION_TOL",
+    "block_cg",
     "blocked_cholesky",
     "forward_sum_squares",
     "panel_bounds",

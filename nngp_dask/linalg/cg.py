@@ -275,6 +275,81 @@ def _confirm(op: _Op, b: NDArray, s: CGState, tol: float) -> CGState:
                    residuals=residuals, b_norm=s.b_norm)
 
 
+Step = Callable[[_Op, NDArray, CGState, Any, float, int], CGState]
+
+
+def _run(step: Step, matmat: Matmat, b: ArrayLike, *, tol: float, maxiter: int | None, preconditioner: Any,
+         x0: ArrayLike | None, state: CGState | None, callback: Callable[[CGState], Any] | None,
+         true_residual_every: int) -> CGResult:
+    """The driver of :func:`batched_cg` and :func:`~nngp_dask.linalg.block_cg`: checks the
+    arguments, starts (or resumes), calls ``step`` until every column stops or ``maxiter``,
+    confirms what claims convergence, and warns about what did not converge."""
+    b_arr = check_rhs(b)
+    one_d = b_arr.ndim == 1
+    b2 = b_arr[:, None] if one_d else b_arr
+    n, k = b2.shape
+    tol = _check_tol(tol)
+    maxiter = default_maxiter(n) if maxiter is None else _check_int("maxiter", maxiter, minimum=0)
+    true_residual_every = _check_int("true_residual_every", true_residual_every, minimum=0)
+    if preconditioner is not None and not callable(getattr(preconditioner, "apply", None)):
+        raise ValueError("preconditioner: expected None or an object with apply(R) -> M^{-1} R, "
+                         f"got {type(preconditioner).__name__}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback: expected a callable or None, got {type(callback).__name__}")
+    op = _Op(matmat, n)
+    b_norm = _colnorm(b2)
+
+    if state is not None:
+        if x0 is not None:
+            raise ValueError("x0: expected None when state is given (the state holds the iterate)")
+        if not isinstance(state, CGState):
+            raise ValueError(f"state: expected a CGState, got {type(state).__name__}")
+        if state.shape != (n, k):
+            raise ValueError(f"state: expected an iterate of shape {(n, k)} (that of b), got {state.shape}")
+        if not np.array_equal(state.b_norm, b_norm):
+            raise ValueError("state: expected a state of this right-hand side b, got one made for another b "
+                             "(its column norms differ)")
+        s = state
+    else:
+        x0_arr = None
+        if x0 is not None:
+            x0_arr = check_rhs(x0, "x0")
+            if x0_arr.shape != b_arr.shape:
+                raise ValueError(f"x0: expected shape {b_arr.shape} (that of b), got {x0_arr.shape}")
+            x0_arr = x0_arr[:, None] if one_d else x0_arr
+        s = _initial_state(op, b2, x0_arr, preconditioner, tol, b_norm)
+
+    while s.iteration < maxiter and np.any(s.active):
+        s = step(op, b2, s, preconditioner, tol, true_residual_every)
+        if callback is not None:
+            callback(s)
+    s = _confirm(op, b2, s, tol)
+
+    converged = s.residuals[-1] <= tol
+    result = CGResult(
+        x=np.array(s.x[:, 0] if one_d else s.x),  # a writeable copy for the caller
+        iterations=s.iteration,
+        residuals=s.residuals,
+        converged_columns=readonly(converged.copy()),
+        tol=tol,
+        state=s,
+    )
+    if not result.converged:
+        bad = np.flatnonzero(~converged)
+        broke = np.flatnonzero(~converged & ~s.active)
+        why = (f"after {s.iteration} iterations (maxiter={maxiter})" if not broke.size else
+               f"({broke.size} column(s) broke down: A or the preconditioner is not positive definite "
+               "in floating point)")
+        warnings.warn(
+            f"CG did not converge {why}: {bad.size} of {k} column(s) above tol={tol:g}, worst relative "
+            f"residual {float(s.residuals[-1].max()):.3g} (column {int(bad[np.argmax(s.residuals[-1][bad])])}). "
+            + _ADVICE,
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return result
+
+
 def batched_cg(
     matmat: Matmat,
     b: ArrayLike,
@@ -351,67 +426,5 @@ def batched_cg(
     >>> np.allclose(a @ res.x, [1.0, 2.0]), res.converged
     (True, True)
     """
-    b_arr = check_rhs(b)
-    one_d = b_arr.ndim == 1
-    b2 = b_arr[:, None] if one_d else b_arr
-    n, k = b2.shape
-    tol = _check_tol(tol)
-    maxiter = default_maxiter(n) if maxiter is None else _check_int("maxiter", maxiter, minimum=0)
-    true_residual_every = _check_int("true_residual_every", true_residual_every, minimum=0)
-    if preconditioner is not None and not callable(getattr(preconditioner, "apply", None)):
-        raise ValueError("preconditioner: expected None or an object with apply(R) -> M^{-1} R, "
-                         f"got {type(preconditioner).__name__}")
-    if callback is not None and not callable(callback):
-        raise ValueError(f"callback: expected a callable or None, got {type(callback).__name__}")
-    op = _Op(matmat, n)
-    b_norm = _colnorm(b2)
-
-    if state is not None:
-        if x0 is not None:
-            raise ValueError("x0: expected None when state is given (the state holds the iterate)")
-        if not isinstance(state, CGState):
-            raise ValueError(f"state: expected a CGState, got {type(state).__name__}")
-        if state.shape != (n, k):
-            raise ValueError(f"state: expected an iterate of shape {(n, k)} (that of b), got {state.shape}")
-        if not np.array_equal(state.b_norm, b_norm):
-            raise ValueError("state: expected a state of this right-hand side b, got one made for another b "
-                             "(its column norms differ)")
-        s = state
-    else:
-        x0_arr = None
-        if x0 is not None:
-            x0_arr = check_rhs(x0, "x0")
-            if x0_arr.shape != b_arr.shape:
-                raise ValueError(f"x0: expected shape {b_arr.shape} (that of b), got {x0_arr.shape}")
-            x0_arr = x0_arr[:, None] if one_d else x0_arr
-        s = _initial_state(op, b2, x0_arr, preconditioner, tol, b_norm)
-
-    while s.iteration < maxiter and np.any(s.active):
-        s = _step(op, b2, s, preconditioner, tol, true_residual_every)
-        if callback is not None:
-            callback(s)
-    s = _confirm(op, b2, s, tol)
-
-    converged = s.residuals[-1] <= tol
-    result = CGResult(
-        x=np.array(s.x[:, 0] if one_d else s.x),  # a writeable copy for the caller
-        iterations=s.iteration,
-        residuals=s.residuals,
-        converged_columns=readonly(converged.copy()),
-        tol=tol,
-        state=s,
-    )
-    if not result.converged:
-        bad = np.flatnonzero(~converged)
-        broke = np.flatnonzero(~converged & ~s.active)
-        why = (f"after {s.iteration} iterations (maxiter={maxiter})" if not broke.size else
-               f"({broke.size} column(s) broke down: A or the preconditioner is not positive definite "
-               "in floating point)")
-        warnings.warn(
-            f"CG did not converge {why}: {bad.size} of {k} column(s) above tol={tol:g}, worst relative "
-            f"residual {float(s.residuals[-1].max()):.3g} (column {int(bad[np.argmax(s.residuals[-1][bad])])}). "
-            + _ADVICE,
-            ConvergenceWarning,
-            stacklevel=2,
-        )
-    return result
+    return _run(_step, matmat, b, tol=tol, maxiter=maxiter, preconditioner=preconditioner, x0=x0, state=state,
+                callback=callback, true_residual_every=true_residual_every)

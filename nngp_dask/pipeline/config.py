@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import defaults
 from ..fields import ConfigError, Field, expand_env
+from ..gp.regression import METHODS
 from ..kernels import ACTIVATION_PARAMETERS, ACTIVATIONS, NORMALIZATIONS, get_activation
 from ..linalg import PRECONDITIONERS
 from ..store import POLICIES as PAGE_CACHE_POLICIES, is_remote
@@ -123,8 +124,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "maxiter": Field(int, 0, "CG iteration cap (0: automatic)", minimum=0),
         "preconditioner": Field(str, "auto", "CG preconditioner", choices=PRECONDITIONERS),
         "rank": Field(int, 1024, "rank of a low-rank preconditioner", minimum=1),
-        "method": Field(str, "auto", "auto (Cholesky up to 5000 points, CG above), cg or cholesky",
-                        choices=("auto", "cg", "cholesky")),
+        "method": Field(str, "auto", "auto (Cholesky up to 5000 points, CG above), cg, block_cg (all "
+                        "right-hand sides share one Krylov space: fewer passes for several of them) or cholesky",
+                        choices=METHODS),
         "checkpoint_every": Field(int, 5, "CG iterations between checkpoints", minimum=1),
         "fit_amplitude": Field(bool, True, "scale the predictive variance by the kernel amplitude that maximises the "
                                "marginal likelihood on all training data (closed form from the solve; it supersedes "

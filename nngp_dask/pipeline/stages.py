@@ -342,7 +342,7 @@ class Pipeline:
             "stages": self._stage_report(),
             "kernel": ks.summary() | {"store": self.store_url},
             "reused": self._reused(),
-            "cg_residuals": result.residuals.tolist() if result is not None and result.method == "cg" else None,
+            "cg_residuals": result.residuals.tolist() if result is not None and result.method != "cholesky" else None,
             "peak_rss_bytes": peak,
             "wall_s": round(time.time() - started, 3),
             "started": self.stamp,
@@ -426,7 +426,7 @@ class Pipeline:
 
         out: list[Path] = []
         try:
-            if result is not None and result.method == "cg":
+            if result is not None and result.method != "cholesky":
                 out.append(plots.cg_residuals(result.residuals, self.out / "cg_residuals.png"))
             m = min(self.cfg["report"]["heatmap_points"], ks.shape[0])
             x = ks.array(inputs_path("train"))[:m]
