@@ -32,6 +32,7 @@ import argparse
 import gzip
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{'dataset':13} {'split':>5} {'n':>6} {'method':8} {'srmse':>7} {'nlpd':>7} {'cov95':>6} {'wall s':>7} "
           f"{'peak GiB':>8}  settings", flush=True)
+    # a plain kill (SIGTERM) unwinds like Ctrl-C, so the temporary folder (tens of GB of stores) goes too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-uci-") as tmp:
         for name in args.datasets.split(","):
             for split in map(int, args.splits.split(",")):
