@@ -67,6 +67,26 @@ def test_stored_operator_on_a_two_threaded_worker(tmp_path, thread_client, rng, 
     np.testing.assert_allclose(got, k @ v + 0.25 * v, rtol=1e-12, atol=1e-12)
 
 
+def test_mapped_tile_reads_equal_copies_and_keep_their_values_when_the_tile_is_rewritten(tmp_path, thread_client,
+                                                                                         rng):
+    """A CG pass maps the chunk files instead of copying them: the same verified values, read-only
+    (ragged tiles included), and a tile rewritten meanwhile (a new file renamed over the old one)
+    leaves an existing mapping as it was."""
+    arch = Architecture(2, "relu", 1.6, 0.1)
+    x = rng.standard_normal((40, 4))  # ragged against tile 16
+    ks = build_kernel(arch, x, tmp_path / "k.zarr", tile=16, dtype="float32", client=thread_client, progress=False)
+    io = ks.tiles("train_train")
+    for i, j in ks.grid.upper_tiles():
+        copied, mapped = io.read(i, j), io.read(i, j, mapped=True)
+        np.testing.assert_array_equal(mapped, copied)
+        assert mapped.shape == copied.shape and not mapped.flags.writeable
+    mapped = io.read(1, 2, mapped=True)
+    before = mapped.copy()
+    io.write(1, 2, np.zeros_like(before))
+    np.testing.assert_array_equal(mapped, before)
+    np.testing.assert_array_equal(io.read(1, 2, mapped=True), 0.0)
+
+
 def test_every_other_product_reads_the_tiles_backwards(tmp_path, thread_client, rng, monkeypatch):
     """Alternating passes turn back at each end (so a kernel larger than the page cache starts each
     pass on the tiles the last one read); the products are the same to rounding."""
@@ -79,9 +99,9 @@ def test_every_other_product_reads_the_tiles_backwards(tmp_path, thread_client, 
     reads: list = []
     real_read = TileIO.read
 
-    def recording(self, i, j, out=None):
+    def recording(self, i, j, out=None, **kw):
         reads.append((i, j))
-        return real_read(self, i, j, out)
+        return real_read(self, i, j, out, **kw)
 
     monkeypatch.setattr(TileIO, "read", recording)  # in-process workers: their reads
     op = StoredKernelOperator(ks, 0.5, thread_client)

@@ -133,10 +133,10 @@ def test_tiled_variance_of_a_stored_kernel_matches_the_dense_solve(problem, clus
     reads: Counter = Counter()
     real_read = TileIO.read
 
-    def counting(self, i, j, out=None):
+    def counting(self, i, j, out=None, **kw):
         if self.part == "train_train":
             reads[i, j] += 1
-        return real_read(self, i, j, out)
+        return real_read(self, i, j, out, **kw)
 
     monkeypatch.setattr(TileIO, "read", counting)  # in this process: the factor's reads, not the workers'
     mean, var = predict(problem["ks"], r, variance="tiled", client=cluster_client, progress=False)

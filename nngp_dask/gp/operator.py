@@ -57,12 +57,13 @@ def retrying(what: str, fn: Callable[[], Any]) -> Any:
 def _run_products(io: TileIO, tiles: Sequence[tuple[int, int]], v_t: NDArray, start: int, tile: int,
                   backwards: bool = False) -> NDArray[np.float64]:
     """``K V`` over a row-major run of upper tiles, transposed, for rows ``start:`` of V."""
-    buf = np.empty(io.nbytes, dtype=np.uint8)  # one read buffer for the whole run
     out_t = np.zeros_like(v_t)
     for i, j in (reversed(tiles) if backwards else tiles):
         # float64 accumulation even for float32 tiles: rounding V to float32 makes the operator
-        # nonlinear, and unpreconditioned CG on MNIST then diverges (benchmarks/RESULTS.md)
-        tile_matmat_t(io.read(i, j, buf), v_t, out_t, i * tile - start, j * tile - start, transpose_too=i != j)
+        # nonlinear, and unpreconditioned CG on MNIST then diverges (benchmarks/RESULTS.md).
+        # Mapped, not copied: the product reads the page cache itself (RESULTS.md section 21)
+        tile_matmat_t(io.read(i, j, mapped=True), v_t, out_t, i * tile - start, j * tile - start,
+                      transpose_too=i != j)
     return out_t
 
 
@@ -92,7 +93,6 @@ def _test_rows_task(url: str, options: str, token: str, i: int, tile: int, alpha
     """One row band of K(X*, X): its mean block, and for the low-rank variance the squared row
     norms and the projections onto ``factor``. ``alpha_t`` is alpha transposed, (k, n)."""
     io = tile_io(url, options, token, "test_train")
-    buf = np.empty(io.nbytes, dtype=np.uint8)
     m, n = io.shape
     rows = slice(i * tile, min((i + 1) * tile, m))
     mean_t = np.zeros((alpha_t.shape[0], rows.stop - rows.start)) if alpha_t is not None else None
@@ -100,7 +100,7 @@ def _test_rows_task(url: str, options: str, token: str, i: int, tile: int, alpha
     proj = np.zeros((rows.stop - rows.start, factor.shape[1])) if factor is not None else None
     for j in range(-(-n // tile)):
         cols = slice(j * tile, min((j + 1) * tile, n))
-        k = io.read(i, j, buf)
+        k = io.read(i, j, mapped=True)
         if mean_t is not None and alpha_t is not None:  # (set together)
             tile_matmat_t(k, alpha_t, mean_t, 0, cols.start, transpose_too=False)
         if factor is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import time
 import uuid
@@ -36,6 +37,10 @@ log = logging.getLogger("nngp_dask")
 #: write, truncation or replacement of the file changes them; a deleted file fails to open).
 _VERIFIED: dict[str, tuple[tuple[int, ...], float]] = {}
 VERIFIED_TTL_S = 600.0
+
+
+#: Map a tile's pages in the mmap call (Linux) rather than one page fault at a time during the product.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:
@@ -156,8 +161,10 @@ class TileIO:
         return [listed.get(f"{root.rstrip('/')}/{self._key(i, j)}") for i, j in tiles]
 
     # --- read and write ----------------------------------------------------------------------
-    def _raw(self, i: int, j: int, out: np.ndarray | None, *, force: bool = False) -> np.ndarray:
-        """The chunk's bytes (values and checksum), verified; ``out``: a uint8 buffer to reuse."""
+    def _raw(self, i: int, j: int, out: np.ndarray | None, *, force: bool = False, mapped: bool = False
+             ) -> np.ndarray:
+        """The chunk's bytes (values and checksum), verified; ``out``: a uint8 buffer to reuse;
+        ``mapped``: the file's pages themselves, read-only (local stores)."""
         if not self.local:
             from zarr.core.buffer import default_buffer_prototype
             from zarr.core.sync import sync
@@ -181,11 +188,18 @@ class TileIO:
             st = os.fstat(f.fileno())
             if st.st_size != self.nbytes:
                 raise self.damaged(i, j, cast(str, self.size_problem(st.st_size)))  # a size other than nbytes
-            raw = out[:self.nbytes] if out is not None and out.size >= self.nbytes else np.empty(self.nbytes, np.uint8)
-            # numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; arrays export buffers on 3.11 too
-            view, got = memoryview(raw), 0  # type: ignore[arg-type]
-            while got < self.nbytes and (n := f.readinto(view[got:])):
-                got += n
+            if mapped:
+                # the size was checked just above; the mapping outlives the file object and is
+                # unmapped when the last array viewing it goes
+                pages = mmap.mmap(f.fileno(), self.nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+                raw, got = np.frombuffer(pages, dtype=np.uint8), self.nbytes
+            else:
+                raw = out[:self.nbytes] if out is not None and out.size >= self.nbytes \
+                    else np.empty(self.nbytes, np.uint8)
+                # numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; arrays export buffers on 3.11 too
+                view, got = memoryview(raw), 0  # type: ignore[arg-type]
+                while got < self.nbytes and (n := f.readinto(view[got:])):
+                    got += n
         if got != self.nbytes:
             raise self.damaged(i, j, cast(str, self.size_problem(got)))  # a size other than nbytes
         if self.checksum:
@@ -198,16 +212,21 @@ class TileIO:
                 _VERIFIED[path] = (sig, time.monotonic())
         return raw
 
-    def read(self, i: int, j: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, i: int, j: int, out: np.ndarray | None = None, *, mapped: bool = False) -> np.ndarray:
         """Tile ``(i, j)``, verified: shape ``(rows, cols)`` of the tile (ragged at the edges),
         the stored dtype. With ``out`` (a uint8 buffer of at least :attr:`nbytes`) the values
         live in ``out`` and are valid until it is reused.
+
+        With ``mapped`` (local stores; ignored on object storage) the values are the chunk file's
+        pages mapped read-only, not copied: for readers that only read, such as a CG pass, whose
+        tile products then read the page cache directly (RESULTS.md section 21). A chunk is
+        replaced by renaming a new file over it, so a mapping keeps the values it was made with.
 
         Raises :class:`CorruptTileError` when the chunk is missing, of the wrong size or fails its
         checksum.
         """
         rows, cols = self._extent(i, j)
-        raw = self._raw(i, j, out)
+        raw = self._raw(i, j, out, mapped=mapped)
         return raw[:self.value_bytes].view(self.dtype).reshape(self.chunk)[:rows, :cols]
 
     def write(self, i: int, j: int, values: np.ndarray) -> str | None:
