@@ -146,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="where the stores go (a temporary folder, deleted)")
     p.add_argument("--limit", type=int, default=0, help="first N training and test rows only (a quick check)")
     p.add_argument("--json", default=None)
+    p.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
+                   help="run nothing: the summary of the rows in these --json files (e.g. benchmarks/uci_*.json)")
     args = p.parse_args(argv)
+    if args.summarize:
+        summary([row for f in args.summarize for row in json.loads(Path(f).read_text())])
+        return 0
     data, methods = Path(args.data), args.methods.split(",")
     rows = []
     print(f"{'dataset':13} {'split':>5} {'n':>6} {'method':8} {'srmse':>7} {'nlpd':>7} {'cov95':>6} {'wall s':>7} "
@@ -199,6 +204,11 @@ def summary(rows: list[dict]) -> None:
         if "fitted" in by and "sklearn" in by:
             wins += by["fitted"]["rmse"].mean() < by["sklearn"]["rmse"].mean()
     print(f"fitted nngp-dask has the lower mean srmse than scikit-learn on {wins} of {len(names)} dataset(s)")
+    pairs = {(r["dataset"], r["split"]): {} for r in rows}
+    for r in rows:
+        pairs[r["dataset"], r["split"]][r["method"]] = r["rmse"]
+    both = [v for v in pairs.values() if "fitted" in v and "sklearn" in v]
+    print(f"and the lower srmse on {sum(v['fitted'] < v['sklearn'] for v in both)} of {len(both)} dataset-split(s)")
 
 
 if __name__ == "__main__":
