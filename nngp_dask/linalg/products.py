@@ -121,7 +121,7 @@ def factor_products(f: NDArray, r_t: NDArray[np.float64], coef: NDArray[np.float
     Each of the two passes reads ``F`` once and widens it in registers, so a float32 factor costs
     half the memory traffic of a float64 one and no float64 copy is ever made; they are the tile
     products' loops (four rows at a time, so each output row is loaded and stored once per four
-    factor rows: 2.6x faster than one row at a time, RESULTS.md section 21). The rows are split
+    factor rows: 1.55x faster than one row at a time, RESULTS.md section 21). The rows are split
     over ``threads`` threads (the compiled loops release the GIL).
 
     Parameters
