@@ -13,7 +13,7 @@ from .posterior import (
     variance_lowrank,
 )
 from .prediction import DENSE_VARIANCE_MAX_N, predict, variance_mode
-from .regression import DIRECT_MAX_N, SolveResult, solve
+from .regression import DIRECT_MAX_N, METHODS, SolveResult, solve
 from .targets import TARGETS, class_index, encode_labels, one_hot_targets, predict_labels
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "StoredKernelOperator",
     "aslinearoperator",
     "DIRECT_MAX_N",
+    "METHODS",
     "DENSE_VARIANCE_MAX_N",
     "SolveResult",
     "predict",

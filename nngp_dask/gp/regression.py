@@ -315,8 +315,8 @@ def solve(
         per column (:func:`~nngp_dask.linalg.batched_cg`; a converged column leaves the product).
         ``"block_cg"``: every column searches all columns' Krylov spaces
         (:func:`~nngp_dask.linalg.block_cg`): fewer iterations, so fewer passes over the tiles,
-        for several right-hand sides (MNIST's ten classes: benchmarks/RESULTS.md section 21); with
-        one right-hand side it is the same as ``"cg"``.
+        for several right-hand sides, at a slightly dearer iteration (MNIST's ten classes: 5-14 %
+        fewer, benchmarks/RESULTS.md section 21); with one right-hand side it is ``"cg"``.
     checkpoint_every : int
         CG iterations between checkpoints.
     client : distributed.Client or address, optional

@@ -2,9 +2,8 @@
 ``matmat`` callable, preconditioners, stochastic Lanczos quadrature, dense Cholesky/eigh with advice on failure,
 and the compiled products of one tile with thin blocks."""
 
-from .block_cg import DEFLATION_TOL, block_cg
 from .blocked import blocked_cholesky, forward_sum_squares, panel_bounds
-from .cg import ConvergenceWarning, batched_cg, check_rhs, default_maxiter
+from .cg import DEFLATION_TOL, ConvergenceWarning, batched_cg, block_cg, check_rhs, default_maxiter
 from .cg_state import CGResult, CGState
 from .dense import POTRF_MAX_N, cholesky_factor, cholesky_in_place, dense_solve, positive_definite_advice
 from .extend import EXTEND_MAX_GROWTH, ExtendedNystrom, orthogonal_factor

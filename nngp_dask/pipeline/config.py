@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import defaults
 from ..fields import ConfigError, Field, expand_env
-from ..gp.regression import METHODS
+from ..gp import METHODS
 from ..kernels import ACTIVATION_PARAMETERS, ACTIVATIONS, NORMALIZATIONS, get_activation
 from ..linalg import PRECONDITIONERS
 from ..store import POLICIES as PAGE_CACHE_POLICIES, is_remote
