@@ -39,7 +39,8 @@ _VERIFIED: dict[str, tuple[tuple[int, ...], float]] = {}
 VERIFIED_TTL_S = 600.0
 
 
-#: Map a tile's pages in the mmap call (Linux) rather than one page fault at a time during the product.
+#: Map a tile's pages in the mmap call (Linux) rather than one page fault at a time during the
+#: product; elsewhere a plain read-only mapping (``access=``: the one spelling Windows has too).
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
@@ -59,7 +60,7 @@ class TileIO:
     A chunk is the tile's values, raw little-endian and padded to the full tile with the fill
     value, followed by the CRC32C of those bytes: what zarr's ``bytes`` + ``crc32c`` codecs write
     and check, so zarr reads these arrays too. Local files are read and written here directly
-    (``readinto`` a reusable buffer; the checksum written after the values rather than appended
+    (``readinto`` a reusable buffer, or mapped read-only; the checksum written after the values rather than appended
     to a copy of them; write to ``<chunk>.<uuid>.partial``, then rename); object storage goes
     through zarr's store. Unlike zarr, a missing chunk is an error, not fill values.
 
@@ -191,7 +192,8 @@ class TileIO:
             if mapped:
                 # the size was checked just above; the mapping outlives the file object and is
                 # unmapped when the last array viewing it goes
-                pages = mmap.mmap(f.fileno(), self.nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+                pages = (mmap.mmap(f.fileno(), self.nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+                         if _POPULATE else mmap.mmap(f.fileno(), self.nbytes, access=mmap.ACCESS_READ))
                 raw, got = np.frombuffer(pages, dtype=np.uint8), self.nbytes
             else:
                 raw = out[:self.nbytes] if out is not None and out.size >= self.nbytes \
