@@ -56,6 +56,17 @@ def _rhs(k, seed=1):
     return np.random.default_rng(seed).standard_normal((N, k))
 
 
+def _counting(matmat):
+    """``matmat`` that records the width of every block it is given, and that record."""
+    widths: list[int] = []
+
+    def counting(v):
+        widths.append(v.shape[1])
+        return matmat(v)
+
+    return counting, widths
+
+
 # ------------------------------------------------------------------------------------------
 # correctness
 # ------------------------------------------------------------------------------------------
@@ -119,12 +130,7 @@ def test_one_product_per_iteration_and_confirmed_true_residuals(k_train, system)
     matmat, a = system[0], system[1]
     _, vecs = np.linalg.eigh(a)
     b = np.column_stack([_rhs(3), vecs[:, -1] + 1e-3 * _rhs(1)[:, 0]])  # the last converges early
-    widths = []
-
-    def counting(v):
-        widths.append(v.shape[1])
-        return matmat(v)
-
+    counting, widths = _counting(matmat)
     res = batched_cg(counting, b, tol=1e-8, true_residual_every=0)
     assert res.converged and len(widths) == res.iterations
     claimed = np.argmax(res.residuals <= 1e-8, axis=0)  # the iteration each column's residual got there
@@ -156,12 +162,7 @@ def test_per_column_convergence_freezes_easy_column(system):
     matmat, a, _, _ = system
     _, vecs = np.linalg.eigh(a)
     b = np.column_stack([_rhs(1)[:, 0], vecs[:, -1]])  # an eigenvector converges in one step
-    widths = []
-
-    def counting(v):
-        widths.append(v.shape[1])
-        return matmat(v)
-
+    counting, widths = _counting(matmat)
     res = batched_cg(counting, b, tol=1e-10, true_residual_every=0)
     assert res.converged and res.iterations > 10
     easy = res.residuals[:, 1]
@@ -214,12 +215,7 @@ def test_block_cg_on_one_column_is_preconditioned_cg(system):
 def test_block_cg_passes_every_active_direction_and_confirms_at_once(system):
     matmat, a = system[0], system[1]
     b = _rhs(3)
-    widths = []
-
-    def counting(v):
-        widths.append(v.shape[1])
-        return matmat(v)
-
+    counting, widths = _counting(matmat)
     res = block_cg(counting, b, tol=1e-8, true_residual_every=0)
     assert res.converged and len(widths) == res.iterations
     # the block's three directions every iteration; the three iterates ride along in the last one
