@@ -487,6 +487,10 @@ def test_normalizations():
     s = normalize(x, "standardize")
     np.testing.assert_allclose(s[[0, 1, 3]].mean(axis=1), 0.0, atol=1e-12)
     np.testing.assert_allclose(s[[0, 1, 3]].std(axis=1), 1.0)
+    # constant rows become zero, also where centring leaves rounding residue (0.3 * 784: its mean
+    # is not 0.3 exactly) that a division by its norm would blow up to +-1
+    for value, d in ((0.3, 784), (7.7, 784), (0.1, 20), (0.0, 10)):
+        assert np.all(normalize(np.full((2, d), value), "standardize") == 0), (value, d)
     assert normalize(x, "none") is x
     with pytest.raises(InputError, match="normalization: expected one of"):
         normalize(x, "l2")

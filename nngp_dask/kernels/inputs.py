@@ -100,7 +100,11 @@ def normalize(x: NDArray, method: Normalization | str = "none") -> NDArray:
     bad = nonfinite_message(x, "x")
     if bad is not None:
         raise InputError(bad)
+    keep = np.ones((len(x), 1), dtype=bool)
     if method == "standardize":
+        # a constant row is zero after centring only up to rounding (its mean need not be its
+        # value exactly); dividing that residue by its tiny norm would make a row of +-1 noise
+        keep = np.ptp(x, axis=1, keepdims=True) > 0
         x = x - x.mean(axis=1, keepdims=True)
     norm = np.sqrt((x * x).mean(axis=1, keepdims=True))
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+    return np.divide(x, norm, out=np.zeros_like(x), where=keep & (norm > 0))
