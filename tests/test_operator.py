@@ -31,6 +31,38 @@ def test_tile_products_equal_float64_blas(rng, dtype, a, transpose_too):
     np.testing.assert_allclose(out_t, want, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("a", [1, 4, 6])
+@pytest.mark.parametrize("transpose_too", [False, True])
+def test_quantised_tile_products_equal_the_dequantised_tile_s(rng, a, transpose_too):
+    """An int16 tile is multiplied as ``offset + scale * q`` without being widened in memory."""
+    n, b, nrhs, r0, c0, offset, scale = 40, 13, 3, 2, 21, 1.5, 3e-6
+    q = rng.integers(-32768, 32768, (a, b)).astype(np.int16)
+    v_t, out_t = rng.standard_normal((nrhs, n)), rng.standard_normal((nrhs, n))
+    want, k64 = out_t.copy(), offset + scale * q.astype(np.float64)
+    want[:, r0:r0 + a] += (k64 @ v_t[:, c0:c0 + b].T).T
+    if transpose_too:
+        want[:, c0:c0 + b] += (k64.T @ v_t[:, r0:r0 + a].T).T
+    tile_matmat_t(q, v_t, out_t, r0, c0, transpose_too=transpose_too, offset=offset, scale=scale)
+    np.testing.assert_allclose(out_t, want, rtol=1e-12, atol=1e-12)
+
+
+def _stored(ks, part="train_train"):
+    """The stored kernel in float64, from the tiles as stored (int16 tiles as offset + scale * q)."""
+    io, t = ks.tiles(part), ks.tile
+    rows = ks.shape[0] if part == "train_train" else ks.n_test
+    out = np.empty((rows, ks.shape[1]))
+    for i in range(-(-rows // t)):
+        for j in range(-(-ks.shape[1] // t)):
+            if part == "train_train" and i > j:
+                continue
+            q, offset, scale = io.read_packed(i, j)
+            block = offset + scale * q.astype(np.float64)
+            out[i * t:i * t + block.shape[0], j * t:j * t + block.shape[1]] = block
+            if part == "train_train":
+                out[j * t:j * t + block.shape[1], i * t:i * t + block.shape[0]] = block.T
+    return out
+
+
 def test_tile_products_accumulate_in_float64(rng):
     # terms that cancel in float32 but not in float64: a float32 accumulation would give 0
     k = np.ones((1, 3), np.float32)
@@ -55,13 +87,13 @@ def test_tile_products_refuse_strided_vectors(rng):
         tile_matmat_t(np.ones((2, 2)), v.T, np.zeros((2, 20)), 0, 0, transpose_too=False)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int16"])
 def test_stored_operator_on_a_two_threaded_worker(tmp_path, thread_client, rng, dtype):
     # one worker, two threads: its run is split in two groups, computed side by side and summed
     arch = Architecture(2, "relu", 1.6, 0.1)
     x = rng.standard_normal((107, 5))
     ks = build_kernel(arch, x, tmp_path / "k.zarr", tile=16, dtype=dtype, client=thread_client, progress=False)
-    k = kernel(arch, x, dtype=dtype).astype(np.float64)
+    k = _stored(ks) if dtype == "int16" else kernel(arch, x, dtype=dtype).astype(np.float64)
     v = rng.standard_normal((107, 3))
     got = StoredKernelOperator(ks, 0.25, thread_client).matmat(v)
     np.testing.assert_allclose(got, k @ v + 0.25 * v, rtol=1e-12, atol=1e-12)
@@ -97,13 +129,13 @@ def test_every_other_product_reads_the_tiles_backwards(tmp_path, thread_client, 
     ks = build_kernel(arch, x, tmp_path / "k.zarr", tile=16, dtype="float32", client=thread_client, progress=False)
     want = kernel(arch, x, dtype="float32").astype(np.float64)
     reads: list = []
-    real_read = TileIO.read
+    real_read = TileIO.read_packed
 
     def recording(self, i, j, out=None, **kw):
         reads.append((i, j))
         return real_read(self, i, j, out, **kw)
 
-    monkeypatch.setattr(TileIO, "read", recording)  # in-process workers: their reads
+    monkeypatch.setattr(TileIO, "read_packed", recording)  # in-process workers: their reads
     op = StoredKernelOperator(ks, 0.5, thread_client)
     v = rng.standard_normal((75, 2))
     passes = []
@@ -126,14 +158,17 @@ def test_every_other_product_reads_the_tiles_backwards(tmp_path, thread_client, 
             assert [t for t in reads if t in run] == run
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int16"])
 def test_stored_operator_equals_dense_products(tmp_path, cluster_client, rng, dtype):
     arch = Architecture(2, "relu", 1.6, 0.1)
     x, xt = rng.standard_normal((107, 5)), rng.standard_normal((31, 5))  # ragged against tile 16
     ks = build_kernel(arch, x, tmp_path / "k.zarr", x_test=xt, tile=16, dtype=dtype, client=cluster_client,
                       progress=False)
-    k = kernel(arch, x, dtype=dtype).astype(np.float64)  # the stored values, in float64
-    ks_ = kernel(arch, xt, x, dtype=dtype).astype(np.float64)
+    if dtype == "int16":  # the stored values, in float64 (their accuracy: tests/test_tile_formats.py)
+        k, ks_ = _stored(ks), _stored(ks, "test_train")
+    else:
+        k = kernel(arch, x, dtype=dtype).astype(np.float64)  # the stored values, in float64
+        ks_ = kernel(arch, xt, x, dtype=dtype).astype(np.float64)
     op = StoredKernelOperator(ks, 0.25, cluster_client)
     v = rng.standard_normal((107, 4))
     dense = dense_matmat(k, 0.25)

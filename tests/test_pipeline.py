@@ -162,7 +162,7 @@ def test_concurrent_run_refused(tmp_path, capsys):
     ("solver.nosie=1", "solver.nosie: unknown key"),
     ("architecture.depth=2.5", "architecture.depth: expected an integer, got float 2.5"),
     ("architecture.activation=swish", "architecture.activation: expected one of"),
-    ("kernel.dtype=float16", "kernel.dtype: expected one of ['float32', 'float64']"),
+    ("kernel.dtype=float16", "kernel.dtype: expected one of ['float32', 'float64', 'int16']"),
     ("kernel.page_cache=never", "kernel.page_cache: expected one of ['auto', 'keep', 'drop'], got 'never'"),
     ("report.plots=1", "report.plots: expected true or false"),
     ("run.store=../escape.zarr", "run.store: expected a path inside run.output"),

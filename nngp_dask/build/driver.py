@@ -23,12 +23,11 @@ from numpy.typing import ArrayLike, DTypeLike
 from .. import defaults
 from .._version import __version__
 from ..cluster import client_for, dashboard_link
-from ..kernels import (Architecture, KernelOverflowError, check_dtype, check_kind, check_range, diagonals,
-                       diagonals_from_norms)
+from ..kernels import Architecture, KernelOverflowError, check_kind, check_range, diagonals, diagonals_from_norms
 from ..monitor import tracked
 from ..store import (FORMAT_VERSION, ArraySource, KernelStore, NotAKernelStoreError, StoreIdentity, StoreMismatchError,
-                     check_free_space, check_policy, format_message, is_remote, normalise_url,
-                     remove_interrupted_writes, store_contents, store_lock, wants_drop)
+                     check_free_space, check_policy, check_store_dtype, chunk_nbytes, compute_dtype, format_message, is_remote,
+                     normalise_url, remove_interrupted_writes, store_contents, store_lock, stored_itemsize, wants_drop)
 from ..tiling import DEFAULT_TILE
 from .ingest import PreparedInputs, prepare_inputs
 from .precompile import precompile
@@ -75,9 +74,9 @@ class BuildStats:
         return d
 
 
-def _identity(arch: Architecture, kind: str, tile: int, dtype: np.dtype, train: PreparedInputs,
+def _identity(arch: Architecture, kind: str, tile: int, fmt: str, train: PreparedInputs,
               test: PreparedInputs | None) -> StoreIdentity:
-    return StoreIdentity(architecture=arch.to_dict(), kind=kind, tile=tile, dtype=dtype.name,
+    return StoreIdentity(architecture=arch.to_dict(), kind=kind, tile=tile, dtype=fmt,
                          x_train=train.fingerprint, x_test=test.fingerprint if test else None,
                          n_train=train.n, n_test=test.n if test else 0, features=train.d)
 
@@ -196,10 +195,13 @@ def build_kernel(
     kind : {"nngp", "ntk"}
     tile : int, optional
         Tile edge (default :data:`nngp_dask.tiling.DEFAULT_TILE`, capped at n).
-    dtype : {"float32", "float64"}, default "float32"
+    dtype : {"float32", "float64", "int16"}, default "float32"
         Storage precision of the kernel (:data:`nngp_dask.defaults.STORE_DTYPE`, as pipelines'
         ``kernel.dtype``; the in-memory estimators default to float64). Products with it
-        accumulate in float64 either way.
+        accumulate in float64 either way. ``"int16"`` computes tiles in float32 and stores each
+        quantised across its own range (half the bytes of float32, every value within
+        ``(max - min) / 131070`` of its tile's; :mod:`nngp_dask.store.formats`): for kernels
+        that would not otherwise stay in the page cache; reads return float32.
     normalize : {"none", "unit_norm", "standardize"}
         Per-example normalisation applied at ingest.
     overwrite : bool
@@ -247,7 +249,8 @@ def build_kernel(
     if not isinstance(arch, Architecture):
         raise TypeError(f"arch: expected an Architecture, got {type(arch).__name__}")
     check_kind(kind, arch)
-    dt = check_dtype(dtype)
+    fmt = check_store_dtype(dtype)
+    dt = compute_dtype(fmt)
     check_policy(page_cache)
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite: expected True or False, got {overwrite!r}")
@@ -264,7 +267,7 @@ def build_kernel(
         log.info("tile %d is larger than the %d training inputs: the kernel is one tile of %d", tile, train.n, train.n)
         tile = train.n
     tile = int(tile)
-    ident = _identity(arch, kind, tile, dt, train, test)
+    ident = _identity(arch, kind, tile, fmt, train, test)
     url = normalise_url(store)
     opts = storage_options or None
     stats = BuildStats()
@@ -334,8 +337,8 @@ def _tile_count(n: int, m: int, tile: int) -> int:
 def _check_space(url: str, ident: StoreIdentity, tiles: int) -> None:
     """Refuse, before any work, a build whose ``tiles`` (full chunks with their checksums) do not
     fit on the store's disk."""
-    chunk = ident.tile * ident.tile * np.dtype(ident.dtype).itemsize + 4
-    check_free_space(url, tiles * chunk, f"{tiles} kernel tile(s) of {ident.tile} x {ident.tile} {ident.dtype}")
+    check_free_space(url, tiles * chunk_nbytes(ident.dtype, ident.tile),
+                     f"{tiles} kernel tile(s) of {ident.tile} x {ident.tile} {ident.dtype}")
 
 
 def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: np.dtype, tile: int,
@@ -344,7 +347,7 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
 
     options = json.dumps(ks.storage_options or {}, sort_keys=True)
     t_start = time.perf_counter()
-    compiled = precompile(arch, dt)  # while the cluster starts; its workers then load the cache
+    compiled = precompile(arch, ks.stored_dtype)  # while the cluster starts; its workers then load the cache
     with client_for(client) as c:
         compiled.result()
         stats.dashboard = dashboard_link(c)
@@ -352,7 +355,7 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
         cache = "none (object store)" if is_remote(ks.url) else (
             f"{page_cache}: {'drop-behind' if wants_drop(page_cache, stored) else 'kept'} on this host")
         log.info("building %d tile(s) of %d (tile %d, %s, %s, %.2f GB in all; page cache %s); dashboard: %s",
-                 len(todo), stats.tiles_total, tile, kind, dt.name, stored / 1e9, cache, stats.dashboard)
+                 len(todo), stats.tiles_total, tile, kind, ks.stored_dtype, stored / 1e9, cache, stats.dashboard)
         # deterministic keys: a resubmitted tile of the same store is the same task
         # the store's URL is in the key too: two stores of the same kernel built at once on one
         # shared scheduler must not share tasks (each task writes into its own store)
@@ -373,7 +376,7 @@ def _run_tiles(ks: KernelStore, todo: list, arch: Architecture, kind: str, dt: n
                     stats.write_s += write
                     grid = ks.grid if part == "train_train" else ks.test_grid
                     assert grid is not None  # a test_train tile: the store has test inputs
-                    stats.bytes_written += grid.entries([(i, j)]) * dt.itemsize
+                    stats.bytes_written += grid.entries([(i, j)]) * stored_itemsize(ks.stored_dtype)
                 fut.release()
                 beat(finished)
     elapsed = time.perf_counter() - t_start

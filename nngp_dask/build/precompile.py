@@ -16,8 +16,9 @@ from concurrent.futures import Future
 import numpy as np
 from numpy.typing import DTypeLike
 
-from ..kernels import Architecture, check_dtype, kernel
+from ..kernels import Architecture, kernel
 from ..linalg import tile_matmat_t
+from ..store import check_store_dtype, compute_dtype
 
 __all__ = ["precompile"]
 
@@ -29,25 +30,27 @@ _started: dict[tuple[int, str], Future] = {}
 _ANNOUNCE_AFTER_S = 1.0
 
 
-def _compile(arch: Architecture, dtype: np.dtype) -> float:
+def _compile(arch: Architecture, fmt: str) -> float:
+    dtype = compute_dtype(fmt)
     t0 = time.perf_counter()
     d = 4 if arch.input_scale is None else arch.input_scale.shape[0]  # ARD: one weight per feature
     x = np.linspace(0.1, 1.0, 6 * d).reshape(6, d)  # nothing overflows, nothing is degenerate
     kernel(arch, x, dtype=dtype)  # per-point diagonals, a symmetric block, its mirror
     kernel(arch, x, x[:3], dtype=dtype)
-    tile_matmat_t(np.ones((3, 3), dtype), np.ones((1, 6)), np.zeros((1, 6)), 0, 3, transpose_too=True)
+    tile_matmat_t(np.ones((3, 3), fmt), np.ones((1, 6)), np.zeros((1, 6)), 0, 3, transpose_too=True)
     return time.perf_counter() - t0
 
 
 def precompile(arch: Architecture, dtype: DTypeLike = np.float32) -> Future:
     """Start compiling (or loading from Numba's cache) the kernels that tiles of ``arch`` stored
-    in ``dtype`` and the solver's products run; returns a future of the seconds it took.
+    in ``dtype`` (a storage format: float32, float64 or int16) and the solver's products run;
+    returns a future of the seconds it took.
 
     Runs in a background thread of this process, once per activation family and dtype; a
     compile that takes longer than a second says so in the log.
     """
-    dt = check_dtype(dtype)
-    key = (arch.activation.family, dt.name)
+    fmt = check_store_dtype(dtype)
+    key = (arch.activation.family, fmt)
     with _lock:
         fut = _started.get(key)
         if fut is not None:
@@ -64,7 +67,7 @@ def precompile(arch: Architecture, dtype: DTypeLike = np.float32) -> Future:
 
         threading.Thread(target=announce, daemon=True).start()
         try:
-            seconds = _compile(arch, dt)
+            seconds = _compile(arch, fmt)
         except BaseException as exc:  # reported where the result is waited for
             with _lock:
                 _started.pop(key, None)

@@ -30,9 +30,8 @@ import zarr
 
 from .._version import __version__
 from ..kernels import Architecture, check_range, diagonals
-from ..store import (ATTR, FORMAT_VERSION, SOLVES, TEST_PRIOR, StoreIdentity, array_codecs, diagonals_path,
-                     dimension_names, done_path,
-                     inputs_path, is_remote, kernel_path)
+from ..store import (ATTR, FORMAT_VERSION, QUANTIZED, QUANTIZED_NOTE, SOLVES, TEST_PRIOR, StoreIdentity, compute_dtype,
+                     array_codecs, diagonals_path, dimension_names, done_path, inputs_path, is_remote, kernel_path)
 from ..tiling import TileGrid
 from .ingest import PreparedInputs, block_hash
 
@@ -74,6 +73,15 @@ def _create(g: zarr.Group, path: str, shape: tuple, chunks: tuple, dtype: Any, *
                           dimension_names=dimension_names(path), **kw)
 
 
+def _create_kernel(g: zarr.Group, part: str, shape: tuple, ident: StoreIdentity) -> None:
+    """An empty kernel array: tiles of ``ident.tile``, filled with NaN (0 for int16 tiles, whose
+    chunks also hold their offset and scale: see :mod:`nngp_dask.store.formats`)."""
+    arr = _create(g, kernel_path(part), shape, (ident.tile, ident.tile), ident.dtype,
+                  fill_value=0 if ident.dtype == QUANTIZED else np.nan, **array_codecs())
+    if ident.dtype == QUANTIZED:
+        arr.attrs["tile_format"] = QUANTIZED_NOTE
+
+
 def _write_inputs(g: zarr.Group, name: str, prep: PreparedInputs, arch: Architecture, ident: StoreIdentity,
                   first: int = 0) -> list[str]:
     """Write ``prep``'s rows and diagonals from block ``first`` on (creating the arrays when
@@ -97,7 +105,7 @@ def _write_inputs(g: zarr.Group, name: str, prep: PreparedInputs, arch: Architec
             hashes.append(block_hash(block))
             kd = [diagonals(arch, block)] + ([diagonals(arch, block, kind="ntk")] if ntk else [])
             # exact, where build_kernel's check saw only the extreme norms
-            check_range(arch, kd, dtype=ident.dtype, where=f"the kernel of {prep.name}[{start}:{stop}]")
+            check_range(arch, kd, dtype=compute_dtype(ident.dtype), where=f"the kernel of {prep.name}[{start}:{stop}]")
             for a, values in zip(arrays[1:], kd):
                 a[:, start:stop] = values
     return hashes
@@ -108,8 +116,7 @@ def _write_test_part(g: zarr.Group, ident: StoreIdentity, arch: Architecture, te
     t = ident.tile
     _write_inputs(g, "test", test, arch, ident)
     tg = TileGrid(test.n, ident.n_train, t)
-    _create(g, kernel_path("test_train"), (test.n, ident.n_train), (t, t), ident.dtype, fill_value=np.nan,
-            **array_codecs())
+    _create_kernel(g, "test_train", (test.n, ident.n_train), ident)
     _create(g, done_path("test_train"), tg.shape, (1, 1), "uint8", fill_value=0, compressors=None)
     prior = _create(g, TEST_PRIOR, (test.n,), (max(t, 1),), "float64", **array_codecs())
     prior[:] = np.asarray(cast(zarr.Array, g[diagonals_path("test", ntk=ident.kind == "ntk")])[arch.depth])
@@ -128,8 +135,7 @@ def write_layout(url: str, options: dict | None, ident: StoreIdentity, arch: Arc
     g.attrs[ATTR] = {"format": FORMAT_VERSION, "version": __version__, "ingesting": True}
     hashes = _write_inputs(g, "train", train, arch, ident)
     n, grid = train.n, TileGrid(train.n, train.n, ident.tile)
-    _create(g, kernel_path("train_train"), (n, n), (ident.tile, ident.tile), ident.dtype, fill_value=np.nan,
-            **array_codecs())
+    _create_kernel(g, "train_train", (n, n), ident)
     # completion records: a lost or garbled one means "rebuild"
     _create(g, done_path("train_train"), grid.shape, (1, 1), "uint8", fill_value=0, compressors=None)
     if test:

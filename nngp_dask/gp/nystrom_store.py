@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 from .._blas import gram_upper
 from ..linalg import FLOAT64_RATIO, SplitLowRank, nystrom_landmarks, nystrom_transform
 from ..monitor import tracked
-from ..store import KernelStore, tile_io
+from ..store import KernelStore, dequantize, tile_io, unit_roundoff
 from .operator import placement
 
 __all__ = ["PROGRESS_WHAT", "stored_nystrom"]
@@ -37,7 +37,8 @@ PROGRESS_WHAT = "preconditioner (Nystrom from the stored tiles)"
 
 
 def _landmark_rows(io: Any, i: int, tile: int, landmarks: NDArray, bounds: NDArray, buf: NDArray) -> NDArray:
-    """``K[rows of tile row i, landmarks]`` from the stored upper tiles, float32 as stored."""
+    """``K[rows of tile row i, landmarks]`` from the stored upper tiles, float32 as stored (and as
+    int16 tiles are read)."""
     rows = min((i + 1) * tile, io.shape[0]) - i * tile
     c = np.empty((rows, landmarks.size), dtype=io.dtype)
     for j in range(bounds.size - 1):
@@ -45,7 +46,9 @@ def _landmark_rows(io: Any, i: int, tile: int, landmarks: NDArray, bounds: NDArr
         if a == b:
             continue
         local = landmarks[a:b] - j * tile
-        c[:, a:b] = io.read(i, j, buf)[:, local] if j >= i else io.read(j, i, buf)[local, :].T
+        k, offset, scale = io.read_packed(i, j, buf) if j >= i else io.read_packed(j, i, buf)
+        cols = k[:, local] if j >= i else k[local, :].T
+        c[:, a:b] = dequantize(cols, offset, scale, c.dtype) if io.quantized else cols
     return c
 
 
@@ -118,7 +121,7 @@ def stored_nystrom(ks: KernelStore, client: Any, rank: int, noise: float, seed: 
     n, tile = ks.shape[0], ks.tile
     rank = int(min(rank, n))
     landmarks = nystrom_landmarks(n, rank, seed)
-    rcond = max(float(rcond), float(np.finfo(ks.dtype).eps))
+    rcond = max(float(rcond), 2 * unit_roundoff(ks.stored_dtype))
     options = json.dumps(ks.storage_options or {}, sort_keys=True)
     blocks = list(range(-(-n // tile)))
     slots = max(1, sum(client.nthreads().values()))

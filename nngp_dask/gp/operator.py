@@ -24,7 +24,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from ..cluster import LazyClient
 from ..linalg import tile_matmat_t
-from ..store import KernelStore, TileIO, open_kernel, tile_io
+from ..store import KernelStore, TileIO, dequantize, open_kernel, tile_io
 
 __all__ = ["KernelLinearOperator", "StoredKernelOperator", "aslinearoperator"]
 
@@ -62,8 +62,9 @@ def _run_products(io: TileIO, tiles: Sequence[tuple[int, int]], v_t: NDArray, st
         # float64 accumulation even for float32 tiles: rounding V to float32 makes the operator
         # nonlinear, and unpreconditioned CG on MNIST then diverges (benchmarks/RESULTS.md).
         # Mapped, not copied: the product reads the page cache itself (RESULTS.md section 21)
-        tile_matmat_t(io.read(i, j, mapped=True), v_t, out_t, i * tile - start, j * tile - start,
-                      transpose_too=i != j)
+        k, offset, scale = io.read_packed(i, j, mapped=True)  # int16 tiles stay int16 (linalg.products)
+        tile_matmat_t(k, v_t, out_t, i * tile - start, j * tile - start, transpose_too=i != j, offset=offset,
+                      scale=scale)
     return out_t
 
 
@@ -100,11 +101,11 @@ def _test_rows_task(url: str, options: str, token: str, i: int, tile: int, alpha
     proj = np.zeros((rows.stop - rows.start, factor.shape[1])) if factor is not None else None
     for j in range(-(-n // tile)):
         cols = slice(j * tile, min((j + 1) * tile, n))
-        k = io.read(i, j, mapped=True)
+        k, offset, scale = io.read_packed(i, j, mapped=True)
         if mean_t is not None and alpha_t is not None:  # (set together)
-            tile_matmat_t(k, alpha_t, mean_t, 0, cols.start, transpose_too=False)
+            tile_matmat_t(k, alpha_t, mean_t, 0, cols.start, transpose_too=False, offset=offset, scale=scale)
         if factor is not None:
-            k = np.asarray(k, dtype=np.float64)
+            k = dequantize(k, offset, scale, np.float64) if io.quantized else np.asarray(k, dtype=np.float64)
             sq += np.einsum("ij,ij->i", k, k)
             proj += k @ factor[cols]
     return i, (mean_t.T if mean_t is not None else None), sq, proj

@@ -25,9 +25,9 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def _kernel(k, v_t, out_t, r0, c0, rows, columns):  # pragma: no cover - compiled
-    # rows:    out_t[t, r0 + r] += k[r, :] . v_t[t, c0:c0 + b]
-    # columns: out_t[t, c0 + c] += k[:, c] . v_t[t, r0:r0 + a]
+def _kernel(k, v_t, out_t, r0, c0, rows, columns, scale):  # pragma: no cover - compiled
+    # rows:    out_t[t, r0 + r] += scale * k[r, :] . v_t[t, c0:c0 + b]
+    # columns: out_t[t, c0 + c] += scale * k[:, c] . v_t[t, r0:r0 + a]
     # Loops run over 1-D row views (k[r], v_t[t][c0:c0 + b]): indexing the 2-D arrays with
     # offsets inside the loop stops LLVM vectorising it (4x slower, measured).
     a, b = k.shape
@@ -49,10 +49,10 @@ def _kernel(k, v_t, out_t, r0, c0, rows, columns):  # pragma: no cover - compile
             s3 = 0.0
             if columns:
                 oc = ot[c0:c0 + b]
-                w0 = vt[g]
-                w1 = vt[g + 1] if n_rows > 1 else 0.0
-                w2 = vt[g + 2] if n_rows > 2 else 0.0
-                w3 = vt[g + 3] if n_rows > 3 else 0.0
+                w0 = scale * vt[g]
+                w1 = scale * vt[g + 1] if n_rows > 1 else 0.0
+                w2 = scale * vt[g + 2] if n_rows > 2 else 0.0
+                w3 = scale * vt[g + 3] if n_rows > 3 else 0.0
                 if rows:
                     vc = vt[c0:c0 + b]
                     for c in range(b):
@@ -79,28 +79,34 @@ def _kernel(k, v_t, out_t, r0, c0, rows, columns):  # pragma: no cover - compile
                     s2 += np.float64(k2r[c]) * x
                     s3 += np.float64(k3r[c]) * x
             if rows:
-                ot[g] += s0
+                ot[g] += scale * s0
                 if n_rows > 1:
-                    ot[g + 1] += s1
+                    ot[g + 1] += scale * s1
                 if n_rows > 2:
-                    ot[g + 2] += s2
+                    ot[g + 2] += scale * s2
                 if n_rows > 3:
-                    ot[g + 3] += s3
+                    ot[g + 3] += scale * s3
         r += n_rows
 
 
 def tile_matmat_t(k: NDArray, v_t: NDArray[np.float64], out_t: NDArray[np.float64], rows: int, cols: int, *,
-                  transpose_too: bool) -> None:
+                  transpose_too: bool, offset: float = 0.0, scale: float = 1.0) -> None:
     """Accumulate one tile's products into ``out_t``, in float64, reading the tile once.
 
-    With the tile ``k`` at rows ``rows:rows+a`` and columns ``cols:cols+b`` of the full matrix,
-    ``out_t[:, rows:rows+a] += (k @ v_t[:, cols:cols+b].T).T`` and, with ``transpose_too`` (an
-    off-diagonal tile of a symmetric matrix), also ``out_t[:, cols:cols+b] += (k.T @ v_t[:, rows:rows+a].T).T``.
+    With the tile ``K = offset + scale * k`` at rows ``rows:rows+a`` and columns ``cols:cols+b``
+    of the full matrix, ``out_t[:, rows:rows+a] += (K @ v_t[:, cols:cols+b].T).T`` and, with
+    ``transpose_too`` (an off-diagonal tile of a symmetric matrix), also
+    ``out_t[:, cols:cols+b] += (K.T @ v_t[:, rows:rows+a].T).T``.
+
+    A quantised tile (int16 ``k`` with its ``offset`` and ``scale``) is never widened in memory:
+    ``K v = scale (k v) + offset (sum of v)``, the first term in the compiled pass (the scale
+    applied to each row's sum and to the vectors' entries, not to the tile's), the second a sum
+    over the vectors.
 
     Parameters
     ----------
     k : ndarray, shape (a, b)
-        The tile, float32 or float64.
+        The tile, float32, float64 or int16.
     v_t : ndarray, shape (nrhs, n), float64, C-contiguous
         The vectors, transposed.
     out_t : ndarray, shape (nrhs, n), float64, C-contiguous
@@ -108,10 +114,17 @@ def tile_matmat_t(k: NDArray, v_t: NDArray[np.float64], out_t: NDArray[np.float6
     rows, cols : int
         The tile's offsets in the full matrix.
     transpose_too : bool
+    offset, scale : float
+        What ``k`` stands for (:class:`~nngp_dask.store.PackedTile`).
     """
     if not (v_t.flags.c_contiguous and out_t.flags.c_contiguous):
         raise ValueError("v_t, out_t: non-contiguous; expected C-contiguous (nrhs, n) float64 arrays")
-    _kernel(np.ascontiguousarray(k), v_t, out_t, rows, cols, True, transpose_too)
+    _kernel(np.ascontiguousarray(k), v_t, out_t, rows, cols, True, transpose_too, float(scale))
+    if offset:
+        a, b = k.shape
+        out_t[:, rows:rows + a] += offset * v_t[:, cols:cols + b].sum(axis=1, keepdims=True)
+        if transpose_too:
+            out_t[:, cols:cols + b] += offset * v_t[:, rows:rows + a].sum(axis=1, keepdims=True)
 
 
 def factor_products(f: NDArray, r_t: NDArray[np.float64], coef: NDArray[np.float64], out_t: NDArray[np.float64],
@@ -144,12 +157,12 @@ def factor_products(f: NDArray, r_t: NDArray[np.float64], coef: NDArray[np.float
     parts = [np.zeros((r_t.shape[0], f.shape[1])) for _ in spans]
     with ThreadPoolExecutor(len(spans)) as pool:
         # c_t = R^T F over each thread's rows (the tile kernel's column sums, weights from r_t) ...
-        list(pool.map(lambda k: _kernel(f[spans[k][0]:spans[k][1]], r_t, parts[k], spans[k][0], 0, False, True),
+        list(pool.map(lambda k: _kernel(f[spans[k][0]:spans[k][1]], r_t, parts[k], spans[k][0], 0, False, True, 1.0),
                       range(len(spans))))
         c_t = parts[0]
         for p in parts[1:]:
             c_t += p
         c_t *= coef[None, :]
         # ... then out_t += (F c_t^T)^T (its row sums)
-        list(pool.map(lambda k: _kernel(f[spans[k][0]:spans[k][1]], c_t, out_t, spans[k][0], 0, True, False),
+        list(pool.map(lambda k: _kernel(f[spans[k][0]:spans[k][1]], c_t, out_t, spans[k][0], 0, True, False, 1.0),
                       range(len(spans))))

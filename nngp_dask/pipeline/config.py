@@ -19,7 +19,7 @@ from ..fields import ConfigError, Field, expand_env
 from ..gp import METHODS
 from ..kernels import ACTIVATION_PARAMETERS, ACTIVATIONS, NORMALIZATIONS, get_activation
 from ..linalg import PRECONDITIONERS
-from ..store import POLICIES as PAGE_CACHE_POLICIES, is_remote
+from ..store import POLICIES as PAGE_CACHE_POLICIES, STORE_DTYPES, is_remote
 from ..tomlfile import read_toml, to_toml
 
 __all__ = ["ConfigError", "SCHEMA", "load_config", "parse_overrides", "resolve", "schema_text", "to_toml"]
@@ -109,8 +109,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "kind": Field(str, "nngp", "nngp (Bayesian posterior) or ntk (gradient-descent training)",
                       choices=("nngp", "ntk")),
         "tile": Field(int, 2048, "tile edge", minimum=1),
-        "dtype": Field(str, defaults.STORE_DTYPE, "storage precision (products accumulate in float64)",
-                       choices=("float32", "float64")),
+        "dtype": Field(str, defaults.STORE_DTYPE, "storage precision (products accumulate in float64); int16: "
+                       "each tile quantised across its range, half float32's bytes (for kernels past the page cache)",
+                       choices=STORE_DTYPES),
         "page_cache": Field(str, "auto", "keep written tiles in the OS page cache (keep), drop them once on disk "
                             "(drop), or drop them when the kernel exceeds half the host's memory (auto)",
                             choices=PAGE_CACHE_POLICIES),

@@ -54,6 +54,7 @@ from ..kernels import (
     with_log_hyperparameters,
 )
 from ..linalg import cholesky_in_place
+from ..store import check_store_dtype, unit_roundoff
 
 __all__ = ["FIT_BOUNDS", "FitResult", "fit_hyperparameters", "profile_log_marginal_likelihood", "storage_noise_floor",
            "subset_size"]
@@ -226,11 +227,12 @@ class _Objective:
 def storage_noise_floor(dtype: Any, n: int) -> float:
     """The smallest relative noise ``r`` (noise over the kernel's mean diagonal) worth fitting when
     the full-size kernel of ``n`` points is stored as ``dtype``: ``8 sqrt(n) u`` with ``u`` its unit
-    roundoff (1.2e-4 for float32 tiles of 60,000 points; float64 stays at ``FIT_BOUNDS``' 1e-6).
+    roundoff (1.2e-4 for float32 tiles of 60,000 points; float64 stays at ``FIT_BOUNDS``' 1e-6; int16
+    tiles, whose unit is half a level of each tile's range, 1.5e-2).
 
     Parameters
     ----------
-    dtype : numpy dtype or its name
+    dtype : {"float32", "float64", "int16"}
     n : int
         Training points of the full-size solve.
 
@@ -238,7 +240,7 @@ def storage_noise_floor(dtype: Any, n: int) -> float:
     -------
     float
     """
-    u = float(np.finfo(np.dtype(dtype)).eps) / 2
+    u = unit_roundoff(check_store_dtype(dtype))
     return max(FIT_BOUNDS["noise"][0], _ROUNDING_MARGIN * math.sqrt(max(int(n), 1)) * u)
 
 

@@ -21,6 +21,7 @@ from ..kernels import Architecture
 from ..tiling import TileGrid
 from . import layout
 from .errors import IncompleteKernelError, NotAKernelStoreError, StoreMismatchError
+from .formats import compute_dtype, stored_itemsize
 from .layout import (
     ATTR,
     FORMAT_VERSION,
@@ -183,7 +184,15 @@ class KernelStore:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.identity.dtype)
+        """The kernel values' dtype as read: the stored one, float32 for int16 tiles (see
+        :attr:`stored_dtype`)."""
+        return compute_dtype(self.identity.dtype)
+
+    @property
+    def stored_dtype(self) -> str:
+        """How the tiles are stored: ``"float32"``, ``"float64"`` or ``"int16"``
+        (:mod:`nngp_dask.store.formats`)."""
+        return self.identity.dtype
 
     @property
     def tile(self) -> int:
@@ -341,12 +350,12 @@ class KernelStore:
             if grid is not None:
                 rows, cols = np.nonzero(self.done_mask(part))
                 total += grid.entries(zip(rows.tolist(), cols.tolist()))
-        return total * self.dtype.itemsize
+        return total * stored_itemsize(self.identity.dtype)
 
     def nbytes_total(self) -> int:
         """Bytes of kernel values of the complete store (upper tiles and test tiles)."""
         test = self.identity.n_test * self.identity.n_train
-        return self.dtype.itemsize * (self.grid.entries(self.grid.upper_tiles()) + test)
+        return stored_itemsize(self.identity.dtype) * (self.grid.entries(self.grid.upper_tiles()) + test)
 
     def summary(self) -> dict[str, Any]:
         """What `nngp-dask inspect` prints."""

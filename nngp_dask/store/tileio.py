@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from functools import lru_cache
-from typing import Any, cast, overload
+from typing import Any, NamedTuple, cast, overload
 
 import google_crc32c
 import numpy as np
@@ -23,9 +23,10 @@ from zarr.codecs import BytesCodec
 from zarr.core.metadata import ArrayV3Metadata
 
 from .errors import CorruptTileError, StoreMismatchError
+from .formats import QUANTIZED, SCALES, dequantize, quantize
 from .layout import done_path, has_checksum, is_remote, kernel_path, local_chunk_file, open_group
 
-__all__ = ["VERIFIED_TTL_S", "TileIO", "read_tile_task", "tile_io"]
+__all__ = ["VERIFIED_TTL_S", "PackedTile", "TileIO", "read_tile_task", "tile_io"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -48,6 +49,17 @@ def _signature(st: os.stat_result) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+
+
+class PackedTile(NamedTuple):
+    """A tile as stored: ``values`` (float32, float64 or int16) stand for ``offset + scale * values``
+    (``offset`` 0 and ``scale`` 1 for float tiles)."""
+
+    values: np.ndarray
+    offset: float
+    scale: float
+
+
 def _write_all(f: Any, data: memoryview) -> None:
     done = 0
     while done < len(data):
@@ -59,10 +71,14 @@ class TileIO:
 
     A chunk is the tile's values, raw little-endian and padded to the full tile with the fill
     value, followed by the CRC32C of those bytes: what zarr's ``bytes`` + ``crc32c`` codecs write
-    and check, so zarr reads these arrays too. Local files are read and written here directly
-    (``readinto`` a reusable buffer, or mapped read-only; the checksum written after the values rather than appended
-    to a copy of them; write to ``<chunk>.<uuid>.partial``, then rename); object storage goes
-    through zarr's store. Unlike zarr, a missing chunk is an error, not fill values.
+    and check, so zarr reads these arrays too. An ``int16`` tile (:mod:`~nngp_dask.store.formats`)
+    has its offset and scale between its values and the checksum (covered by it), which zarr's
+    codecs do not decode: such arrays are read here, where :meth:`read` returns float32 values.
+
+    Local files are read and written here directly (``readinto`` a reusable buffer, or mapped
+    read-only; the checksum written after the values rather than appended to a copy of them;
+    write to ``<chunk>.<uuid>.partial``, then rename); object storage goes through zarr's store.
+    Unlike zarr, a missing chunk is an error, not fill values.
 
     Obtain with :func:`tile_io` (cached per process) or :meth:`KernelStore.tiles`.
     """
@@ -81,10 +97,15 @@ class TileIO:
                                      "followed by crc32c: rebuild the store")
         self.shape: tuple[int, int] = tuple(self.array.shape)  # type: ignore[assignment]
         self.chunk: tuple[int, int] = tuple(self.array.chunks)  # type: ignore[assignment]
-        self.dtype = np.dtype(self.array.dtype).newbyteorder("<")
+        #: as stored, and as :meth:`read` returns them (float32 for int16 tiles)
+        self.stored = np.dtype(self.array.dtype).newbyteorder("<")
+        self.quantized = self.stored.name == QUANTIZED
+        self.dtype = np.dtype(np.float32) if self.quantized else self.stored
         self.fill = self.array.metadata.fill_value
-        self.value_bytes = self.chunk[0] * self.chunk[1] * self.dtype.itemsize
-        self.nbytes = self.value_bytes + (4 if self.checksum else 0)
+        self.value_bytes = self.chunk[0] * self.chunk[1] * self.stored.itemsize
+        #: the bytes the checksum covers
+        self.payload_bytes = self.value_bytes + (2 * SCALES.itemsize if self.quantized else 0)
+        self.nbytes = self.payload_bytes + (4 if self.checksum else 0)
         self.local = not is_remote(url)
 
     # --- where -----------------------------------------------------------------------------
@@ -129,8 +150,8 @@ class TileIO:
         return None
 
     def _crc_ok(self, raw: np.ndarray) -> bool:
-        stored = int.from_bytes(raw[self.value_bytes:self.nbytes].tobytes(), "little")
-        return google_crc32c.value(raw[:self.value_bytes]) == stored
+        stored = int.from_bytes(raw[self.payload_bytes:self.nbytes].tobytes(), "little")
+        return google_crc32c.value(raw[:self.payload_bytes]) == stored
 
     def crc_ok(self, i: int, j: int) -> bool:
         """Whether tile ``(i, j)`` is present, of its size and passes its CRC32C (reads it)."""
@@ -214,10 +235,11 @@ class TileIO:
                 _VERIFIED[path] = (sig, time.monotonic())
         return raw
 
-    def read(self, i: int, j: int, out: np.ndarray | None = None, *, mapped: bool = False) -> np.ndarray:
-        """Tile ``(i, j)``, verified: shape ``(rows, cols)`` of the tile (ragged at the edges),
-        the stored dtype. With ``out`` (a uint8 buffer of at least :attr:`nbytes`) the values
-        live in ``out`` and are valid until it is reused.
+    def read_packed(self, i: int, j: int, out: np.ndarray | None = None, *, mapped: bool = False) -> PackedTile:
+        """Tile ``(i, j)`` as stored, verified: its values of shape ``(rows, cols)`` of the tile
+        (ragged at the edges) in the stored dtype, with the offset and scale they stand for (0
+        and 1 unless the tile is int16). With ``out`` (a uint8 buffer of at least :attr:`nbytes`)
+        the values live in ``out`` and are valid until it is reused.
 
         With ``mapped`` (local stores; ignored on object storage) the values are the chunk file's
         pages mapped read-only, not copied: for readers that only read, such as a CG pass, whose
@@ -229,7 +251,22 @@ class TileIO:
         """
         rows, cols = self._extent(i, j)
         raw = self._raw(i, j, out, mapped=mapped)
-        return raw[:self.value_bytes].view(self.dtype).reshape(self.chunk)[:rows, :cols]
+        values = raw[:self.value_bytes].view(self.stored).reshape(self.chunk)[:rows, :cols]
+        if not self.quantized:
+            return PackedTile(values, 0.0, 1.0)
+        offset, scale = raw[self.value_bytes:self.payload_bytes].view(SCALES)
+        return PackedTile(values, float(offset), float(scale))
+
+    def read(self, i: int, j: int, out: np.ndarray | None = None, *, mapped: bool = False) -> np.ndarray:
+        """Tile ``(i, j)``, verified: shape ``(rows, cols)`` of the tile (ragged at the edges),
+        of :attr:`dtype` (the stored dtype; float32 for int16 tiles, a new array).
+        ``out`` and ``mapped`` as in :meth:`read_packed`.
+
+        Raises :class:`CorruptTileError` when the chunk is missing, of the wrong size or fails its
+        checksum.
+        """
+        values, offset, scale = self.read_packed(i, j, out, mapped=mapped)
+        return dequantize(values, offset, scale, self.dtype) if self.quantized else values
 
     def write(self, i: int, j: int, values: np.ndarray) -> str | None:
         """Write tile ``(i, j)`` with its checksum; returns the local file written (None on
@@ -237,26 +274,28 @@ class TileIO:
         rows, cols = self._extent(i, j)
         if values.shape != (rows, cols):
             raise ValueError(f"tile ({i}, {j}): expected shape {(rows, cols)}, got {values.shape}")
+        tail = b""
+        if self.quantized:
+            values, offset, scale = quantize(values)
+            tail = np.array([offset, scale], SCALES).tobytes()
+        if not self.local and self.quantized:  # zarr's codecs do not write the tail: the chunk, raw
+            self._put(i, j, b"".join(bytes(part) for part in self._chunk_parts(values, rows, cols, tail)))
+            return None
         if not self.local:
             r0, c0 = i * self.chunk[0], j * self.chunk[1]
             # a tile is never all fill value (NaN): skip zarr's check for "empty" chunks, a pass over it
             with zarr.config.set({"array.write_empty_chunks": True}):
                 self.array[r0:r0 + rows, c0:c0 + cols] = values
             return None
-        if (rows, cols) != self.chunk:  # edge tiles are stored padded to the full chunk
-            full = np.full(self.chunk, self.fill, dtype=self.dtype)
-            full[:rows, :cols] = values
-            values = full
-        flat = np.ascontiguousarray(values, dtype=self.dtype).reshape(-1).view(np.uint8)
+        parts = self._chunk_parts(values, rows, cols, tail)
         path = self.path(i, j)
         assert path is not None  # a local store
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.partial"  # what remove_interrupted_writes removes
         try:
             with open(tmp, "wb", buffering=0) as f:
-                _write_all(f, memoryview(flat))  # type: ignore[arg-type]  # (ndarray.__buffer__: see _raw)
-                if self.checksum:
-                    f.write(google_crc32c.value(flat).to_bytes(4, "little"))
+                for part in parts:
+                    _write_all(f, memoryview(part))
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -266,6 +305,30 @@ class TileIO:
             raise
         _VERIFIED.pop(path, None)
         return path
+
+    def _chunk_parts(self, values: np.ndarray, rows: int, cols: int, tail: bytes) -> list[Any]:
+        """The chunk of a tile, in parts written one after the other (not copied into one): its
+        values padded to the full tile, ``tail``, then the CRC32C of both."""
+        if (rows, cols) != self.chunk:  # edge tiles are stored padded to the full chunk
+            full = np.full(self.chunk, self.fill, dtype=self.stored)
+            full[:rows, :cols] = values
+            values = full
+        parts: list[Any] = [np.ascontiguousarray(values, dtype=self.stored).reshape(-1).view(np.uint8)]
+        if tail:
+            parts.append(tail)
+        if self.checksum:
+            crc = google_crc32c.value(parts[0])
+            if tail:
+                crc = google_crc32c.extend(crc, tail)
+            parts.append(crc.to_bytes(4, "little"))
+        return parts
+
+    def _put(self, i: int, j: int, chunk: bytes) -> None:
+        """Store a chunk's bytes on object storage (one PUT: complete or absent)."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        sync(self.array.store_path.store.set(self._key(i, j), default_buffer_prototype().buffer.from_bytes(chunk)))
 
 
 @lru_cache(maxsize=16)
