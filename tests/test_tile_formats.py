@@ -11,8 +11,15 @@ import pytest
 
 from nngp_dask import Architecture, build_kernel, kernel, predict, solve
 from nngp_dask.pipeline import ConfigError, load_config
-from nngp_dask.store import (QUANTIZED_NOTE, CorruptTileError, StoreMismatchError, check_store_dtype, dequantize,
-                             quantize, unit_roundoff)
+from nngp_dask.store import (
+    QUANTIZED_NOTE,
+    CorruptTileError,
+    StoreMismatchError,
+    check_store_dtype,
+    dequantize,
+    quantize,
+    unit_roundoff,
+)
 
 try:  # the S3 case reuses test_s3's moto server; skipped without moto/s3fs
     from tests.test_s3 import s3, s3_server  # noqa: F401  (fixtures)
@@ -54,7 +61,7 @@ def test_store_dtypes_are_named_when_refused():
     assert [check_store_dtype(d) for d in ("float32", np.float64, "int16")] == ["float32", "float64", "int16"]
     with pytest.raises(ValueError, match=r"dtype: expected one of 'float32', 'float64', 'int16', got 'float16'"):
         check_store_dtype("float16")
-    assert unit_roundoff("int16") == pytest.approx(0.5 / 65535) and unit_roundoff("float32") == 2.0 ** -24
+    assert unit_roundoff("int16") == pytest.approx(1 / 65535) and unit_roundoff("float32") == 2.0 ** -24
 
 
 # --- a store of int16 tiles -------------------------------------------------------------------------
@@ -142,7 +149,7 @@ def test_pipelines_take_int16_and_name_what_they_accept():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_S3, reason="needs s3fs and moto")
-def test_int16_tiles_on_object_storage(s3, thread_client, tmp_path, rng):  # noqa: F811
+def test_int16_tiles_on_object_storage(s3, thread_client, tmp_path, rng):
     opts = {"client_kwargs": {"endpoint_url": s3["endpoint"]}}
     x, xt = rng.standard_normal((40, 3)), rng.standard_normal((9, 3))
     kw = dict(x_test=xt, tile=16, dtype="int16", client=thread_client, progress=False)
@@ -151,4 +158,5 @@ def test_int16_tiles_on_object_storage(s3, thread_client, tmp_path, rng):  # noq
     key = f"{s3['bucket']}/q.zarr/kernel/train_train/c/1/2"
     assert s3["fs"].cat_file(key) == (tmp_path / "q.zarr" / "kernel" / "train_train" / "c" / "1" / "2").read_bytes()
     np.testing.assert_array_equal(remote.to_dask().compute(), local.to_dask().compute())
-    np.testing.assert_array_equal(remote.read_rows("test_train", slice(0, 9)), local.read_rows("test_train", slice(0, 9)))
+    rows = slice(0, 9)
+    np.testing.assert_array_equal(remote.read_rows("test_train", rows), local.read_rows("test_train", rows))

@@ -18,7 +18,7 @@ from numpy.typing import DTypeLike
 
 from ..kernels import Architecture, kernel
 from ..linalg import tile_matmat_t
-from ..store import check_store_dtype, compute_dtype
+from ..store import QUANTIZED, check_store_dtype, compute_dtype, quantize
 
 __all__ = ["precompile"]
 
@@ -38,6 +38,8 @@ def _compile(arch: Architecture, fmt: str) -> float:
     kernel(arch, x, dtype=dtype)  # per-point diagonals, a symmetric block, its mirror
     kernel(arch, x, x[:3], dtype=dtype)
     tile_matmat_t(np.ones((3, 3), fmt), np.ones((1, 6)), np.zeros((1, 6)), 0, 3, transpose_too=True)
+    if fmt == QUANTIZED:  # the tiles' writes
+        quantize(np.arange(4, dtype=dtype).reshape(2, 2))
     return time.perf_counter() - t0
 
 

@@ -121,7 +121,8 @@ def stored_nystrom(ks: KernelStore, client: Any, rank: int, noise: float, seed: 
     n, tile = ks.shape[0], ks.tile
     rank = int(min(rank, n))
     landmarks = nystrom_landmarks(n, rank, seed)
-    rcond = max(float(rcond), 2 * unit_roundoff(ks.stored_dtype))
+    # no finer than the stored values resolve: float32's epsilon, or an int16 tile's level
+    rcond = max(float(rcond), float(np.finfo(ks.dtype).eps), unit_roundoff(ks.stored_dtype))
     options = json.dumps(ks.storage_options or {}, sort_keys=True)
     blocks = list(range(-(-n // tile)))
     slots = max(1, sum(client.nthreads().values()))

@@ -228,7 +228,7 @@ def storage_noise_floor(dtype: Any, n: int) -> float:
     """The smallest relative noise ``r`` (noise over the kernel's mean diagonal) worth fitting when
     the full-size kernel of ``n`` points is stored as ``dtype``: ``8 sqrt(n) u`` with ``u`` its unit
     roundoff (1.2e-4 for float32 tiles of 60,000 points; float64 stays at ``FIT_BOUNDS``' 1e-6; int16
-    tiles, whose unit is half a level of each tile's range, 1.5e-2).
+    tiles, whose unit is a level of each tile's range, 3.0e-2).
 
     Parameters
     ----------

@@ -10,6 +10,8 @@ and every CG iteration reads them)::
       diagonals/test   (L+1, m)
       kernel/train_train (n, n)   dtype, chunks (tile, tile); only tiles I <= J are written
       kernel/test_train  (m, n)   dtype, chunks (tile, tile); every tile
+                                  (dtype int16: each chunk also holds its tile's offset and scale,
+                                  see :mod:`nngp_dask.store.formats`)
       kernel/test_prior  (m,)     float64, K(x*, x*) of the chosen kind
       done/train_train (nI, nJ)   uint8, one chunk per tile: 1 once the tile is written
       done/test_train  (mI, nJ)
