@@ -30,8 +30,23 @@ import zarr
 
 from .._version import __version__
 from ..kernels import Architecture, check_range, diagonals
-from ..store import (ATTR, FORMAT_VERSION, QUANTIZED, QUANTIZED_NOTE, SOLVES, TEST_PRIOR, StoreIdentity, compute_dtype,
-                     array_codecs, diagonals_path, dimension_names, done_path, inputs_path, is_remote, kernel_path)
+from ..store import (
+    ATTR,
+    FORMAT_VERSION,
+    QUANTIZED,
+    QUANTIZED_NOTE,
+    SOLVES,
+    TEST_PRIOR,
+    StoreIdentity,
+    array_codecs,
+    compute_dtype,
+    diagonals_path,
+    dimension_names,
+    done_path,
+    inputs_path,
+    is_remote,
+    kernel_path,
+)
 from ..tiling import TileGrid
 from .ingest import PreparedInputs, block_hash
 
