@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--pairs", default="57000:60000,54000:60000", help="OLD:NEW training rows, comma-separated")
     p.add_argument("--n-test", type=int, default=10000)
     p.add_argument("--tile", type=int, default=2048)
-    p.add_argument("--rank", type=int, default=4096, help="Nystrom rank (the MNIST pipeline's: 4096)")
+    p.add_argument("--rank", type=int, default=2048, help="Nystrom rank (the MNIST pipeline's: 2048)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--data", default=os.path.join(os.environ.get("NNGP_DASK_DATA", "../shared/data"), "mnist.npz"))
     p.add_argument("--workdir", default=None, help="where the stores go (a temporary folder, deleted at the end)")
