@@ -32,6 +32,14 @@ def test_ruff_passes_on_the_package():
     assert proc.returncode == 0, _report(proc)
 
 
+def test_ruff_checks_every_module_of_the_package():
+    # an exclude pattern that matched a subpackage (``build`` once excluded nngp_dask/build/ too)
+    # would leave its modules unchecked while the test above passes
+    proc = _run("ruff", "check", "--no-cache", "--show-files", "nngp_dask")
+    shown = {Path(line).resolve() for line in proc.stdout.splitlines() if line.endswith(".py")}
+    assert shown == {p.resolve() for p in PACKAGE.rglob("*.py")}, _report(proc)
+
+
 def test_ruff_applies_the_project_rules():
     # guards the test above against a configuration that checks nothing: an unused import and an
     # unsorted import block in a (virtual) module of the package must be reported

@@ -14,20 +14,37 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import zarr
 from numpy.typing import ArrayLike, DTypeLike
 
 from .. import defaults
-from .._version import __version__
 from ..cluster import client_for, dashboard_link
-from ..kernels import Architecture, KernelOverflowError, check_kind, check_range, diagonals, diagonals_from_norms
+from ..kernels import Architecture, KernelOverflowError, check_kind, check_range, diagonals_from_norms
 from ..monitor import tracked
-from ..store import (FORMAT_VERSION, ArraySource, KernelStore, NotAKernelStoreError, StoreIdentity, StoreMismatchError,
-                     check_free_space, check_policy, check_store_dtype, chunk_nbytes, compute_dtype, format_message, is_remote,
-                     normalise_url, remove_interrupted_writes, store_contents, store_lock, stored_itemsize, wants_drop)
+from ..store import (
+    FORMAT_VERSION,
+    ArraySource,
+    KernelStore,
+    NotAKernelStoreError,
+    StoreIdentity,
+    StoreMismatchError,
+    check_free_space,
+    check_policy,
+    check_store_dtype,
+    chunk_nbytes,
+    compute_dtype,
+    format_message,
+    is_remote,
+    normalise_url,
+    remove_interrupted_writes,
+    store_contents,
+    store_lock,
+    stored_itemsize,
+    wants_drop,
+)
 from ..tiling import DEFAULT_TILE
 from .ingest import PreparedInputs, prepare_inputs
 from .precompile import precompile
