@@ -123,6 +123,14 @@ def test_solve_and_predict_agree_with_float32_tiles(stores, thread_client):
     np.testing.assert_allclose(vq, vf, atol=2e-3)
 
 
+def test_a_bad_dtype_is_refused_before_any_work_and_the_store_stays(stores):
+    q, _, x, xt = stores
+    before = {p: p.read_bytes() for p in Path(q.url).rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"^dtype: expected one of 'float32', 'float64', 'int16', got 'float16'$"):
+        build_kernel(ARCH, x, q.url, x_test=xt, tile=TILE, dtype="float16", overwrite=True, progress=False)
+    assert {p: p.read_bytes() for p in Path(q.url).rglob("*") if p.is_file()} == before
+
+
 def test_a_float32_build_refuses_an_int16_store(stores):
     q, _, x, xt = stores
     with pytest.raises(StoreMismatchError, match="dtype: store has 'int16', requested 'float32'"):
