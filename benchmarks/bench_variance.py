@@ -7,10 +7,13 @@ embedded 2-worker cluster. Timed, best of ``--repeat`` (same store, same inputs,
 
 - the mean's solve (``nngp_dask.solve``; its finished record is deleted before each repeat),
 - ``predict`` without a variance (the mean: one pass over the test tiles),
-- ``predict(variance="dense")``, ``"lowrank"`` and, once (it is the slow one), ``"exact"`` (CG).
+- ``predict(variance="dense")``, ``"tiled"`` (the same factor out of core, from the stored tiles
+  panel by panel), the same in float32 (``tiled_variances(..., dtype=numpy.float32)``, which
+  ``predict`` does not use), ``"lowrank"`` and, once (it is the slow one), ``"exact"`` (CG).
 
-Errors are against ``"exact"``: max and median relative error of the latent variance, and the
-coverage of the 95 % predictive intervals ``mean +- 1.96 sqrt(var + noise)`` on the test targets.
+Errors are against ``"dense"`` (the stored kernel's float64 Cholesky factor: exact to rounding;
+``"exact"`` stops CG at its tolerance): max and median relative error of the latent variance, and
+the coverage of the 95 % predictive intervals ``mean +- 1.96 sqrt(var + noise)`` on the test targets.
 The LOVE rows (Pleiss et al. 2018) emulate a Lanczos cache in memory on the same stored kernel, to
 show what rank it would need: Lanczos on ``K + noise I`` started from the mean test cross-covariance
 (``var = prior - q^T T^-1 q``, ``q = Q^T k*``), and preconditioned by the solve's low-rank factor with
@@ -37,6 +40,7 @@ from nngp_dask import Architecture
 from nngp_dask.build import build_kernel
 from nngp_dask.cluster import client_for
 from nngp_dask.gp import predict, solve
+from nngp_dask.gp.tiled_variance import tiled_variances
 from nngp_dask.store import solve_path
 
 ARCH = Architecture(2, "relu", 2.0, 0.1)
@@ -68,7 +72,7 @@ def love(k: np.ndarray, kstar_t: np.ndarray, prior: np.ndarray, factor: np.ndarr
         s2 = np.sum(factor * factor, axis=0)
         a = np.sqrt(s2 + NOISE)
         coef = -1.0 / (np.sqrt(NOISE) * a * (np.sqrt(NOISE) + a))  # M^-1/2 = I / sqrt(noise) + F diag(coef) F^T
-        half = lambda v: v / np.sqrt(NOISE) + factor @ ((coef[:, None] if v.ndim == 2 else coef) * (factor.T @ v))  # noqa: E501,E731
+        half = lambda v: v / np.sqrt(NOISE) + factor @ ((coef[:, None] if v.ndim == 2 else coef) * (factor.T @ v))  # noqa: E731
     z = half(kstar_t)
     zz = np.sum(z * z, axis=0)
     q_basis = np.zeros((n, max(steps) + 1))
@@ -99,12 +103,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--m", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--love-steps", default="100,300")
+    ap.add_argument("--love-steps", default="100,300", help="Lanczos steps to emulate; '' for none")
     ap.add_argument("--eigen-ranks", default="",
                     help="also the best any rank-r cache can do: k* projected on K's r leading eigenvectors "
                          "(one dense eigendecomposition), e.g. 300,1000,2000")
     ap.add_argument("--skip-exact", action="store_true",
-                    help="do not run variance='exact' (CG); errors are then against 'dense' (exact to rounding)")
+                    help="do not run variance='exact' (one CG per test point: the slow one)")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory, removed at the end")
     args = ap.parse_args()
     x, y, xt, yt = load(args.n, args.m)
@@ -130,7 +134,7 @@ def main() -> None:
                     del ks.group[solve_path(result.key)]  # this benchmark's own record: solve afresh
             timed: dict[str, float] = {}
             preds: dict[str, tuple] = {}
-            modes = [("mean", args.repeat), ("dense", args.repeat), ("lowrank", args.repeat)]
+            modes = [("mean", args.repeat), ("dense", args.repeat), ("tiled", args.repeat), ("lowrank", args.repeat)]
             for mode, reps in modes + ([] if args.skip_exact else [("exact", 1)]):
                 best = np.inf
                 for _ in range(reps):
@@ -138,6 +142,13 @@ def main() -> None:
                     out = predict(ks, result, variance=False if mode == "mean" else mode, client=client)
                     best = min(best, time.perf_counter() - t0)
                 timed[mode], preds[mode] = best, out
+            best = np.inf  # the out-of-core factor in float32: what predict does not use, and why
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                var32 = tiled_variances(ks, NOISE, ks.test_prior(), lambda rows: ks.read_rows("test_train", rows).T,
+                                        dtype=np.float32)
+                best = min(best, time.perf_counter() - t0)
+            timed["tiled, float32 factor"], preds["tiled, float32 factor"] = best + timed["mean"], (None, var32)
             k = np.asarray(ks.read_rows("train_train", slice(0, ks.shape[0])), dtype=np.float64)
             kstar_t = np.asarray(ks.read_rows("test_train", slice(0, ks.n_test)), dtype=np.float64).T
             factor = ks.group[solve_path(result.key)]["lowrank_factor"][...]
@@ -145,20 +156,20 @@ def main() -> None:
         print(f"mean's solve (CG)       {solve_best:7.1f} s  ({result.iterations} iterations; best of "
               f"{args.repeat}: {', '.join(f'{s:.1f}' for s in solve_s)})")
         print(f"predict, mean only      {timed['mean']:7.1f} s")
-        ref = "dense" if args.skip_exact else "exact"
-        mean, exact = preds[ref][0] + ymean, preds[ref][1]
-        print(f"\nerrors against {ref!r}")
+        # the reference: "dense", the stored kernel's float64 factor, exact to rounding
+        mean, exact = preds["mean"] + ymean, preds["dense"][1]
+        print("\nerrors against 'dense' (the float64 factor of the stored kernel: exact to rounding)")
         print(f"{'variance':<34} {'predict s':>9} {'var s':>7} {'var/solve':>9} {'max rel':>9} {'med rel':>9} "
               f"{'cover95':>8} {'d cover':>8}")
-        for mode in [m for m in ("exact", "dense", "lowrank") if m in preds]:
+        for mode in [m for m in ("exact", "dense", "tiled", "tiled, float32 factor", "lowrank") if m in preds]:
             e = errors(preds[mode][1], exact, mean, yt)
             var_s = timed[mode] - timed["mean"]
             print(f"{mode:<34} {timed[mode]:9.1f} {var_s:7.1f} {var_s / solve_best:9.2f} {e['max_rel']:9.2e} "
                   f"{e['median_rel']:9.2e} {e['coverage']:8.3f} {e['coverage_diff']:+8.3f}")
-        steps = [int(s) for s in args.love_steps.split(",")]
+        steps = [int(s) for s in args.love_steps.split(",") if s]
         prior = ks.test_prior()
         for name, f in (("LOVE", None), ("LOVE precond + control var.", factor)):
-            for r, var in love(k, kstar_t, prior, f, steps).items():
+            for r, var in (love(k, kstar_t, prior, f, steps) if steps else {}).items():
                 e = errors(var, exact, mean, yt)
                 print(f"{name + f' r={r}':<34} {'(in memory)':>27} {e['max_rel']:9.2e} {e['median_rel']:9.2e} "
                       f"{e['coverage']:8.3f} {e['coverage_diff']:+8.3f}")

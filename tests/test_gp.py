@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -14,8 +15,8 @@ import zarr
 
 from nngp_dask import Architecture, kernel
 from nngp_dask.build import build_kernel
-from nngp_dask.linalg import ConvergenceWarning
 from nngp_dask.gp import predict, solve, variance_mode
+from nngp_dask.linalg import ConvergenceWarning
 from nngp_dask.store import IncompleteKernelError
 
 ARCH = Architecture(3, "relu", 1.6, 0.1)
@@ -195,6 +196,31 @@ def test_nonconvergence_warns_and_says_so(tmp_path, thread_client):
         r = solve(ks, y, noise=0.0, tol=1e-10, method="cg", preconditioner="none", maxiter=50,
                   client=thread_client, progress=False)
     assert not r.converged
+
+
+def test_predict_warns_of_test_points_far_outside_the_training_inputs(tmp_path, thread_client, caplog):
+    rng = np.random.default_rng(4)
+    x, xt = rng.standard_normal((40, 3)), rng.standard_normal((6, 3))
+    xt[4] *= 3 * np.abs(x).max() / np.abs(xt[4]).max()  # e.g. a feature scaled unlike the training's
+    y = np.sin(x[:, 0])
+    ks = build_kernel(ARCH, x, tmp_path / "k.zarr", x_test=xt, tile=16, dtype="float64", client=thread_client,
+                      progress=False)
+    r = solve(ks, y, noise=NOISE, method="cholesky", client=thread_client, progress=False)
+    ratio = ks.test_prior() / ks.diagonal().max()
+    assert ratio[4] > 4 > ratio[np.arange(6) != 4].max()  # the ReLU kernel grows with |x|^2
+    with caplog.at_level(logging.WARNING, logger="nngp_dask"):
+        predict(ks, r, client=thread_client, progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert (f"1 of 6 test point(s) have a prior variance K(x*, x*) above 4 times the largest training point's "
+            f"(up to {ratio[4]:.3g} times, test point 4)") in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nngp_dask"):  # inside the training range: no warning
+        predict(build_kernel(ARCH, x, tmp_path / "k2.zarr", x_test=np.delete(xt, 4, axis=0), tile=16,
+                             dtype="float64", client=thread_client, progress=False),
+                solve(tmp_path / "k2.zarr", y, noise=NOISE, method="cholesky", client=thread_client, progress=False),
+                client=thread_client, progress=False)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_bad_input_refused_before_work(problem):

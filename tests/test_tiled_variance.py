@@ -78,7 +78,7 @@ def test_in_memory_factor_by_blocks_equals_one_potrf(monkeypatch):
     k[100, 100] = -1.0  # not positive definite in the third block
     with pytest.raises(np.linalg.LinAlgError, match="diagonal block of rows 80-119"):
         cholesky_factor(k, NOISE)
-    for bad, message in ((np.eye(3, dtype=np.float32), "a: expected a float64 array"),
+    for bad, message in ((np.eye(3, dtype=np.int64), "a: expected a float32 or float64 array"),
                          (np.ones((2, 3)), r"a: expected a non-empty square 2-D array \(n, n\), got shape \(2, 3\)")):
         with pytest.raises(ValueError, match=message):
             dense.cholesky_in_place(bad)
@@ -92,6 +92,29 @@ def test_gram_upper_is_the_product_on_either_side_of_the_syrk_limit(monkeypatch,
     np.testing.assert_allclose(_blas.gram_upper(x.T)[upper], (x.T @ x)[upper], rtol=1e-12)
     c = np.asfortranarray(np.eye(9))
     np.testing.assert_allclose(_blas.gram_upper(x.T, c)[upper], (x.T @ x + np.eye(9))[upper], rtol=1e-12)
+
+
+def test_blocked_cholesky_in_float32_is_scipys_factor_to_float32_rounding():
+    n = 157  # a ragged last panel
+    rng = np.random.default_rng(5)
+    k = kernel(ARCH, rng.standard_normal((n, 6)), dtype="float64")
+    saved, save, load = _in_memory_panels()
+    logdet = blocked_cholesky(lambda c0, c1: k[c0:, c0:c1].astype(np.float32), n, WIDTH, NOISE, save, load,
+                              dtype=np.float32)
+    assert {p.dtype for p in saved.values()} == {np.dtype(np.float32)}
+    a = k.astype(np.float32).astype(np.float64) + NOISE * np.eye(n)
+    lower = scipy.linalg.cholesky(a, lower=True)
+    ours = np.zeros((n, n))
+    for j, p in saved.items():
+        ours[j * WIDTH:, j * WIDTH:j * WIDTH + p.shape[1]] = p
+    err = np.abs(np.tril(ours) - lower).max() / np.abs(lower).max()
+    assert 1e-9 < err < 1e-4  # float32 rounding: not float64's, not worse
+    assert logdet == pytest.approx(np.linalg.slogdet(a)[1], rel=1e-4)
+    b = rng.standard_normal((n, 5))
+    got = forward_sum_squares(b.astype(np.float32), n, WIDTH, load)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, np.sum(scipy.linalg.solve_triangular(lower, b, lower=True) ** 2, axis=0),
+                               rtol=1e-3)
 
 
 def test_blocked_cholesky_of_an_indefinite_matrix_gives_the_one_advice():

@@ -38,7 +38,7 @@ from .posterior import variance_from_cholesky, variance_from_solve, variance_low
 from .regression import SolveResult, dense_kernel, open_store, solve_preconditioner
 from .tiled_variance import check_scratch, tiled_variances
 
-__all__ = ["DENSE_VARIANCE_MAX_N", "VARIANCE_RANK", "predict", "variance_mode"]
+__all__ = ["DENSE_VARIANCE_MAX_N", "EXTRAPOLATION_RATIO", "VARIANCE_RANK", "predict", "variance_mode"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -46,6 +46,11 @@ log = logging.getLogger("nngp_dask")
 #: training points: a float64 copy of 8 n^2 bytes (2 GiB at the cap) next to the kernel as read,
 #: 4 n^2 bytes for float32 tiles, so 3 GiB at the peak; a Cholesky of ``n^3 / 3`` flops.
 DENSE_VARIANCE_MAX_N = 16384
+#: :func:`predict` warns when test points' prior variances ``K(x*, x*)`` exceed this multiple of
+#: the largest training point's. A ReLU network's kernel grows with ``|x|^2``: such a point lies
+#: about twice as far out as any training input, and its prediction extrapolates a kernel that
+#: keeps growing (a badly scaled test feature does this; bounded activations never trigger it).
+EXTRAPOLATION_RATIO = 4.0
 #: Leading components of the preconditioner's factor used by the low-rank variance: its cost is
 #: 2 m n r flops, so the full rank of a strong preconditioner (thousands) would dominate a run.
 VARIANCE_RANK = 256
@@ -85,6 +90,16 @@ def variance_mode(store: KernelStore | str | os.PathLike, result: SolveResult, v
     if result.method == "cholesky" or n <= DENSE_VARIANCE_MAX_N:
         return "dense"
     return "exact" if 6 * ks.n_test * max(result.iterations, 1) < n else "tiled"
+
+
+def _warn_extrapolation(ks: KernelStore) -> None:
+    ratio = ks.test_prior() / float(np.max(ks.diagonal()))
+    far = ratio > EXTRAPOLATION_RATIO
+    if far.any():
+        log.warning("predict: %d of %d test point(s) have a prior variance K(x*, x*) above %g times the largest "
+                    "training point's (up to %.3g times, test point %d): they lie far outside the training inputs "
+                    "and their predictions extrapolate; check how the test inputs were scaled", int(far.sum()),
+                    far.size, EXTRAPOLATION_RATIO, float(ratio.max()), int(np.argmax(ratio)))
 
 
 def predict(
@@ -133,6 +148,11 @@ def predict(
     -------
     mean : ndarray, shape (m, k) (or (m,) when y was 1-D)
     var : ndarray, shape (m,), when ``variance`` is requested
+
+    Notes
+    -----
+    Logs a warning when test points' prior variances exceed ``EXTRAPOLATION_RATIO`` times the
+    largest training point's (inputs far outside the training inputs).
     """
     if not isinstance(result, SolveResult):
         raise TypeError(f"result: expected the SolveResult of nngp_dask.solve on this store, got "
@@ -148,6 +168,7 @@ def predict(
     squeeze = alpha.ndim == 1
     a2 = alpha.reshape(alpha.shape[0], -1)
     ks.require_complete("test_train")
+    _warn_extrapolation(ks)
     if mode == "tiled":
         check_scratch(ks.shape[0], ks.tile)  # before any work
     m = ks.n_test

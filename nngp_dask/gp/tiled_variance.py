@@ -9,6 +9,10 @@ float64 at the peak, 2.6 GB at n = 40,000), and the test points' right-hand side
 ``RHS_BYTES``; the factor's ``4 n^2`` bytes (its lower half in float64) go to a temporary folder
 (``TMPDIR``, deleted afterwards, refused up front when the disk lacks the space). The flops are
 the dense factor's, ``n^3 / 3`` plus ``n^2`` per test point, and the result is exact to rounding.
+
+A float32 factor (``dtype=numpy.float32``) takes half the time but is not what :func:`predict`
+uses: on the fitted kin40k model, whose latent variances are ~7e-4 of the prior, its variances
+were 2.6 % off in median (benchmarks/RESULTS.md, section 12).
 """
 
 from __future__ import annotations
@@ -40,25 +44,25 @@ RHS_BYTES = 512 * 2**20
 
 
 class _PanelFiles:
-    """Panels of the factor as raw float64 files in ``folder`` (rows ``c0:``, C order)."""
+    """Panels of the factor as raw files of ``dtype`` in ``folder`` (rows ``c0:``, C order)."""
 
-    def __init__(self, folder: str, n: int, width: int) -> None:
-        self.folder, self.n, self.width = folder, n, width
+    def __init__(self, folder: str, n: int, width: int, dtype: type[np.floating]) -> None:
+        self.folder, self.n, self.width, self.dtype = folder, n, width, np.dtype(dtype)
 
     def _file(self, j: int) -> str:
-        return os.path.join(self.folder, f"panel-{j:05d}.f64")
+        return os.path.join(self.folder, f"panel-{j:05d}.{self.dtype.str[1:]}")
 
     def save(self, j: int, panel: NDArray) -> None:
         with open(self._file(j), "wb") as f:
-            np.ascontiguousarray(panel, dtype=np.float64).tofile(f)
+            np.ascontiguousarray(panel, dtype=self.dtype).tofile(f)
 
     def load(self, j: int, row0: int) -> NDArray:
         c0 = j * self.width
         cols = min(self.width, self.n - c0)
         # rows row0.. of a panel whose first row is c0: read exactly those bytes (no mapping, so
         # nothing of the file stays in this process's memory)
-        return np.fromfile(self._file(j), dtype=np.float64, count=(self.n - row0) * cols,
-                           offset=(row0 - c0) * cols * 8).reshape(self.n - row0, cols)
+        return np.fromfile(self._file(j), dtype=self.dtype, count=(self.n - row0) * cols,
+                           offset=(row0 - c0) * cols * self.dtype.itemsize).reshape(self.n - row0, cols)
 
 
 def _kernel_panel(ks: KernelStore) -> Callable[[int, int], NDArray]:
@@ -90,19 +94,19 @@ def panel_width(tile: int) -> int:
     return tile * max(1, round(PANEL_COLUMNS / tile))
 
 
-def check_scratch(n: int, tile: int) -> int:
-    """The scratch bytes of the factor of ``n`` points (its lower half, float64, in panels);
-    raises :class:`OSError` with one line when ``TMPDIR``'s disk has less free space.
-    :func:`nngp_dask.gp.predict` calls it before any work."""
-    nbytes = sum((n - c0) * (c1 - c0) * 8 for c0, c1 in panel_bounds(n, panel_width(tile)))
+def check_scratch(n: int, tile: int, itemsize: int = 8) -> int:
+    """The scratch bytes of the factor of ``n`` points (its lower half in panels, ``itemsize``
+    bytes a number); raises :class:`OSError` with one line when ``TMPDIR``'s disk has less free
+    space. :func:`nngp_dask.gp.predict` calls it before any work."""
+    nbytes = sum((n - c0) * (c1 - c0) * itemsize for c0, c1 in panel_bounds(n, panel_width(tile)))
     check_free_space(tempfile.gettempdir(), nbytes, "the out-of-core factor's scratch space", field="variance",
                      advice="set TMPDIR to a larger disk, or use variance='lowrank'")
     return nbytes
 
 
 @contextmanager
-def _scratch(n: int, tile: int) -> Iterator[tuple[str, int]]:
-    nbytes = check_scratch(n, tile)  # again: the disk may have filled since predict checked
+def _scratch(n: int, tile: int, itemsize: int) -> Iterator[tuple[str, int]]:
+    nbytes = check_scratch(n, tile, itemsize)  # again: the disk may have filled since predict checked
     folder = tempfile.mkdtemp(prefix="nngp-dask-factor-", dir=tempfile.gettempdir())
     try:
         yield folder, nbytes
@@ -111,7 +115,8 @@ def _scratch(n: int, tile: int) -> Iterator[tuple[str, int]]:
 
 
 def tiled_variances(ks: KernelStore, noise: float, prior: NDArray, read_test: Callable[[slice], NDArray], *,
-                    beat: Callable[[int, str], None] | None = None) -> NDArray[np.float64]:
+                    dtype: type[np.floating] = np.float64, beat: Callable[[int, str], None] | None = None
+                    ) -> NDArray[np.float64]:
     """Latent variances of every test point from an out-of-core Cholesky factor of ``K + noise I``.
 
     Parameters
@@ -124,6 +129,8 @@ def tiled_variances(ks: KernelStore, noise: float, prior: NDArray, read_test: Ca
         ``K(x*, x*)`` of the test points.
     read_test : callable ``(rows) -> ndarray, shape (n, len(rows))``
         ``K(X, X*)`` for a slice of test points.
+    dtype : {numpy.float64, numpy.float32}
+        The factor's precision (float32: see the module's note).
     beat : callable ``(done, message)``, optional
         Progress (test points done, and what is happening).
 
@@ -138,14 +145,14 @@ def tiled_variances(ks: KernelStore, noise: float, prior: NDArray, read_test: Ca
         When ``TMPDIR``'s disk lacks the factor's space (:func:`check_scratch`).
     """
     n, m, t = ks.shape[0], prior.shape[0], ks.tile
-    width = panel_width(t)
-    with _scratch(n, t) as (folder, nbytes):
-        files = _PanelFiles(folder, n, width)
+    width, itemsize = panel_width(t), np.dtype(dtype).itemsize
+    with _scratch(n, t, itemsize) as (folder, nbytes):
+        files = _PanelFiles(folder, n, width, dtype)
         note = (lambda c: beat(0, f"out-of-core Cholesky: {c} of {n} columns")) if beat else None
-        log.info("variances: out-of-core Cholesky of the %d x %d kernel in panels of %d columns (%.1f GB of "
-                 "scratch in %s)", n, n, width, nbytes / 1e9, folder)
-        blocked_cholesky(_kernel_panel(ks), n, width, noise, files.save, files.load, beat=note)
-        group = max(1, RHS_BYTES // (8 * n))
+        log.info("variances: out-of-core %s Cholesky of the %d x %d kernel in panels of %d columns (%.1f GB of "
+                 "scratch in %s)", np.dtype(dtype).name, n, n, width, nbytes / 1e9, folder)
+        blocked_cholesky(_kernel_panel(ks), n, width, noise, files.save, files.load, dtype=dtype, beat=note)
+        group = max(1, RHS_BYTES // (itemsize * n))
         if group > t:
             group -= group % t  # whole rows of test tiles: each is read once
 
@@ -154,7 +161,6 @@ def tiled_variances(ks: KernelStore, noise: float, prior: NDArray, read_test: Ca
             stop = min(start + group, m)
             if beat is not None:
                 beat(start, f"variances of test points {start}-{stop - 1}: one pass over the factor")
-            rhs = np.array(read_test(slice(start, stop)), dtype=np.float64)
+            rhs = np.array(read_test(slice(start, stop)), dtype=dtype)
             var[start:stop] = variance_from_reduction(prior[start:stop], forward_sum_squares(rhs, n, width, files.load))
     return var
-

@@ -39,6 +39,7 @@ def blocked_cholesky(
     save: Callable[[int, NDArray], None],
     load: Callable[[int, int], NDArray],
     *,
+    dtype: type[np.floating] = np.float64,
     beat: Callable[[int], None] | None = None,
 ) -> float:
     """Factorise ``K + noise I = L L^T`` panel by panel; return ``log det(K + noise I)``.
@@ -46,15 +47,17 @@ def blocked_cholesky(
     Parameters
     ----------
     kernel_panel : callable ``(c0, c1) -> ndarray, shape (n - c0, c1 - c0)``
-        ``K[c0:, c0:c1]`` (any float dtype; updated in float64).
+        ``K[c0:, c0:c1]`` (any float dtype; updated in ``dtype``).
     n, width : int
         Order of ``K``; panel width (the last panel is ragged).
     noise : float
         Added to the diagonal.
     save : callable ``(j, panel)``
-        Keeps panel ``j`` of ``L``: ``L[c0:, c0:c1]`` (float64, its top block lower triangular).
+        Keeps panel ``j`` of ``L``: ``L[c0:, c0:c1]`` (``dtype``, its top block lower triangular).
     load : callable ``(j, row0) -> ndarray``
         Rows ``row0:`` (of the whole matrix) of a saved panel ``j``.
+    dtype : {numpy.float64, numpy.float32}
+        The precision of the updates and of the factor (the log-determinant is summed in float64).
     beat : callable ``(columns_done)``, optional
         Called after each panel.
 
@@ -66,7 +69,7 @@ def blocked_cholesky(
     logdet = 0.0
     bounds = list(panel_bounds(n, width))
     for j, (c0, c1) in enumerate(bounds):
-        panel = np.array(kernel_panel(c0, c1), dtype=np.float64)
+        panel = np.array(kernel_panel(c0, c1), dtype=dtype)
         for k in range(j):
             earlier = load(k, c0)  # L[c0:, block k]
             panel -= earlier @ earlier[:c1 - c0].T
@@ -80,7 +83,7 @@ def blocked_cholesky(
         if c1 < n:
             panel[c1 - c0:] = scipy.linalg.solve_triangular(top, panel[c1 - c0:].T, lower=True,
                                                             check_finite=False).T
-        logdet += 2.0 * float(np.log(np.diagonal(top)).sum())
+        logdet += 2.0 * float(np.log(np.diagonal(top), dtype=np.float64).sum())
         save(j, panel)
         if beat is not None:
             beat(c1)
@@ -93,7 +96,8 @@ def forward_sum_squares(rhs: NDArray, n: int, width: int, load: Callable[[int, i
     Parameters
     ----------
     rhs : ndarray, shape (n, m)
-        Overwritten (it holds the forward substitution's running right-hand side).
+        Overwritten (it holds the forward substitution's running right-hand side); of the
+        panels' dtype, in which the substitution runs (the sums of squares are float64).
     n, width : int
         As given to :func:`blocked_cholesky`.
     load : callable ``(j, row0) -> ndarray``
@@ -107,7 +111,7 @@ def forward_sum_squares(rhs: NDArray, n: int, width: int, load: Callable[[int, i
     for j, (c0, c1) in enumerate(panel_bounds(n, width)):
         panel = load(j, c0)
         w = scipy.linalg.solve_triangular(panel[:c1 - c0], rhs[c0:c1], lower=True, check_finite=False)
-        total += np.einsum("ij,ij->j", w, w)
+        total += np.einsum("ij,ij->j", w, w, dtype=np.float64)
         if c1 < n:
             rhs[c1:] -= panel[c1 - c0:] @ w
     return total

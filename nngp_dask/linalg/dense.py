@@ -8,7 +8,7 @@ log-determinant) factors here, so a failure reads the same everywhere.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 import scipy.linalg
@@ -22,6 +22,7 @@ __all__ = ["POTRF_MAX_N", "cholesky_factor", "cholesky_in_place", "dense_solve",
 #: The largest order handed to one LAPACK ``potrf`` call; larger matrices are factorised in blocks
 #: of this order (OpenBLAS's parallel ``potrf`` overruns a buffer above it: :mod:`nngp_dask._blas`).
 POTRF_MAX_N = SYRK_MAX_N
+_Float = TypeVar("_Float", NDArray[np.float64], NDArray[np.float32])
 #: Rows of the strips the blocked factorisation solves and updates at a time (its scratch)
 _STRIP = 2048
 
@@ -114,7 +115,7 @@ def cholesky_factor(k: ArrayLike, noise: float) -> tuple[NDArray[np.float64], bo
         ) from exc
 
 
-def cholesky_in_place(a: NDArray[np.float64]) -> NDArray[np.float64]:
+def cholesky_in_place(a: _Float) -> _Float:
     """Overwrite the lower triangle of the symmetric positive definite ``a`` with its Cholesky factor.
 
     One LAPACK ``potrf`` up to :data:`POTRF_MAX_N`; above it, by blocks of that order (a
@@ -125,7 +126,7 @@ def cholesky_in_place(a: NDArray[np.float64]) -> NDArray[np.float64]:
 
     Parameters
     ----------
-    a : ndarray, shape (n, n), float64
+    a : ndarray, shape (n, n), float64 (or float32)
         Fortran-ordered for speed (a C-ordered one works, slower). Only its lower triangle is
         meaningful afterwards, as with :func:`scipy.linalg.cho_factor`.
 
@@ -140,11 +141,11 @@ def cholesky_in_place(a: NDArray[np.float64]) -> NDArray[np.float64]:
     numpy.linalg.LinAlgError
         ``a`` is not positive definite.
     ValueError
-        ``a`` is not a square float64 array (it is overwritten, so it is not converted).
+        ``a`` is not a square float64 or float32 array (it is overwritten, so it is not converted).
     """
     _check_square(a, "a")
-    if a.dtype != np.float64:
-        raise ValueError(f"a: expected a float64 array (factorised in place), got dtype {a.dtype}")
+    if a.dtype not in (np.float32, np.float64):
+        raise ValueError(f"a: expected a float32 or float64 array (factorised in place), got dtype {a.dtype}")
     n = a.shape[0]
     if n <= POTRF_MAX_N:
         return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)[0]
