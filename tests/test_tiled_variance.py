@@ -84,6 +84,21 @@ def test_in_memory_factor_by_blocks_equals_one_potrf(monkeypatch):
             dense.cholesky_in_place(bad)
 
 
+def test_cholesky_factor_overwrites_only_a_c_ordered_float64_kernel_when_asked():
+    k = kernel(ARCH, np.random.default_rng(9).standard_normal((60, 4)), dtype="float64")
+    for given, shared in ((k.copy(), True), (k.astype(np.float32), False), (np.asfortranarray(k), False)):
+        before = given.copy()
+        want = scipy.linalg.cholesky(before.astype(np.float64) + NOISE * np.eye(60), lower=True)
+        c = cholesky_factor(given, NOISE, overwrite_k=True)[0]
+        assert np.shares_memory(c, given) is shared
+        np.testing.assert_allclose(np.tril(c), want, rtol=1e-10, atol=1e-12)
+        if not shared:
+            np.testing.assert_array_equal(given, before)
+    bad = -k  # the advice names a noise from k's diagonal as given, not as overwritten
+    with pytest.raises(np.linalg.LinAlgError, match=rf"e.g. to {max(NOISE * 10, 1e-6 * np.diag(k).mean()):.3g}"):
+        cholesky_factor(bad, NOISE, overwrite_k=True)
+
+
 @pytest.mark.parametrize("limit", [64, 4])  # one syrk; a GEMM above the limit
 def test_gram_upper_is_the_product_on_either_side_of_the_syrk_limit(monkeypatch, limit):
     monkeypatch.setattr(_blas, "SYRK_MAX_N", limit)

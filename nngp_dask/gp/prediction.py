@@ -13,7 +13,7 @@ K's exact leading eigenvectors, the best rank-r space there is, need r in the th
 each test point ``n^2`` (one triangular solve), against ``2 n^2`` per point and CG iteration: there
 it took 0.54x the mean's solve against 20x for the batched CG, exact to rounding, so
 ``variance="auto"`` takes it while the float64 factor fits in memory (``DENSE_VARIANCE_MAX_N``,
-``12 n^2`` bytes at its peak). Past that size the same factorisation runs out of core
+``8 n^2`` bytes at its peak). Past that size the same factorisation runs out of core
 (``"tiled"``, :mod:`nngp_dask.gp.tiled_variance`: panels from the stored tiles, the factor in
 scratch files), unless so few test points are asked for that their CG solves cost fewer flops
 than the factor. ``"lowrank"`` remains as a cheap, inexact choice, never picked by ``"auto"``.
@@ -43,8 +43,8 @@ __all__ = ["DENSE_VARIANCE_MAX_N", "EXTRAPOLATION_RATIO", "VARIANCE_RANK", "pred
 log = logging.getLogger("nngp_dask")
 
 #: ``variance="auto"`` factorises ``K + noise I`` in memory for the variance up to this many
-#: training points: a float64 copy of 8 n^2 bytes (2 GiB at the cap) next to the kernel as read,
-#: 4 n^2 bytes for float32 tiles, so 3 GiB at the peak; a Cholesky of ``n^3 / 3`` flops.
+#: training points: the kernel read into float64 and factorised in place, 8 n^2 bytes (2 GiB at
+#: the cap); a Cholesky of ``n^3 / 3`` flops.
 DENSE_VARIANCE_MAX_N = 16384
 #: :func:`predict` warns when test points' prior variances ``K(x*, x*)`` exceed this multiple of
 #: the largest training point's. A ReLU network's kernel grows with ``|x|^2``: such a point lies
@@ -124,7 +124,7 @@ def predict(
     variance : bool or {"auto", "dense", "tiled", "exact", "lowrank"}
         ``True``/``"auto"``: see :func:`variance_mode` (``"dense"`` while the factor fits, then
         ``"tiled"``).
-        ``"dense"``: factorises ``K + noise I`` (float64, in memory: ``12 n^2`` bytes at the
+        ``"dense"``: factorises ``K + noise I`` (float64, in memory: ``8 n^2`` bytes at the
         peak) once, then one triangular solve per ``batch`` test points; exact to rounding, and
         at n = 10,000 it costs a fraction of ``"exact"`` (benchmarks/RESULTS.md, section 12).
         ``"tiled"``: the same factorisation out of core, panel by panel from the stored tiles,
@@ -203,7 +203,7 @@ def predict(
             return mean, var
         if mode == "dense" or result.method == "cholesky":
             # factorised once for every batch of test points
-            lower = cholesky_factor(dense_kernel(ks), noise)[0]
+            lower = cholesky_factor(dense_kernel(ks, np.float64), noise, overwrite_k=True)[0]
             block_variance = lambda p, kstar: variance_from_cholesky(p, kstar, lower)  # noqa: E731
         else:
             beat(0, "exact variances: the solve's preconditioner")

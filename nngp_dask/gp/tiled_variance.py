@@ -1,7 +1,7 @@
 """Exact predictive variances past the in-memory size: ``K + noise I`` factorised panel by panel
 from the stored tiles, the factor kept in scratch files.
 
-The in-memory factor (``variance="dense"``) needs ``12 n^2`` bytes at its peak, 15.6 GB for
+The in-memory factor (``variance="dense"``) needs ``8 n^2`` bytes at its peak, 10.4 GB for
 kin40k's 36,000 training points; CG per test point costs ``2 n^2`` flops per point and
 iteration. Here (:func:`nngp_dask.linalg.blocked_cholesky`) the driver holds a panel of ``n x w``
 float64 (``w`` about 2,048 columns), an earlier one read back and their product (about ``4 n w``

@@ -70,7 +70,7 @@ def positive_definite_advice(noise: float, detail: str, *, mean_diag: float | No
             "kernel in float64.")
 
 
-def cholesky_factor(k: ArrayLike, noise: float) -> tuple[NDArray[np.float64], bool]:
+def cholesky_factor(k: ArrayLike, noise: float, *, overwrite_k: bool = False) -> tuple[NDArray[np.float64], bool]:
     """Cholesky factor of ``k + noise I`` in float64, as :func:`scipy.linalg.cho_factor` returns it.
 
     The one dense factorisation of the package (solve, predict, the sweep, the estimators, SLQ's
@@ -79,9 +79,13 @@ def cholesky_factor(k: ArrayLike, noise: float) -> tuple[NDArray[np.float64], bo
     Parameters
     ----------
     k : array_like, shape (n, n)
-        Symmetric kernel matrix, float32 or float64; not modified (its upper triangle is read).
+        Symmetric kernel matrix, float32 or float64; not modified (its upper triangle is read),
+        unless ``overwrite_k``.
     noise : float
         ``>= 0``, added to the diagonal.
+    overwrite_k : bool
+        Factorise a C-ordered float64 ``k`` in place (as scipy's ``overwrite_a``): no copy, so
+        the peak memory is ``k`` alone; ``c`` is then a view of ``k``. Other ``k`` are copied.
 
     Returns
     -------
@@ -98,18 +102,19 @@ def cholesky_factor(k: ArrayLike, noise: float) -> tuple[NDArray[np.float64], bo
         When ``k`` is not square, not real or not finite, or ``noise`` is not a number >= 0.
     """
     k_arr = _check_square(k)
-    # One float64 copy, factorised in place: peak memory is k plus one n x n float64. k is
-    # symmetric, so the transpose of the C-ordered copy is the Fortran-ordered one LAPACK wants
-    # (a transposing copy took ten times as long).
-    a = np.array(k_arr, dtype=np.float64).T
+    # One float64 copy (or k itself), factorised in place: peak memory is k plus one n x n
+    # float64. k is symmetric, so the transpose of the C-ordered copy is the Fortran-ordered one
+    # LAPACK wants (a transposing copy took ten times as long).
+    in_place = overwrite_k and k_arr.dtype == np.float64 and k_arr.flags.c_contiguous
+    a = k_arr.T if in_place else np.array(k_arr, dtype=np.float64).T
     if not np.all(np.isfinite(a)):
         raise ValueError("k: expected finite values, got NaN or Inf")
     noise = _check_noise(noise)
+    mean_diag = float(np.mean(np.diagonal(a)))  # for the advice: the factorisation overwrites it
     a[np.diag_indices_from(a)] += noise
     try:
         return cholesky_in_place(a), True
     except np.linalg.LinAlgError as exc:
-        mean_diag = float(np.mean(np.diagonal(k_arr), dtype=np.float64))
         raise np.linalg.LinAlgError(
             positive_definite_advice(noise, f"the Cholesky factorisation failed ({exc})", mean_diag=mean_diag)
         ) from exc

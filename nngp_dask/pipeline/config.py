@@ -152,7 +152,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "predict": {
         "variance": Field(str, "auto", "predictive variance: none; auto (dense up to 16384 training points, "
                           "else tiled, or exact for a few test points); dense (one in-memory Cholesky of "
-                          "K + noise I, 12 n^2 bytes); tiled (the same Cholesky out of core, 4 n^2 bytes of "
+                          "K + noise I, 8 n^2 bytes); tiled (the same Cholesky out of core, 4 n^2 bytes of "
                           "scratch in TMPDIR); exact (one CG per test point); lowrank (cheap, coarse)",
                           choices=("none", "auto", "dense", "tiled", "exact", "lowrank")),
     },
