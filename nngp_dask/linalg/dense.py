@@ -19,10 +19,11 @@ from .cg import check_rhs
 
 __all__ = ["POTRF_MAX_N", "cholesky_factor", "cholesky_in_place", "dense_solve", "positive_definite_advice"]
 
+_Float = TypeVar("_Float", NDArray[np.float64], NDArray[np.float32])
+
 #: The largest order handed to one LAPACK ``potrf`` call; larger matrices are factorised in blocks
 #: of this order (OpenBLAS's parallel ``potrf`` overruns a buffer above it: :mod:`nngp_dask._blas`).
 POTRF_MAX_N = SYRK_MAX_N
-_Float = TypeVar("_Float", NDArray[np.float64], NDArray[np.float32])
 #: Rows of the strips the blocked factorisation solves and updates at a time (its scratch)
 _STRIP = 2048
 
