@@ -198,6 +198,25 @@ def test_nonconvergence_warns_and_says_so(tmp_path, thread_client):
     assert not r.converged
 
 
+def test_a_cholesky_solve_hands_its_factor_to_the_exact_variances(problem, cluster_client, monkeypatch):
+    import nngp_dask.gp.prediction as prediction
+
+    r = solve(problem["ks"], problem["y"], noise=NOISE, method="cholesky", client=cluster_client, progress=False)
+    assert r.factor is not None and r.factor.shape == (157, 157)
+    calls = []
+    real = prediction.cholesky_factor
+    monkeypatch.setattr(prediction, "cholesky_factor", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    mean, var = predict(problem["ks"], r, variance=True, client=cluster_client, progress=False)
+    assert calls == []  # the solve's own factor
+    assert _rel(var, problem["var"]) < 1e-9 and _rel(mean, problem["mean"]) < 1e-9
+    again = solve(problem["ks"], problem["y"], noise=NOISE, method="cholesky", client=cluster_client,
+                  progress=False)
+    assert again.resumed_from == -1 and again.factor is None  # loaded from the store: factorised anew
+    _, var2 = predict(problem["ks"], again, variance=True, client=cluster_client, progress=False)
+    assert calls == [1]
+    np.testing.assert_allclose(var2, var, rtol=1e-12, atol=1e-14)
+
+
 def test_predict_warns_of_test_points_far_outside_the_training_inputs(tmp_path, thread_client, caplog):
     rng = np.random.default_rng(4)
     x, xt = rng.standard_normal((40, 3)), rng.standard_normal((6, 3))

@@ -81,6 +81,18 @@ def test_quickstart_idempotent_and_noise_change_reruns_only_solve(tmp_path, caps
 
 
 @pytest.mark.slow  # four whole pipeline runs
+def test_exact_dense_variances_make_an_auto_solve_a_cholesky_sharing_its_factor(tmp_path, monkeypatch):
+    import nngp_dask.gp.regression as regression
+
+    monkeypatch.setattr(regression, "DIRECT_MAX_N", 100)  # "auto" alone would take CG for these 600 points
+    assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--no-plots", "--set", "solver.method=auto",
+                 "--set", "predict.variance=auto"]) == 0
+    rep = _report(tmp_path)
+    assert rep["stages"]["solve"]["detail"]["method"] == "cholesky"
+    assert "exact variances from the same factor" in (tmp_path / "run" / "run.log").read_text()
+    assert 0.9 < rep["metrics"]["coverage"]["observed"][rep["metrics"]["coverage"]["levels"].index(0.95)] <= 1
+
+
 def test_new_data_or_changed_architecture_rebuilds_the_kernel(tmp_path):
     assert main(["-q", "run", str(QUICK), *SMALL, *_out(tmp_path), "--no-plots"]) == 0
     first = _report(tmp_path)

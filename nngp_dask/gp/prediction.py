@@ -127,6 +127,7 @@ def predict(
         ``"dense"``: factorises ``K + noise I`` (float64, in memory: ``8 n^2`` bytes at the
         peak) once, then one triangular solve per ``batch`` test points; exact to rounding, and
         at n = 10,000 it costs a fraction of ``"exact"`` (benchmarks/RESULTS.md, section 12).
+        After a Cholesky solve in this process (``result.factor``) no factorisation at all.
         ``"tiled"``: the same factorisation out of core, panel by panel from the stored tiles,
         the factor (``4 n^2`` bytes) in a temporary folder (``TMPDIR``) deleted afterwards;
         about ``4 n w`` float64 in memory (panels and their products, ``w`` ~ 2,048: 2.6 GB at
@@ -202,8 +203,10 @@ def predict(
             beat(m, "exact variances (out-of-core factor)")
             return mean, var
         if mode == "dense" or result.method == "cholesky":
-            # factorised once for every batch of test points
-            lower = cholesky_factor(dense_kernel(ks, np.float64), noise, overwrite_k=True)[0]
+            # factorised once for every batch of test points, or not at all after a Cholesky solve
+            # in this process
+            lower = result.factor if result.factor is not None else \
+                cholesky_factor(dense_kernel(ks, np.float64), noise, overwrite_k=True)[0]
             block_variance = lambda p, kstar: variance_from_cholesky(p, kstar, lower)  # noqa: E731
         else:
             beat(0, "exact variances: the solve's preconditioner")

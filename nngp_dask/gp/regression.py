@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
+import scipy.linalg
 import zarr
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
@@ -36,8 +37,8 @@ from ..linalg import (
     LowRank,
     batched_cg,
     block_cg,
+    cholesky_factor,
     default_maxiter,
-    dense_solve,
     make_preconditioner,
 )
 from ..monitor import tracked
@@ -80,6 +81,11 @@ class SolveResult:
         amplitude fitted by marginal likelihood.
     resumed_from : int
         Iteration the solve resumed from (0 when it started afresh, -1 when loaded finished).
+    factor : ndarray, shape (n, n), or None
+        For a Cholesky solve run in this process, ``L`` with ``L L^T = K + noise I`` in its lower
+        triangle, as scikit-learn's ``GaussianProcessRegressor.L_``: :func:`nngp_dask.gp.predict`
+        reuses it for exact variances instead of factorising again. Not stored: a solve loaded
+        from the store has None.
     """
 
     alpha: NDArray[np.float64]
@@ -95,6 +101,7 @@ class SolveResult:
     wall_s: float = 0.0
     matmat_s: float = 0.0
     info: dict = field(default_factory=dict)
+    factor: NDArray[np.float64] | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> str:
         worst = float(np.max(self.residuals[-1])) if self.residuals.size else 0.0
@@ -353,13 +360,13 @@ def solve(
                                  "n": n, "y_hash": targets_hash(y2)})
     maxiter = default_maxiter(n) if maxiter is None else int(maxiter)
 
-    def finish(alpha, iterations, residuals, converged, resumed, matmat_s=0.0, info=None):
+    def finish(alpha, iterations, residuals, converged, resumed, matmat_s=0.0, info=None, factor=None):
         a = alpha[:, 0] if squeeze else alpha
         # the kernel amplitude's marginal-likelihood optimum: free given alpha (gp/likelihood.py)
         info = {**(info or {}), "amplitude": amplitude_mle(y2, alpha)}
         used = info.get("preconditioner_used") or pre_name  # "auto" resolved to what ran
         return SolveResult(a, iterations, residuals, converged, noise, tol, method, used, key, resumed,
-                           time.perf_counter() - t0, matmat_s, info)
+                           time.perf_counter() - t0, matmat_s, info, factor)
 
     attrs = ck.attrs
     if attrs.get("status") == "done" and (attrs.get("converged") or attrs.get("iterations", 0) >= maxiter):
@@ -371,12 +378,14 @@ def solve(
                                                       "preconditioner_landmarks", "warm_start") if k in attrs})
 
     if method == "cholesky":
-        k = dense_kernel(ks).astype(np.float64)
-        alpha = dense_solve(k, y2, noise)
+        k = dense_kernel(ks, np.float64)
+        lower = cholesky_factor(k, noise)[0]  # a copy: k stays for the residual below
+        alpha = scipy.linalg.cho_solve((lower, True), y2, check_finite=False)
         res = np.linalg.norm(k @ alpha + noise * alpha - y2, axis=0) / np.maximum(np.linalg.norm(y2, axis=0), 1e-300)
+        del k
         residuals = np.vstack([np.ones_like(res), res])
         ck.save_solution(alpha, residuals, {"iterations": 0, "converged": True})
-        return finish(alpha, 0, residuals, True, 0)
+        return finish(alpha, 0, residuals, True, 0, factor=lower)
 
     with client_for(client) as c:
         op = StoredKernelOperator(ks, noise, c)

@@ -125,7 +125,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "maxiter": Field(int, 0, "CG iteration cap (0: automatic)", minimum=0),
         "preconditioner": Field(str, "auto", "CG preconditioner", choices=PRECONDITIONERS),
         "rank": Field(int, 1024, "rank of a low-rank preconditioner", minimum=1),
-        "method": Field(str, "auto", "auto (Cholesky up to 5000 points, CG above), cg, block_cg (all "
+        "method": Field(str, "auto", "auto (Cholesky up to 5000 points, or up to 16384 when predict.variance "
+                        "takes the dense factor, which the solve then shares; CG above), cg, block_cg (all "
                         "right-hand sides share one Krylov space: fewer passes for several of them) or cholesky",
                         choices=METHODS),
         "checkpoint_every": Field(int, 5, "CG iterations between checkpoints", minimum=1),

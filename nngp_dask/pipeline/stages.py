@@ -33,6 +33,7 @@ from .._version import __version__
 from ..build import build_kernel
 from ..cluster import OWN_HANDLER, LazyClient
 from ..gp import (
+    DENSE_VARIANCE_MAX_N,
     SolveResult,
     encode_labels,
     predict,
@@ -287,9 +288,15 @@ class Pipeline:
 
     def _solve(self, ks: KernelStore, targets: Targets, client: Any) -> SolveResult:
         s = self.cfg["solver"]
+        method = s["method"]
+        if method == "auto" and self.cfg["predict"]["variance"] in ("auto", "dense") \
+                and ks.shape[0] <= DENSE_VARIANCE_MAX_N:
+            # the exact variances factorise K + noise I anyway: a Cholesky solve's factor serves both
+            method = "cholesky"
+            log.info("solve: Cholesky (%d training points, exact variances from the same factor)", ks.shape[0])
         with self._stage("solve") as rec:
             result = solve(ks, targets.y_train, noise=s["noise"], tol=s["tol"], maxiter=s["maxiter"] or None,
-                           preconditioner=s["preconditioner"], rank=s["rank"], method=s["method"],
+                           preconditioner=s["preconditioner"], rank=s["rank"], method=method,
                            checkpoint_every=s["checkpoint_every"], client=client, progress=self.progress)
             rec.did_work = result.resumed_from != -1
             rec.fingerprint = result.key
