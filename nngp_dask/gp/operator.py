@@ -26,7 +26,7 @@ from ..cluster import LazyClient
 from ..linalg import tile_matmat_t
 from ..store import KernelStore, TileIO, dequantize, open_kernel, tile_io
 
-__all__ = ["KernelLinearOperator", "StoredKernelOperator", "aslinearoperator"]
+__all__ = ["KernelLinearOperator", "StoredKernelOperator", "aslinearoperator", "stored_matmat"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -66,6 +66,15 @@ def _run_products(io: TileIO, tiles: Sequence[tuple[int, int]], v_t: NDArray, st
         tile_matmat_t(k, v_t, out_t, i * tile - start, j * tile - start, transpose_too=i != j, offset=offset,
                       scale=scale)
     return out_t
+
+
+def stored_matmat(ks: KernelStore, x: NDArray) -> NDArray[np.float64]:
+    """``K x`` (float64) in this process, each stored train x train tile read once and verified:
+    the residual check of a dense solve, without a second n x n array."""
+    x2 = np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)
+    out_t = _run_products(ks.tiles("train_train"), list(ks.grid.upper_tiles()), np.ascontiguousarray(x2.T), 0,
+                          ks.tile)
+    return out_t.T.reshape(x.shape)
 
 
 def _train_tiles_task(url: str, options: str, token: str, groups: Sequence[Sequence[tuple[int, int]]],
