@@ -229,7 +229,7 @@ def test_predict_warns_of_test_points_far_outside_the_training_inputs(tmp_path, 
     assert ratio[4] > 4 > ratio[np.arange(6) != 4].max()  # the ReLU kernel grows with |x|^2
     with caplog.at_level(logging.WARNING, logger="nngp_dask"):
         predict(ks, r, client=thread_client, progress=False)
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     assert len(warned) == 1
     assert (f"1 of 6 test point(s) have a prior variance K(x*, x*) above 4 times the largest training point's "
             f"(up to {ratio[4]:.3g} times, test point 4)") in warned[0]
@@ -239,7 +239,7 @@ def test_predict_warns_of_test_points_far_outside_the_training_inputs(tmp_path, 
                              dtype="float64", client=thread_client, progress=False),
                 solve(tmp_path / "k2.zarr", y, noise=NOISE, method="cholesky", client=thread_client, progress=False),
                 client=thread_client, progress=False)
-    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert not [rec for rec in caplog.records if rec.levelno == logging.WARNING]
 
 
 def test_bad_input_refused_before_work(problem):
