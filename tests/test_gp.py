@@ -15,7 +15,7 @@ import zarr
 
 from nngp_dask import Architecture, kernel
 from nngp_dask.build import build_kernel
-from nngp_dask.gp import predict, solve, variance_mode
+from nngp_dask.gp import extrapolation, predict, solve, variance_mode
 from nngp_dask.linalg import ConvergenceWarning
 from nngp_dask.store import IncompleteKernelError
 
@@ -227,6 +227,7 @@ def test_predict_warns_of_test_points_far_outside_the_training_inputs(tmp_path, 
     r = solve(ks, y, noise=NOISE, method="cholesky", client=thread_client, progress=False)
     ratio = ks.test_prior() / ks.diagonal().max()
     assert ratio[4] > 4 > ratio[np.arange(6) != 4].max()  # the ReLU kernel grows with |x|^2
+    assert extrapolation(ks) == {"test_points": 1, "max_prior_ratio": ratio[4], "worst_test_point": 4}
     with caplog.at_level(logging.WARNING, logger="nngp_dask"):
         predict(ks, r, client=thread_client, progress=False)
     warned = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]

@@ -90,6 +90,8 @@ def test_exact_dense_variances_make_an_auto_solve_a_cholesky_sharing_its_factor(
     rep = _report(tmp_path)
     assert rep["stages"]["solve"]["detail"]["method"] == "cholesky"
     assert "exact variances from the same factor" in (tmp_path / "run" / "run.log").read_text()
+    predict_detail = rep["stages"]["predict"]["detail"]
+    assert predict_detail["variance"] == "dense" and predict_detail["extrapolation"]["test_points"] == 0
     assert 0.9 < rep["metrics"]["coverage"]["observed"][rep["metrics"]["coverage"]["levels"].index(0.95)] <= 1
 
 

@@ -12,7 +12,7 @@ from .posterior import (
     variance_from_solve,
     variance_lowrank,
 )
-from .prediction import DENSE_VARIANCE_MAX_N, predict, variance_mode
+from .prediction import DENSE_VARIANCE_MAX_N, EXTRAPOLATION_RATIO, extrapolation, predict, variance_mode
 from .regression import DIRECT_MAX_N, METHODS, SolveResult, solve
 from .targets import TARGETS, class_index, encode_labels, one_hot_targets, predict_labels
 
@@ -41,7 +41,9 @@ __all__ = [
     "DIRECT_MAX_N",
     "METHODS",
     "DENSE_VARIANCE_MAX_N",
+    "EXTRAPOLATION_RATIO",
     "SolveResult",
+    "extrapolation",
     "predict",
     "solve",
     "variance_mode",

@@ -38,7 +38,7 @@ from .posterior import variance_from_cholesky, variance_from_solve, variance_low
 from .regression import SolveResult, dense_kernel, open_store, solve_preconditioner
 from .tiled_variance import check_scratch, tiled_variances
 
-__all__ = ["DENSE_VARIANCE_MAX_N", "EXTRAPOLATION_RATIO", "VARIANCE_RANK", "predict", "variance_mode"]
+__all__ = ["DENSE_VARIANCE_MAX_N", "EXTRAPOLATION_RATIO", "VARIANCE_RANK", "extrapolation", "predict", "variance_mode"]
 
 log = logging.getLogger("nngp_dask")
 
@@ -92,14 +92,30 @@ def variance_mode(store: KernelStore | str | os.PathLike, result: SolveResult, v
     return "exact" if 6 * ks.n_test * max(result.iterations, 1) < n else "tiled"
 
 
-def _warn_extrapolation(ks: KernelStore) -> None:
+def extrapolation(store: KernelStore | str | os.PathLike) -> dict[str, Any]:
+    """How far the test inputs reach beyond the training inputs, by the kernel's own measure.
+
+    Returns
+    -------
+    dict
+        ``test_points``: how many test points have a prior variance ``K(x*, x*)`` above
+        ``EXTRAPOLATION_RATIO`` times the largest training point's; ``max_prior_ratio``: the
+        largest such ratio, and ``worst_test_point``: its index. :func:`predict` logs a warning
+        when ``test_points`` is not 0.
+    """
+    ks = open_store(store)
     ratio = ks.test_prior() / float(np.max(ks.diagonal()))
-    far = ratio > EXTRAPOLATION_RATIO
-    if far.any():
+    return {"test_points": int(np.sum(ratio > EXTRAPOLATION_RATIO)), "max_prior_ratio": float(ratio.max()),
+            "worst_test_point": int(np.argmax(ratio))}
+
+
+def _warn_extrapolation(ks: KernelStore) -> None:
+    far = extrapolation(ks)
+    if far["test_points"]:
         log.warning("predict: %d of %d test point(s) have a prior variance K(x*, x*) above %g times the largest "
                     "training point's (up to %.3g times, test point %d): they lie far outside the training inputs "
-                    "and their predictions extrapolate; check how the test inputs were scaled", int(far.sum()),
-                    far.size, EXTRAPOLATION_RATIO, float(ratio.max()), int(np.argmax(ratio)))
+                    "and their predictions extrapolate; check how the test inputs were scaled", far["test_points"],
+                    ks.n_test, EXTRAPOLATION_RATIO, far["max_prior_ratio"], far["worst_test_point"])
 
 
 def predict(

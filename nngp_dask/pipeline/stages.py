@@ -36,6 +36,7 @@ from ..gp import (
     DENSE_VARIANCE_MAX_N,
     SolveResult,
     encode_labels,
+    extrapolation,
     predict,
     predict_labels,
     solve,
@@ -315,6 +316,7 @@ class Pipeline:
             # the method "auto" resolves to (predictions made by another method are redone) and the
             # store's full token (a new test set keeps the solve's key but not the predictions)
             rec.fingerprint = _hash(result.key, mode, variance_mode(ks, result, variance), ks.identity.token())
+            rec.detail = {"variance": variance_mode(ks, result, variance), "extrapolation": extrapolation(ks)}
             if path.exists():
                 with np.load(path, allow_pickle=False) as f:
                     if str(f["fingerprint"]) == rec.fingerprint:
