@@ -225,9 +225,16 @@ def test_predict_warns_of_test_points_far_outside_the_training_inputs(tmp_path, 
     ks = build_kernel(ARCH, x, tmp_path / "k.zarr", x_test=xt, tile=16, dtype="float64", client=thread_client,
                       progress=False)
     r = solve(ks, y, noise=NOISE, method="cholesky", client=thread_client, progress=False)
-    ratio = ks.test_prior() / ks.diagonal().max()
+    # the oracle: the kernel's diagonals computed afresh, not the store's
+    ratio = np.diag(kernel(ARCH, xt, dtype="float64")) / np.diag(kernel(ARCH, x, dtype="float64")).max()
     assert ratio[4] > 4 > ratio[np.arange(6) != 4].max()  # the ReLU kernel grows with |x|^2
-    assert extrapolation(ks) == {"test_points": 1, "max_prior_ratio": ratio[4], "worst_test_point": 4}
+    far = extrapolation(ks)
+    assert far["test_points"] == 1 and far["worst_test_point"] == 4
+    assert far["max_prior_ratio"] == pytest.approx(ratio[4], rel=1e-12)
+    no_test = build_kernel(ARCH, x, tmp_path / "k0.zarr", tile=16, dtype="float64", client=thread_client,
+                           progress=False)
+    with pytest.raises(ValueError, match=r"store: .* holds no test inputs; pass x_test to build_kernel"):
+        extrapolation(no_test)
     with caplog.at_level(logging.WARNING, logger="nngp_dask"):
         predict(ks, r, client=thread_client, progress=False)
     warned = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]

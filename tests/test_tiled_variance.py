@@ -130,6 +130,10 @@ def test_blocked_cholesky_in_float32_is_scipys_factor_to_float32_rounding():
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, np.sum(scipy.linalg.solve_triangular(lower, b, lower=True) ** 2, axis=0),
                                rtol=1e-3)
+    reads = []
+    with pytest.raises(ValueError, match=r"dtype: expected numpy.float64 or numpy.float32, got <class 'numpy.int64'>"):
+        blocked_cholesky(lambda c0, c1: reads.append(c0) or k[c0:, c0:c1], n, WIDTH, NOISE, save, load, dtype=np.int64)
+    assert reads == []  # refused before any panel is read
 
 
 def test_blocked_cholesky_of_an_indefinite_matrix_gives_the_one_advice():

@@ -95,6 +95,11 @@ def variance_mode(store: KernelStore | str | os.PathLike, result: SolveResult, v
 def extrapolation(store: KernelStore | str | os.PathLike) -> dict[str, Any]:
     """How far the test inputs reach beyond the training inputs, by the kernel's own measure.
 
+    Parameters
+    ----------
+    store : KernelStore or path/URL
+        Built with ``x_test``.
+
     Returns
     -------
     dict
@@ -102,8 +107,15 @@ def extrapolation(store: KernelStore | str | os.PathLike) -> dict[str, Any]:
         ``EXTRAPOLATION_RATIO`` times the largest training point's; ``max_prior_ratio``: the
         largest such ratio, and ``worst_test_point``: its index. :func:`predict` logs a warning
         when ``test_points`` is not 0.
+
+    Raises
+    ------
+    ValueError
+        The store holds no test inputs.
     """
     ks = open_store(store)
+    if not ks.n_test:
+        raise ValueError(f"store: {ks.url!r} holds no test inputs; pass x_test to build_kernel")
     ratio = ks.test_prior() / float(np.max(ks.diagonal()))
     return {"test_points": int(np.sum(ratio > EXTRAPOLATION_RATIO)), "max_prior_ratio": float(ratio.max()),
             "worst_test_point": int(np.argmax(ratio))}

@@ -65,7 +65,11 @@ def blocked_cholesky(
     ------
     numpy.linalg.LinAlgError
         ``K + noise I`` is not positive definite (with the package's one piece of advice).
+    ValueError
+        ``dtype`` is neither float64 nor float32 (before any panel is read).
     """
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise ValueError(f"dtype: expected numpy.float64 or numpy.float32, got {dtype!r}")
     logdet = 0.0
     bounds = list(panel_bounds(n, width))
     for j, (c0, c1) in enumerate(bounds):
