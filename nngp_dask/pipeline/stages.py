@@ -315,8 +315,9 @@ class Pipeline:
         with self._stage("predict") as rec:
             # the method "auto" resolves to (predictions made by another method are redone) and the
             # store's full token (a new test set keeps the solve's key but not the predictions)
-            rec.fingerprint = _hash(result.key, mode, variance_mode(ks, result, variance), ks.identity.token())
-            rec.detail = {"variance": variance_mode(ks, result, variance), "extrapolation": extrapolation(ks)}
+            resolved = variance_mode(ks, result, variance)
+            rec.fingerprint = _hash(result.key, mode, resolved, ks.identity.token())
+            rec.detail = {"variance": resolved, "extrapolation": extrapolation(ks)}
             if path.exists():
                 with np.load(path, allow_pickle=False) as f:
                     if str(f["fingerprint"]) == rec.fingerprint:

@@ -49,8 +49,6 @@ def _signature(st: os.stat_result) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-
-
 class PackedTile(NamedTuple):
     """A tile as stored: ``values`` (float32, float64 or int16) stand for ``offset + scale * values``
     (``offset`` 0 and ``scale`` 1 for float tiles)."""
