@@ -248,6 +248,31 @@ def test_extended_nystrom_is_the_nystrom_of_the_grown_kernel(rng):
     np.testing.assert_allclose(again.lowrank_factor, f, atol=1e-12 * np.abs(f).max())
 
 
+def test_an_extended_float32_factor_stays_float32_and_is_inverted_exactly(rng):
+    # as a solve stores it: the old rows' factor in float32, applied by the compiled passes
+    x = rng.standard_normal((150, 5))
+    k = kernel_fn(ARCH, x, dtype="float64")
+    noise = 0.05
+    small = Nystrom.build(lambda idx: k[:130, idx], 130, 40, noise)
+    s = small.info["landmarks"]
+    f32 = small.lowrank_factor.astype(np.float32)
+    ext = ExtendedNystrom.extend(f32, None, small.info["transform"], s, k[130:][:, s], noise, pool=130)
+    assert ext.nbytes == f32.nbytes + 20 * f32.shape[1] * 8  # the old rows not widened to float64
+    f = ext.lowrank_factor
+    np.testing.assert_array_equal(f[:130], f32)
+    np.testing.assert_allclose(f[130:], k[130:][:, s] @ small.info["transform"], rtol=1e-12)
+    # exactly the Woodbury form it is built for: the float32 values, their Gram's diagonal
+    gram = np.diag(np.sum(f[:130] ** 2, axis=0)) + f[130:].T @ f[130:]
+    np.testing.assert_allclose(ext.info["gram"], gram, rtol=1e-12)
+    r = rng.standard_normal((150, 4))
+    want = (r - f @ np.linalg.solve(noise * np.eye(f.shape[1]) + gram, f.T @ r)) / noise
+    np.testing.assert_allclose(ext.apply(r), want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    np.testing.assert_allclose(ext.apply(r[:, 0]), want[:, 0], rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    # which inverts F F^T + noise I to float32's non-orthogonality of the old columns
+    np.testing.assert_allclose(ext.apply(r), np.linalg.solve(f @ f.T + noise * np.eye(150), r),
+                               rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
 @pytest.mark.slow  # two pipeline runs
 def test_pipeline_on_a_growing_folder_of_dated_files_appends_and_starts_warm(thread_client, tmp_path, rng):
     from nngp_dask.pipeline import resolve, run_pipeline

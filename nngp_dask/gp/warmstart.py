@@ -90,7 +90,7 @@ def extended_preconditioner(ks: KernelStore, source: str | None, name: str, nois
     pool, n = int(cast(int, g.attrs.get("nystrom_pool", 0))), ks.shape[0]  # an int, as save_factor writes it
     if landmarks.size != rank or not pool or n > EXTEND_MAX_GROWTH * pool:
         return None, ""
-    factor = np.asarray(cast(zarr.Array, g["lowrank_factor"])[...], dtype=np.float64)
+    factor = np.asarray(cast(zarr.Array, g["lowrank_factor"])[...])  # float32, kept so (ExtendedNystrom)
     rows = factor.shape[0]
     new = np.empty((n - rows, landmarks.size))
     if rows < n:

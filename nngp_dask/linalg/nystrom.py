@@ -125,12 +125,13 @@ class SplitLowRank(LowRank):
                           np.asarray(self._lo[:, max(start - h, 0):max(stop - h, 0)], dtype=np.float64)])
 
     def _apply(self, r: NDArray[np.float64]) -> NDArray[np.float64]:
-        out = r / self.noise
+        # both blocks in the compiled loops, the float64 one too: a BLAS call here left OpenBLAS's
+        # threads spinning into the float32 pass after it (0.17-0.19 s against 0.13-0.15 s per application
+        # at n = 60,000, rank 2,048, ten vectors)
+        r_t = np.ascontiguousarray(r.T)
+        out_t = r_t / self.noise
         h = self._hi.shape[1]
-        if h:
-            out += self._hi @ (self._coef[:h, None] * (self._hi.T @ r))
-        if self._lo.shape[1]:
-            out_t = np.ascontiguousarray(out.T)
-            factor_products(self._lo, np.ascontiguousarray(r.T), self._coef[h:], out_t, threads=self.threads)
-            out = out_t.T
-        return np.ascontiguousarray(out)
+        for f, coef in ((self._hi, self._coef[:h]), (self._lo, self._coef[h:])):
+            if f.shape[1]:
+                factor_products(f, r_t, coef, out_t, threads=self.threads)
+        return np.ascontiguousarray(out_t.T)

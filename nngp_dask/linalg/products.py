@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-__all__ = ["factor_products", "tile_matmat_t"]
+__all__ = ["expand_add_t", "factor_products", "project_t", "tile_matmat_t"]
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -127,15 +127,57 @@ def tile_matmat_t(k: NDArray, v_t: NDArray[np.float64], out_t: NDArray[np.float6
             out_t[:, cols:cols + b] += offset * v_t[:, rows:rows + a].sum(axis=1, keepdims=True)
 
 
+def _row_spans(n: int, threads: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, n, max(1, threads) + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def project_t(f: NDArray, r_t: NDArray[np.float64], *, first: int = 0, threads: int = 2) -> NDArray[np.float64]:
+    """``(F^T R)^T``, shape (m, r), in float64, for a float32 (or float64) factor ``F`` (n, r) and
+    the vectors ``R`` = rows ``first:first + n`` of ``r_t.T`` (``r_t`` (m, n'), the vectors
+    transposed). One pass over ``F``, its rows split over ``threads`` threads (the compiled loops
+    release the GIL). No BLAS: OpenBLAS's threads spin on for a while after a call and would take
+    the cores from the compiled loops (and from the workers' tile products) that follow."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not (f.flags.c_contiguous and r_t.flags.c_contiguous):
+        raise ValueError("f, r_t: non-contiguous; expected C-contiguous arrays")
+    spans = _row_spans(f.shape[0], threads)
+    parts = [np.zeros((r_t.shape[0], f.shape[1])) for _ in spans]
+    with ThreadPoolExecutor(max(1, len(spans))) as pool:
+        # the tile kernel's column sums, weights from r_t
+        list(pool.map(lambda k: _kernel(f[spans[k][0]:spans[k][1]], r_t, parts[k], first + spans[k][0], 0, False,
+                                        True, 1.0), range(len(spans))))
+    c_t = parts[0] if parts else np.zeros((r_t.shape[0], f.shape[1]))
+    for p in parts[1:]:
+        c_t += p
+    return c_t
+
+
+def expand_add_t(f: NDArray, c_t: NDArray[np.float64], out_t: NDArray[np.float64], *, first: int = 0,
+                 threads: int = 2) -> None:
+    """``out_t[:, first:first + n] += (F C)^T`` for a float32 (or float64) factor ``F`` (n, r) and
+    ``c_t`` = ``C^T`` (m, r), in float64: one pass over ``F`` (the tile kernel's row sums), its
+    rows split over ``threads`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not (f.flags.c_contiguous and c_t.flags.c_contiguous and out_t.flags.c_contiguous):
+        raise ValueError("f, c_t, out_t: non-contiguous; expected C-contiguous arrays")
+    spans = _row_spans(f.shape[0], threads)
+    with ThreadPoolExecutor(max(1, len(spans))) as pool:
+        list(pool.map(lambda k: _kernel(f[spans[k][0]:spans[k][1]], c_t, out_t, first + spans[k][0], 0, True, False,
+                                        1.0), range(len(spans))))
+
+
 def factor_products(f: NDArray, r_t: NDArray[np.float64], coef: NDArray[np.float64], out_t: NDArray[np.float64],
                     *, threads: int = 2) -> None:
     """``out_t += (F diag(coef) F^T R)^T`` for a float32 (or float64) factor ``F``, in float64.
 
-    Each of the two passes reads ``F`` once and widens it in registers, so a float32 factor costs
-    half the memory traffic of a float64 one and no float64 copy is ever made; they are the tile
-    products' loops (four rows at a time, so each output row is loaded and stored once per four
-    factor rows: 1.55x faster than one row at a time, RESULTS.md section 21). The rows are split
-    over ``threads`` threads (the compiled loops release the GIL).
+    Each of the two passes (:func:`project_t`, :func:`expand_add_t`) reads ``F`` once and widens
+    it in registers, so a float32 factor costs half the memory traffic of a float64 one and no
+    float64 copy is ever made; they are the tile products' loops (four rows at a time, so each
+    output row is loaded and stored once per four factor rows: 1.55x faster than one row at a
+    time, RESULTS.md section 21).
 
     Parameters
     ----------
@@ -147,22 +189,8 @@ def factor_products(f: NDArray, r_t: NDArray[np.float64], coef: NDArray[np.float
         Updated in place.
     threads : int
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     if not (f.flags.c_contiguous and r_t.flags.c_contiguous and out_t.flags.c_contiguous):
         raise ValueError("f, r_t, out_t: non-contiguous; expected C-contiguous arrays")
-    n = f.shape[0]
-    bounds = np.linspace(0, n, max(1, threads) + 1).astype(np.int64)
-    spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    parts = [np.zeros((r_t.shape[0], f.shape[1])) for _ in spans]
-    with ThreadPoolExecutor(len(spans)) as pool:
-        # c_t = R^T F over each thread's rows (the tile kernel's column sums, weights from r_t) ...
-        list(pool.map(lambda k: _kernel(f[spans[k][0]:spans[k][1]], r_t, parts[k], spans[k][0], 0, False, True, 1.0),
-                      range(len(spans))))
-        c_t = parts[0]
-        for p in parts[1:]:
-            c_t += p
-        c_t *= coef[None, :]
-        # ... then out_t += (F c_t^T)^T (its row sums)
-        list(pool.map(lambda k: _kernel(f[spans[k][0]:spans[k][1]], c_t, out_t, spans[k][0], 0, True, False, 1.0),
-                      range(len(spans))))
+    c_t = project_t(f, r_t, threads=threads)
+    c_t *= coef[None, :]
+    expand_add_t(f, c_t, out_t, threads=threads)
