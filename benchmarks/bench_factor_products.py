@@ -6,6 +6,13 @@ outside the kernel passes. Random values: the time does not depend on them. Run 
 older tree with ``PYTHONPATH=<tree>`` (from another directory) to compare versions.
 
     python benchmarks/bench_factor_products.py --n 60000 --rank 2048 --k 10
+    python benchmarks/bench_factor_products.py --applications   # whole preconditioner applications
+
+``--applications`` times whole applications ``M^{-1} R`` of the two Nystrom preconditioners a
+solve uses, of the MNIST solve's shapes: a new one (:class:`~nngp_dask.linalg.SplitLowRank`, its
+``--float64-columns`` leading columns in float64, the rest float32) and one carried over to
+``--new-rows`` appended rows (:class:`~nngp_dask.linalg.ExtendedNystrom` of a float32 factor as a
+solve stores it).
 """
 
 from __future__ import annotations
@@ -15,7 +22,33 @@ import time
 
 import numpy as np
 
-from nngp_dask.linalg import factor_products
+from nngp_dask.linalg import ExtendedNystrom, SplitLowRank, factor_products
+
+
+def best_of(fn, repeat: int) -> list[float]:
+    fn()  # compile / load
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def applications(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(0)
+    n, r, h, m = args.n, args.rank, args.float64_columns, args.new_rows
+    f = rng.standard_normal((n, r), dtype=np.float32) * np.float32(0.1)
+    s = np.sqrt(np.einsum("ij,ij->j", f, f, dtype=np.float64))
+    rhs = rng.standard_normal((n, args.k))
+    split = SplitLowRank(f[:, :h].astype(np.float64), f[:, h:], s, 0.02, threads=args.threads)
+    ext = ExtendedNystrom.extend(f[:n - m], None, np.eye(r), np.arange(r), rng.standard_normal((m, r)) * 0.1, 0.02,
+                                 pool=n - m)
+    for name, pre in ((f"SplitLowRank ({h} float64 + {r - h} float32 columns)", split),
+                      (f"ExtendedNystrom ({n - m} float32 + {m} new rows)", ext)):
+        times = best_of(lambda p=pre: p.apply(rhs), args.repeat)
+        print(f"{name}, n={n} rank={r} k={args.k}: best of {args.repeat} {min(times):.3f} s; "
+              f"all: {', '.join(f'{t:.3f}' for t in times)}")
 
 
 def main() -> None:
@@ -25,7 +58,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10, help="right-hand sides")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--applications", action="store_true", help="time whole preconditioner applications")
+    ap.add_argument("--float64-columns", type=int, default=109, help="(the MNIST solve's at 60,000 points)")
+    ap.add_argument("--new-rows", type=int, default=3000)
     args = ap.parse_args()
+    if args.applications:
+        return applications(args)
     rng = np.random.default_rng(0)
     f = rng.standard_normal((args.n, args.rank), dtype=np.float32)
     r_t = np.ascontiguousarray(rng.standard_normal((args.k, args.n)))

@@ -7,6 +7,7 @@ every iteration; object storage goes through zarr's store.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -43,6 +44,35 @@ VERIFIED_TTL_S = 600.0
 #: Map a tile's pages in the mmap call (Linux) rather than one page fault at a time during the
 #: product; elsewhere a plain read-only mapping (``access=``: the one spelling Windows has too).
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+#: madvise(MADV_POPULATE_READ) (Linux >= 5.14; Python names it from 3.13 on): MAP_POPULATE's
+#: page-in, after madvise(MADV_HUGEPAGE) on the mapping; None once the kernel has refused it.
+_POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ", 22) if _POPULATE else None
+_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
+
+
+def _map_pages(fd: int, nbytes: int) -> mmap.mmap:
+    """A read-only mapping of ``nbytes`` of ``fd``, its pages read in.
+
+    A tile written by this host stays in the page cache as 2 MiB folios, which a mapping maps
+    with huge (PMD) entries; a tile read in from disk by MAP_POPULATE's faults (or by read())
+    comes in 4 KiB-page folios, and every later CG pass over it was 1.3x slower (its mapping
+    and its TLB misses; benchmarks/RESULTS.md section 14). With MADV_HUGEPAGE set on the mapping
+    before the page-in, the read-ahead allocates 2 MiB folios, as the write did.
+    """
+    global _POPULATE_READ
+    if not _POPULATE:
+        return mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ)
+    if _POPULATE_READ is not None and _HUGEPAGE is not None:
+        pages = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        try:
+            pages.madvise(_HUGEPAGE)
+            pages.madvise(_POPULATE_READ)
+            return pages
+        except OSError as exc:
+            pages.close()
+            if exc.errno == errno.EINVAL:  # a kernel without it: MAP_POPULATE from now on
+                _POPULATE_READ = None
+    return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
 
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:
@@ -211,8 +241,7 @@ class TileIO:
             if mapped:
                 # the size was checked just above; the mapping outlives the file object and is
                 # unmapped when the last array viewing it goes
-                pages = (mmap.mmap(f.fileno(), self.nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
-                         if _POPULATE else mmap.mmap(f.fileno(), self.nbytes, access=mmap.ACCESS_READ))
+                pages = _map_pages(f.fileno(), self.nbytes)
                 raw, got = np.frombuffer(pages, dtype=np.uint8), self.nbytes
             else:
                 raw = out[:self.nbytes] if out is not None and out.size >= self.nbytes \
