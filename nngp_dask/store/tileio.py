@@ -44,8 +44,8 @@ VERIFIED_TTL_S = 600.0
 #: Map a tile's pages in the mmap call (Linux) rather than one page fault at a time during the
 #: product; elsewhere a plain read-only mapping (``access=``: the one spelling Windows has too).
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-#: madvise(MADV_POPULATE_READ) (Linux >= 5.14; Python names it from 3.13 on): MAP_POPULATE's
-#: page-in, after madvise(MADV_HUGEPAGE) on the mapping; None once the kernel has refused it.
+#: madvise(MADV_POPULATE_READ) (Linux >= 5.14; 22 where Python's mmap does not name it): the
+#: page-in of MAP_POPULATE, after madvise(MADV_HUGEPAGE) on the mapping; None once refused.
 _POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ", 22) if _POPULATE else None
 _HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
 
@@ -55,9 +55,10 @@ def _map_pages(fd: int, nbytes: int) -> mmap.mmap:
 
     A tile written by this host stays in the page cache as 2 MiB folios, which a mapping maps
     with huge (PMD) entries; a tile read in from disk by MAP_POPULATE's faults (or by read())
-    comes in 4 KiB-page folios, and every later CG pass over it was 1.3x slower (its mapping
-    and its TLB misses; benchmarks/RESULTS.md section 14). With MADV_HUGEPAGE set on the mapping
-    before the page-in, the read-ahead allocates 2 MiB folios, as the write did.
+    comes in 4 KiB-page folios, mapped by 4 KiB entries (more to set up, more TLB misses), and
+    every later CG pass over it was 1.3x slower (benchmarks/RESULTS.md section 14). With
+    MADV_HUGEPAGE set on the mapping before the page-in, the read-ahead allocates 2 MiB folios,
+    as the write did.
     """
     global _POPULATE_READ
     if not _POPULATE:
