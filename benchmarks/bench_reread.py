@@ -7,7 +7,7 @@ ones over what that pass left cached; and after dropping them again and reading 
 through with ``read()``. On Linux with large page-cache folios (ext4, 6.x kernels) a written
 tile stays as 2 MiB folios that a mapping maps with huge (PMD) entries; a tile faulted in by
 ``MAP_POPULATE`` or read by ``read()`` comes in as 4 KiB pages unless the mapping asked for
-huge pages first (:func:`nngp_dask.store.tileio._map_pages`). The share of a sample tile's
+huge pages first (:func:`nngp_dask.store.pagecache.map_pages`). The share of a sample tile's
 mapping with huge entries is printed after each set. Run it against an older tree with
 ``PYTHONPATH=<tree>`` (from another directory) to compare versions.
 

@@ -65,6 +65,36 @@ def test_append_is_bit_identical_to_a_fresh_build(thread_client, tmp_path, rng, 
     np.testing.assert_array_equal(grown.to_dask().compute(), ref.to_dask().compute())
 
 
+def test_an_append_reads_its_kept_tiles_into_the_page_cache(thread_client, tmp_path, rng, monkeypatch):
+    """While the new tiles compute, the kept ones are read ahead for the solve that follows
+    (here to the end, deterministically; a real build stops it when its tiles are done)."""
+    from nngp_dask.build import driver
+    from nngp_dask.store import ReadAhead
+
+    read: list[list[str]] = []
+
+    class ToTheEnd(ReadAhead):
+        def __exit__(self, *exc: object) -> None:
+            self._thread.join()
+            read.append(self.paths)
+
+    monkeypatch.setattr(driver, "ReadAhead", ToTheEnd)
+    x, xt = rng.standard_normal((70, 6)), rng.standard_normal((20, 6))
+    kw = dict(tile=TILE, dtype="float32", client=thread_client, progress=False)
+    first = build_kernel(ARCH, x[:40], tmp_path / "k.zarr", x_test=xt, **kw)
+    assert first.last_build.read_ahead_bytes == 0 and read == [[]]  # a new store: nothing kept
+    grown = build_kernel(ARCH, x, tmp_path / "k.zarr", x_test=xt, append=True, **kw)
+    kept = [(0, 0), (0, 1), (1, 1)]  # tiles of rows 0:32; the ragged third column is rebuilt
+    test_kept = [(i, j) for i in range(2) for j in range(2)]
+    want = ([grown.tiles("train_train").path(i, j) for i, j in kept]
+            + [grown.tiles("test_train").path(i, j) for i, j in test_kept])
+    assert read[-1] == want
+    assert grown.last_build.read_ahead_bytes == sum(os.path.getsize(p) for p in want)
+    monkeypatch.setattr(driver, "_workers_here", lambda client: False)  # e.g. workers on other hosts
+    build_kernel(ARCH, np.vstack([x, x[:20] + 1]), tmp_path / "k.zarr", x_test=xt, append=True, **kw)
+    assert read[-1] == []
+
+
 @pytest.mark.parametrize("change, reason", [
     ("changed", "rows 16:32 differ"),
     ("reordered", "rows 0:16 differ"),

@@ -121,20 +121,20 @@ def test_mapped_tile_reads_equal_copies_and_keep_their_values_when_the_tile_is_r
 
 def test_mapped_reads_fall_back_to_map_populate_where_the_kernel_refuses_the_page_in_advice(tmp_path, thread_client,
                                                                                           rng, monkeypatch):
-    """Tiles are paged in with MADV_HUGEPAGE + MADV_POPULATE_READ (store.tileio._map_pages); a
+    """Tiles are paged in with MADV_HUGEPAGE + MADV_POPULATE_READ (store.pagecache.map_pages); a
     kernel that answers EINVAL (before Linux 5.14) gets MAP_POPULATE from then on, the same values."""
-    from nngp_dask.store import tileio
+    from nngp_dask.store import pagecache
 
-    if not tileio._POPULATE or tileio._HUGEPAGE is None:
+    if not pagecache._POPULATE or pagecache._HUGEPAGE is None:
         pytest.skip("no MAP_POPULATE / MADV_HUGEPAGE on this platform")
     ks = build_kernel(Architecture(2, "relu", 1.6, 0.1), rng.standard_normal((40, 4)), tmp_path / "k.zarr", tile=16,
                       dtype="float32", client=thread_client, progress=False)
     io = ks.tiles("train_train")
     want = io.read(0, 1)
     np.testing.assert_array_equal(io.read(0, 1, mapped=True), want)
-    monkeypatch.setattr(tileio, "_POPULATE_READ", 0x7FFF)  # an advice no kernel knows: EINVAL
+    monkeypatch.setattr(pagecache, "_POPULATE_READ", 0x7FFF)  # an advice no kernel knows: EINVAL
     np.testing.assert_array_equal(io.read(0, 1, mapped=True), want)
-    assert tileio._POPULATE_READ is None
+    assert pagecache._POPULATE_READ is None
     np.testing.assert_array_equal(io.read(1, 2, mapped=True), io.read(1, 2))
 
 

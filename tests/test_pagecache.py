@@ -6,13 +6,15 @@ import ctypes
 import mmap
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
 import nngp_dask.store.pagecache as pagecache
 from nngp_dask import Architecture, build_kernel
-from nngp_dask.store import DropBehind, drop_from_cache, local_chunk_file, wants_drop
+from nngp_dask.store import DropBehind, ReadAhead, drop_from_cache, local_chunk_file, wants_drop
 
 ARCH = Architecture(2, "relu", 1.6, 0.1)
 
@@ -88,6 +90,36 @@ def test_dropped_pages_leave_the_cache(tmp_path):
     drop_from_cache(path)
     assert resident_fraction(path) < 0.1
     drop_from_cache(str(tmp_path / "gone"))  # a file that is not there: nothing to do
+
+
+def test_read_ahead_brings_files_into_the_cache_and_ends_with_its_block(tmp_path):
+    if _file_system(str(tmp_path)) in ("tmpfs", "ramfs", "overlay"):
+        pytest.skip(f"{tmp_path} is on {_file_system(str(tmp_path))}: its pages are the file, they cannot be dropped")
+    paths = [str(tmp_path / f"tile{k}.bin") for k in range(4)]
+    for path in paths:
+        with open(path, "wb") as f:
+            f.write(os.urandom(2 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        drop_from_cache(path)
+        assert resident_fraction(path) < 0.1
+    with ReadAhead([*paths[:2], str(tmp_path / "gone"), *paths[2:]]) as ahead:
+        deadline = time.monotonic() + 30
+        while ahead.files < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert (ahead.files, ahead.nbytes) == (4, 4 * (2 << 20))  # the missing file skipped
+    assert all(resident_fraction(path) > 0.9 for path in paths)
+    assert not any(t.name == "nngp-dask-read-ahead" for t in threading.enumerate())
+
+
+def test_leaving_the_block_stops_the_read_ahead(tmp_path):
+    path = str(tmp_path / "tile.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 16))
+    with ReadAhead([path] * 100_000) as ahead:
+        pass
+    assert ahead.files < 100_000
+    assert not any(t.name == "nngp-dask-read-ahead" for t in threading.enumerate())
 
 
 def test_drop_behind_build_is_identical_and_acts_on_the_real_chunk_files(cluster_client, tmp_path, rng):

@@ -47,7 +47,7 @@ def _landmark_rows(io: Any, i: int, tile: int, landmarks: NDArray, bounds: NDArr
             continue
         local = landmarks[a:b] - j * tile
         # mapped, not copied: a tile read in from disk here is then cached as CG's passes want it
-        # (2 MiB folios, store.tileio._map_pages); buf serves object storage
+        # (2 MiB folios, store.pagecache.map_pages); buf serves object storage
         k, offset, scale = io.read_packed(i, j, buf, mapped=True) if j >= i else io.read_packed(j, i, buf, mapped=True)
         cols = k[:, local] if j >= i else k[local, :].T
         c[:, a:b] = dequantize(cols, offset, scale, c.dtype) if io.quantized else cols

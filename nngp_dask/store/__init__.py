@@ -42,7 +42,7 @@ from .layout import (
                       solve_path,
 )
 from .lock import LOCK_HEARTBEAT_S, LOCK_TTL_HEARTBEATS, store_lock
-from .pagecache import POLICIES, DropBehind, check_policy, drop_from_cache, host_memory, wants_drop
+from .pagecache import POLICIES, DropBehind, ReadAhead, check_policy, drop_from_cache, host_memory, wants_drop
 from .sources import IDX_DTYPES, ArraySource, as_source, open_source, read_all, read_csv
 from .tileio import VERIFIED_TTL_S, PackedTile, TileIO, read_tile_task, tile_io
 
@@ -88,6 +88,7 @@ __all__ = [
     "solve_path",
     "POLICIES",
     "DropBehind",
+    "ReadAhead",
     "check_policy",
     "drop_from_cache",
     "host_memory",

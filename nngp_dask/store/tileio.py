@@ -7,10 +7,8 @@ every iteration; object storage goes through zarr's store.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import mmap
 import os
 import time
 import uuid
@@ -26,6 +24,7 @@ from zarr.core.metadata import ArrayV3Metadata
 from .errors import CorruptTileError, StoreMismatchError
 from .formats import QUANTIZED, SCALES, dequantize, quantize
 from .layout import done_path, has_checksum, is_remote, kernel_path, local_chunk_file, open_group
+from .pagecache import map_pages
 
 __all__ = ["VERIFIED_TTL_S", "PackedTile", "TileIO", "read_tile_task", "tile_io"]
 
@@ -39,41 +38,6 @@ log = logging.getLogger("nngp_dask")
 #: write, truncation or replacement of the file changes them; a deleted file fails to open).
 _VERIFIED: dict[str, tuple[tuple[int, ...], float]] = {}
 VERIFIED_TTL_S = 600.0
-
-
-#: Map a tile's pages in the mmap call (Linux) rather than one page fault at a time during the
-#: product; elsewhere a plain read-only mapping (``access=``: the one spelling Windows has too).
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-#: madvise(MADV_POPULATE_READ) (Linux >= 5.14; 22 where Python's mmap does not name it): the
-#: page-in of MAP_POPULATE, after madvise(MADV_HUGEPAGE) on the mapping; None once refused.
-_POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ", 22) if _POPULATE else None
-_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
-
-
-def _map_pages(fd: int, nbytes: int) -> mmap.mmap:
-    """A read-only mapping of ``nbytes`` of ``fd``, its pages read in.
-
-    A tile written by this host stays in the page cache as 2 MiB folios, which a mapping maps
-    with huge (PMD) entries; a tile read in from disk by MAP_POPULATE's faults (or by read())
-    comes in 4 KiB-page folios, mapped by 4 KiB entries (more to set up, more TLB misses), and
-    every later CG pass over it was 1.3x slower (benchmarks/RESULTS.md section 14). With
-    MADV_HUGEPAGE set on the mapping before the page-in, the read-ahead allocates 2 MiB folios,
-    as the write did.
-    """
-    global _POPULATE_READ
-    if not _POPULATE:
-        return mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ)
-    if _POPULATE_READ is not None and _HUGEPAGE is not None:
-        pages = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        try:
-            pages.madvise(_HUGEPAGE)
-            pages.madvise(_POPULATE_READ)
-            return pages
-        except OSError as exc:
-            pages.close()
-            if exc.errno == errno.EINVAL:  # a kernel without it: MAP_POPULATE from now on
-                _POPULATE_READ = None
-    return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
 
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:
@@ -242,7 +206,7 @@ class TileIO:
             if mapped:
                 # the size was checked just above; the mapping outlives the file object and is
                 # unmapped when the last array viewing it goes
-                pages = _map_pages(f.fileno(), self.nbytes)
+                pages = map_pages(f.fileno(), self.nbytes)
                 raw, got = np.frombuffer(pages, dtype=np.uint8), self.nbytes
             else:
                 raw = out[:self.nbytes] if out is not None and out.size >= self.nbytes \
