@@ -239,6 +239,9 @@ def build_kernel(
         Whether tiles written to a local store stay in the operating system's page cache
         ("keep"), leave it once written out ("drop"), or leave it when the kernel is larger than
         half the memory of the host writing it ("auto"); see :mod:`nngp_dask.store.pagecache`.
+        Where the tiles stay ("keep", or "auto" under half the memory) and the workers share this
+        host's cache, an append also reads the tiles it keeps into the cache while the new ones
+        compute, for the solve that follows.
     append : bool, optional
         Whether a store built for other inputs may be updated in place rather than rebuilt: when
         ``x`` starts with exactly the stored rows (verified block by block against fingerprints
