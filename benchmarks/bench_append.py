@@ -163,6 +163,7 @@ def copy_store(src: str, dst: str) -> None:
         for name in files:
             with open(os.path.join(folder, name), "rb") as f:
                 data = f.read()
+            drop_from_cache(os.path.join(folder, name))  # so that the source does not crowd out the copy
             with open(os.path.join(target, name), "wb") as f:
                 f.write(data)
 
