@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import logging
 import mmap
 import os
 import threading
@@ -44,8 +43,6 @@ from functools import lru_cache
 
 __all__ = ["POLICIES", "DropBehind", "ReadAhead", "check_policy", "drop_from_cache", "host_memory", "map_pages",
            "wants_drop"]
-
-log = logging.getLogger("nngp_dask")
 
 POLICIES = ("auto", "keep", "drop")
 
