@@ -25,7 +25,7 @@ predictive means and of the test accuracy between the two (expected: alpha agree
 tolerance, so labels and accuracy are equal). Every store the benchmark writes is deleted.
 
     python benchmarks/bench_append.py --pairs 6000:6300 --n-test 1000 --tile 256 --rank 1024 --repeats 3
-    python benchmarks/bench_append.py --pairs 57000:60000,54000:60000   # full MNIST (~1 h on 2 cores)
+    python benchmarks/bench_append.py --pairs 57000:60000,54000:60000   # full MNIST (~11 min a pair on 2 cores)
 
 Data: ``--data`` or ``$NNGP_DASK_DATA/mnist.npz`` (the standard Keras layout).
 """
