@@ -179,9 +179,11 @@ class ReadAhead:
         self.seconds = time.perf_counter() - t0
 
     def __enter__(self) -> ReadAhead:
-        self._thread.start()
+        if self.paths:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
