@@ -75,7 +75,9 @@ def test_an_append_reads_its_kept_tiles_into_the_page_cache(thread_client, tmp_p
 
     class ToTheEnd(ReadAhead):
         def __exit__(self, *exc: object) -> None:
-            self._thread.join()
+            if self.paths:  # started: let it read everything before stopping it
+                self._thread.join()
+            super().__exit__(*exc)
             read.append(self.paths)
 
     monkeypatch.setattr(driver, "ReadAhead", ToTheEnd)
@@ -256,12 +258,16 @@ def test_warm_start_after_an_append(thread_client, tmp_path, rng):
     assert np.all(var_w >= 0) and np.all(var_w <= ref.test_prior() + 1e-12)
 
 
+def _grown_kernel_and_small_nystrom(rng, n: int, n_old: int, rank: int, noise: float):
+    """A kernel of n points and the Nystrom preconditioner of its first n_old rows, and its landmarks."""
+    k = kernel_fn(ARCH, rng.standard_normal((n, 5)), dtype="float64")
+    small = Nystrom.build(lambda idx: k[:n_old, idx], n_old, rank, noise)
+    return k, small, small.info["landmarks"]
+
+
 def test_extended_nystrom_is_the_nystrom_of_the_grown_kernel(rng):
-    x = rng.standard_normal((120, 5))
-    k = kernel_fn(ARCH, x, dtype="float64")
     noise = 0.05
-    small = Nystrom.build(lambda idx: k[:100, idx], 100, 30, noise)
-    s = small.info["landmarks"]
+    k, small, s = _grown_kernel_and_small_nystrom(rng, 120, 100, 30, noise)
     ext = ExtendedNystrom.extend(small.lowrank_factor, None, small.info["transform"], s, k[100:][:, s], noise, pool=100)
     c = k[:, s]  # oracle: C W^-1 C^T with the same landmarks on the grown kernel (W well conditioned here)
     approx = c @ np.linalg.solve(k[np.ix_(s, s)], c.T)
@@ -280,11 +286,8 @@ def test_extended_nystrom_is_the_nystrom_of_the_grown_kernel(rng):
 
 def test_an_extended_float32_factor_stays_float32_and_is_inverted_exactly(rng):
     # as a solve stores it: the old rows' factor in float32, applied by the compiled passes
-    x = rng.standard_normal((150, 5))
-    k = kernel_fn(ARCH, x, dtype="float64")
     noise = 0.05
-    small = Nystrom.build(lambda idx: k[:130, idx], 130, 40, noise)
-    s = small.info["landmarks"]
+    k, small, s = _grown_kernel_and_small_nystrom(rng, 150, 130, 40, noise)
     f32 = small.lowrank_factor.astype(np.float32)
     ext = ExtendedNystrom.extend(f32, None, small.info["transform"], s, k[130:][:, s], noise, pool=130)
     assert ext.nbytes == f32.nbytes + 20 * f32.shape[1] * 8  # the old rows not widened to float64
